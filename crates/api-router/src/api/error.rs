@@ -1,0 +1,122 @@
+//! Every error a client can get, and the one place it becomes an HTTP response:
+//! `{"error": {"code": "...", "message": "..."}}` with its status code.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::backends::client::AttemptError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// No API key on the request.
+    MissingApiKey,
+    /// An API key that matches no organization.
+    InvalidApiKey,
+    PayloadTooLarge {
+        limit: usize,
+    },
+    /// The body is not JSON.
+    InvalidJson(String),
+    /// JSON, but not a valid request (missing `model`, bad `request_id`, ...).
+    InvalidRequest(String),
+    /// No policy for the model, and no default route.
+    ModelNotFound(String),
+    /// The policy has no backend that is healthy and not degraded.
+    NoHealthyBackend,
+    /// Every candidate failed; carries the last failure.
+    BackendsFailed {
+        attempts: usize,
+        last: AttemptError,
+    },
+    /// The admin API is off because `ADMIN_TOKEN` is not set.
+    AdminDisabled,
+    /// Missing or wrong admin token.
+    AdminUnauthorized,
+    NotFound(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BackendsFailed {
+                last: AttemptError::Timeout,
+                ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BackendsFailed { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => {
+                "unauthorized"
+            }
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::NoHealthyBackend => "no_healthy_backend",
+            ApiError::BackendsFailed {
+                last: AttemptError::Timeout,
+                ..
+            } => "backend_timeout",
+            ApiError::BackendsFailed { .. } => "backend_unavailable",
+            ApiError::AdminDisabled => "admin_disabled",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::MissingApiKey => "missing API key: send it in the X-API-Key header".into(),
+            ApiError::InvalidApiKey => "invalid API key".into(),
+            ApiError::PayloadTooLarge { limit } => {
+                format!("request body is larger than the limit of {limit} bytes")
+            }
+            ApiError::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
+            ApiError::InvalidRequest(e) => e.clone(),
+            ApiError::ModelNotFound(m) => format!("no routing policy for model {m:?}"),
+            ApiError::NoHealthyBackend => "no healthy backend is available for this model".into(),
+            ApiError::BackendsFailed { attempts, last } => {
+                format!("all {attempts} candidate backend(s) failed; last error: {last}")
+            }
+            ApiError::AdminDisabled => "the admin API is disabled: ADMIN_TOKEN is not set".into(),
+            ApiError::AdminUnauthorized => {
+                "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
+            }
+            ApiError::NotFound(what) => what.clone(),
+            ApiError::Internal(_) => "internal error".into(),
+        }
+    }
+
+    /// The response, with `X-Request-Id` when the request has one.
+    pub fn into_response_with_id(self, request_id: Option<&str>) -> Response {
+        let mut response = self.into_response();
+        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+            response.headers_mut().insert("x-request-id", id);
+        }
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let body = json!({"error": {"code": self.code(), "message": self.message()}});
+        (self.status(), axum::Json(body)).into_response()
+    }
+}

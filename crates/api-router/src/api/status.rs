@@ -1,0 +1,163 @@
+//! Liveness, readiness (per component) and the Prometheus endpoint.
+
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::api::SharedState;
+use crate::build_info;
+use crate::config_service::ConfigStore;
+use crate::telemetry::rfc3339;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentStatus {
+    Healthy,
+    Unhealthy,
+    NotConfigured,
+}
+
+impl ComponentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentStatus::Healthy => "healthy",
+            ComponentStatus::Unhealthy => "unhealthy",
+            ComponentStatus::NotConfigured => "not_configured",
+        }
+    }
+
+    /// The `api_router_component_health` gauge value.
+    pub fn gauge(self) -> i64 {
+        match self {
+            ComponentStatus::Healthy => 1,
+            ComponentStatus::Unhealthy => 0,
+            ComponentStatus::NotConfigured => -1,
+        }
+    }
+}
+
+/// A dependency that readiness reports on.
+pub trait Component: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn status(&self) -> ComponentStatus;
+}
+
+/// A component this deployment does not use.
+pub struct NotConfigured(pub &'static str);
+
+impl Component for NotConfigured {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+    fn status(&self) -> ComponentStatus {
+        ComponentStatus::NotConfigured
+    }
+}
+
+/// `backend_registry`: unhealthy with no backends, or none routable.
+pub struct BackendRegistry(pub std::sync::Arc<ConfigStore>);
+
+impl Component for BackendRegistry {
+    fn name(&self) -> &'static str {
+        "backend_registry"
+    }
+    fn status(&self) -> ComponentStatus {
+        if self.0.load().any_routable() {
+            ComponentStatus::Healthy
+        } else {
+            ComponentStatus::Unhealthy
+        }
+    }
+}
+
+/// Ready unless some component is unhealthy; `not_configured` is acceptable.
+pub fn is_ready(statuses: &[(&'static str, ComponentStatus)]) -> bool {
+    statuses
+        .iter()
+        .all(|(_, s)| *s != ComponentStatus::Unhealthy)
+}
+
+pub async fn healthz() -> Response {
+    axum::Json(json!({"status": "healthy", "timestamp": rfc3339(SystemTime::now())}))
+        .into_response()
+}
+
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let statuses: Vec<_> = state
+        .components
+        .iter()
+        .map(|c| (c.name(), c.status()))
+        .collect();
+    let ready = is_ready(&statuses);
+    let components: Map<String, Value> = statuses
+        .iter()
+        .map(|(n, s)| (n.to_string(), Value::from(s.as_str())))
+        .collect();
+    let body = json!({
+        "status": if ready { "ready" } else { "degraded" },
+        "components": components,
+        "build": {"version": build_info::VERSION, "commit": build_info::COMMIT, "build_time": build_info::BUILD_TIME},
+        "timestamp": rfc3339(SystemTime::now()),
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    // Gauges that mirror state are set at scrape time from the current snapshot.
+    let snapshot = state.config.load_full();
+    state.metrics.health_status.reset();
+    for b in &snapshot.backend_list {
+        let value = match (&b.degraded, b.runtime.health.is_healthy()) {
+            (Some(_), _) => 2,
+            (None, true) => 1,
+            (None, false) => 0,
+        };
+        state
+            .metrics
+            .health_status
+            .with_label_values(&[&*b.id])
+            .set(value);
+    }
+    for c in &state.components {
+        state
+            .metrics
+            .component_health
+            .with_label_values(&[c.name()])
+            .set(c.status().gauge());
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_is_a_function_of_component_statuses() {
+        use ComponentStatus::*;
+        assert!(is_ready(&[
+            ("redis", NotConfigured),
+            ("backend_registry", Healthy)
+        ]));
+        assert!(!is_ready(&[
+            ("redis", Unhealthy),
+            ("backend_registry", Healthy)
+        ]));
+        assert!(!is_ready(&[("backend_registry", Unhealthy)]));
+        assert!(is_ready(&[]));
+    }
+}

@@ -1,0 +1,200 @@
+//! Start-up and shutdown, in order.
+//!
+//! Start-up: settings are already valid (see [`crate::config`]). Then metrics,
+//! the config store and backend registry, the audit store, the listener, the
+//! background tasks (health monitor, audit retention), and the server.
+//!
+//! Shutdown on SIGTERM or SIGINT, within `SHUTDOWN_TIMEOUT_SECS`:
+//! 1. stop accepting; 2. let in-flight requests finish; 3. wait for tracked
+//! side effects; 4. flush the audit writer; 5. stop the background tasks and
+//! close the pools; 6. log "API router service stopped".
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::status::{BackendRegistry, Component, NotConfigured};
+use crate::api::{self, AppState};
+use crate::audit::AuditStore;
+use crate::backends::client::BackendClient;
+use crate::backends::monitor;
+use crate::build_info;
+use crate::config::Settings;
+use crate::config_service::ConfigStore;
+use crate::routing::decisions::DecisionLog;
+use crate::telemetry::metrics::Metrics;
+
+/// What stops the service from starting.
+#[derive(Debug)]
+pub enum StartupError {
+    Audit(String),
+    Bind(String),
+    Serve(String),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::Audit(e) => write!(f, "cannot open the audit store: {e}"),
+            StartupError::Bind(e) => write!(f, "cannot listen: {e}"),
+            StartupError::Serve(e) => write!(f, "server error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// How often audit retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+pub async fn run(settings: Settings) -> Result<(), StartupError> {
+    tracing::info!(
+        version = build_info::VERSION,
+        commit = build_info::COMMIT,
+        build_time = build_info::BUILD_TIME,
+        instance_id = %settings.instance_id,
+        "starting API router service"
+    );
+    if settings.admin_token.is_none() {
+        tracing::warn!("admin API disabled: ADMIN_TOKEN is not set; admin routes answer 403");
+    }
+    let metrics = Metrics::new();
+    let config = Arc::new(ConfigStore::new(
+        settings.initial_state.clone(),
+        metrics.clone(),
+    ));
+    {
+        let snapshot = config.load();
+        tracing::info!(
+            backends = snapshot.backend_list.len(),
+            policies = snapshot.state.policies.len(),
+            api_keys = snapshot.state.api_keys.len(),
+            default_route = snapshot.state.default_route,
+            "backend registry initialized"
+        );
+        if snapshot.backend_list.is_empty() {
+            tracing::warn!(
+                "no backends configured: set BACKEND_ENDPOINTS or ROUTER_CONFIG; readiness reports backend_registry unhealthy"
+            );
+        }
+    }
+    let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone())
+        .map_err(|e| StartupError::Audit(e.to_string()))?;
+    let client = BackendClient::new(settings.backend_timeout, settings.health_check_timeout);
+    let listener = TcpListener::bind(settings.http_addr)
+        .await
+        .map_err(|e| StartupError::Bind(format!("{}: {e}", settings.http_addr)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartupError::Bind(e.to_string()))?;
+
+    let components: Vec<Arc<dyn Component>> = vec![
+        Arc::new(NotConfigured("redis")),
+        Arc::new(NotConfigured("kafka")),
+        Arc::new(NotConfigured("config_service")),
+        Arc::new(BackendRegistry(config.clone())),
+    ];
+    let settings = Arc::new(settings);
+    let state = Arc::new(AppState {
+        settings: settings.clone(),
+        config: config.clone(),
+        client: client.clone(),
+        decisions: DecisionLog::new(settings.decisions_capacity),
+        audit: audit.clone(),
+        metrics,
+        tasks: TaskTracker::new(),
+        components,
+    });
+
+    // Background tasks.
+    let cancel = CancellationToken::new();
+    let background = TaskTracker::new();
+    background.spawn(monitor::run(
+        config.clone(),
+        Arc::new(client),
+        settings.health_check_interval,
+        cancel.clone(),
+    ));
+    background.spawn(audit.clone().run_retention(
+        settings.audit_retention,
+        RETENTION_EVERY,
+        cancel.clone(),
+    ));
+    background.close();
+
+    tracing::info!(addr = %addr, "HTTP server starting");
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let server =
+        axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down gracefully");
+            let _ = signalled_tx.send(Instant::now());
+        });
+    let mut server = std::pin::pin!(server.into_future());
+
+    // Serve until a signal; then give in-flight requests until the deadline,
+    // keeping a little time back for the flushes below.
+    let deadline = tokio::select! {
+        result = &mut server => {
+            result.map_err(|e| StartupError::Serve(e.to_string()))?;
+            Instant::now() + settings.shutdown_timeout
+        }
+        at = signalled_rx => {
+            let deadline = at.unwrap_or_else(|_| Instant::now()) + settings.shutdown_timeout;
+            let drain_until = deadline - settings.shutdown_timeout.min(Duration::from_millis(1500)) / 2;
+            match tokio::time::timeout_at(drain_until.into(), &mut server).await {
+                Ok(result) => result.map_err(|e| StartupError::Serve(e.to_string()))?,
+                Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight; abandoning them"),
+            }
+            deadline
+        }
+    };
+
+    state.tasks.close();
+    if tokio::time::timeout_at(deadline.into(), state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout reached before side effects finished");
+    }
+    if tokio::time::timeout_at(deadline.into(), audit.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout reached before the audit store was flushed");
+    }
+    cancel.cancel();
+    let _ = tokio::time::timeout_at(deadline.into(), background.wait()).await;
+    tracing::info!("API router service stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

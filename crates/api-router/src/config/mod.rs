@@ -1,0 +1,449 @@
+//! Start-up settings: environment variables and the optional YAML file named by
+//! `ROUTER_CONFIG`.
+//!
+//! Everything is parsed and validated before anything starts. A bad value is one
+//! [`ConfigError`] naming the setting, the value and what was expected; `main`
+//! prints it as one line and exits non-zero, so the router never runs
+//! half-configured. Parsing takes a lookup function instead of reading the
+//! process environment directly, so that it is unit-testable.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config_service::{BackendSpec, ConfigState};
+use crate::routing::policy::PolicyInput;
+
+/// One bad setting: which, what value, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub setting: String,
+    pub value: String,
+    pub expected: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &str, value: &str, expected: impl Into<String>) -> Self {
+        Self {
+            setting: setting.to_string(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid setting {}={:?}: expected {}",
+            self.setting, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Every setting the router reads, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `None` disables the admin API (403).
+    pub admin_token: Option<String>,
+    pub health_check_interval: Duration,
+    pub health_check_timeout: Duration,
+    pub backend_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub audit_retention: Duration,
+    pub decisions_capacity: usize,
+    pub instance_id: String,
+    /// The routing state loaded from the environment and the file.
+    pub initial_state: ConfigState,
+}
+
+/// The minimum admin token length accepted without `ALLOW_WEAK_ADMIN_TOKEN=true`.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
+
+const DEFAULT_FAILOVER_THRESHOLD: u32 = 3;
+
+impl Settings {
+    /// Reads the process environment (and the file it names).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+
+        let http_addr = match var("HTTP_ADDR") {
+            None => SocketAddr::from(([0, 0, 0, 0], 8080)),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::new("HTTP_ADDR", &v, "an address like 0.0.0.0:8080"))?,
+        };
+        let ms = |name: &str, default: u64| -> Result<Duration, ConfigError> {
+            positive_u64(name, var(name), default).map(Duration::from_millis)
+        };
+        let health_check_interval = ms("HEALTH_CHECK_INTERVAL_MS", 5000)?;
+        let health_check_timeout = ms("HEALTH_CHECK_TIMEOUT_MS", 1000)?;
+        let backend_timeout = ms("BACKEND_TIMEOUT_MS", 30_000)?;
+        let max_body_bytes =
+            positive_u64("MAX_BODY_BYTES", var("MAX_BODY_BYTES"), 1 << 20)? as usize;
+        let shutdown_timeout = Duration::from_secs(positive_u64(
+            "SHUTDOWN_TIMEOUT_SECS",
+            var("SHUTDOWN_TIMEOUT_SECS"),
+            10,
+        )?);
+        let audit_retention = Duration::from_secs(
+            positive_u64(
+                "AUDIT_RETENTION_HOURS",
+                var("AUDIT_RETENTION_HOURS"),
+                7 * 24,
+            )? * 3600,
+        );
+        let decisions_capacity =
+            positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
+        let log_format = match var("LOG_FORMAT").as_deref().map(str::trim) {
+            None | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => return Err(ConfigError::new("LOG_FORMAT", other, "json or text")),
+        };
+        let allow_weak = boolean(
+            "ALLOW_WEAK_ADMIN_TOKEN",
+            var("ALLOW_WEAK_ADMIN_TOKEN"),
+            false,
+        )?;
+        let admin_token = match var("ADMIN_TOKEN") {
+            None => None,
+            Some(token) => {
+                if token.chars().count() < MIN_ADMIN_TOKEN_LEN && !allow_weak {
+                    // The value is a secret: never echo it back.
+                    return Err(ConfigError::new(
+                        "ADMIN_TOKEN",
+                        "<redacted>",
+                        format!(
+                            "at least {MIN_ADMIN_TOKEN_LEN} characters \
+                             (set ALLOW_WEAK_ADMIN_TOKEN=true for local experiments)"
+                        ),
+                    ));
+                }
+                Some(token)
+            }
+        };
+        let data_dir = PathBuf::from(var("DATA_DIR").unwrap_or_else(|| "./data".to_string()));
+        let instance_id = var("INSTANCE_ID").unwrap_or_else(|| {
+            format!(
+                "api-router-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+
+        let mut state = match var("ROUTER_CONFIG") {
+            Some(path) => load_file(&path)?,
+            None => ConfigState {
+                default_route: true,
+                default_failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+                ..ConfigState::default()
+            },
+        };
+        if let Some(v) = var("DEFAULT_ROUTE") {
+            state.default_route = boolean("DEFAULT_ROUTE", Some(v), true)?;
+        }
+        if let Some(v) = var("BACKEND_ENDPOINTS") {
+            for (id, url) in pairs("BACKEND_ENDPOINTS", &v, "id=url pairs, comma-separated")? {
+                let spec = BackendSpec::new(&url)
+                    .map_err(|why| ConfigError::new("BACKEND_ENDPOINTS", &v, why))?;
+                check_id("BACKEND_ENDPOINTS", &id)?;
+                state.backends.insert(id, spec);
+            }
+        }
+        if let Some(v) = var("API_KEYS") {
+            // The value holds secrets: errors never echo it.
+            for (key, org) in pairs("API_KEYS", &v, "key=organization_id pairs, comma-separated")
+                .map_err(|e| ConfigError {
+                    value: "<redacted>".into(),
+                    ..e
+                })?
+            {
+                check_id("API_KEYS", &org).map_err(|e| ConfigError {
+                    value: "<redacted>".into(),
+                    ..e
+                })?;
+                state.api_keys.insert(crate::api::auth::hash_key(&key), org);
+            }
+        }
+        // Policies from the file name backends; check them against the final registry.
+        for policy in state.policies.values() {
+            policy
+                .validate_against(&state.backends)
+                .map_err(|why| ConfigError::new("ROUTER_CONFIG", &policy.policy_id, why))?;
+        }
+
+        Ok(Settings {
+            http_addr,
+            data_dir,
+            admin_token,
+            health_check_interval,
+            health_check_timeout,
+            backend_timeout,
+            max_body_bytes,
+            shutdown_timeout,
+            log_format,
+            audit_retention,
+            decisions_capacity,
+            instance_id,
+            initial_state: state,
+        })
+    }
+}
+
+fn positive_u64(name: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ConfigError::new(name, &v, "a positive integer")),
+        },
+    }
+}
+
+fn boolean(name: &str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None => Ok(default),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some("false" | "0" | "no") => Ok(false),
+        Some(other) => Err(ConfigError::new(name, other, "true or false")),
+    }
+}
+
+/// Identifiers (backend and organization ids) are short and printable, so they
+/// are safe as metric labels and etcd key segments.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn check_id(setting: &str, id: &str) -> Result<(), ConfigError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            setting,
+            id,
+            "an id of 1-128 letters, digits, '-', '_', '.' or ':'",
+        ))
+    }
+}
+
+fn pairs(name: &str, value: &str, expected: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(ConfigError::new(name, value, expected)),
+        })
+        .collect()
+}
+
+/// The YAML file: what does not fit in a variable.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+    #[serde(default)]
+    api_keys: Vec<FileApiKey>,
+    #[serde(default)]
+    policies: Vec<PolicyInput>,
+    #[serde(default = "yes")]
+    default_route: bool,
+    #[serde(default = "default_threshold")]
+    default_failover_threshold: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_threshold() -> u32 {
+    DEFAULT_FAILOVER_THRESHOLD
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    backend_id: String,
+    endpoint: String,
+}
+
+/// API keys are stored only as SHA-256 hashes (hex).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApiKey {
+    key_sha256: String,
+    organization_id: String,
+}
+
+fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
+    let err = |why: String| ConfigError::new("ROUTER_CONFIG", path, why);
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err(format!("a readable YAML file ({e})")))?;
+    let file: FileConfig =
+        serde_yaml::from_str(&text).map_err(|e| err(format!("valid configuration YAML ({e})")))?;
+    if file.default_failover_threshold < 1 {
+        return Err(err("default_failover_threshold of at least 1".into()));
+    }
+    let mut state = ConfigState {
+        default_route: file.default_route,
+        default_failover_threshold: file.default_failover_threshold,
+        ..ConfigState::default()
+    };
+    for b in file.backends {
+        check_id("ROUTER_CONFIG", &b.backend_id)?;
+        let spec = BackendSpec::new(&b.endpoint)
+            .map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
+        state.backends.insert(b.backend_id, spec);
+    }
+    for k in file.api_keys {
+        let hash: [u8; 32] = hex::decode(k.key_sha256.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| err("api_keys[].key_sha256 as 64 hex characters".into()))?;
+        check_id("ROUTER_CONFIG", &k.organization_id)?;
+        state.api_keys.insert(hash, k.organization_id);
+    }
+    let mut policies = BTreeMap::new();
+    for input in file.policies {
+        let policy = input
+            .into_policy()
+            .map_err(|why| err(format!("a valid policy: {why}")))?;
+        policies.insert(
+            (policy.organization_id.clone(), policy.model.clone()),
+            policy,
+        );
+    }
+    state.policies = policies;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.http_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.health_check_interval, Duration::from_millis(5000));
+        assert_eq!(s.backend_timeout, Duration::from_secs(30));
+        assert_eq!(s.max_body_bytes, 1 << 20);
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+        assert!(s.admin_token.is_none());
+        assert!(s.initial_state.default_route);
+    }
+
+    #[test]
+    fn bad_number_names_setting_value_and_expectation() {
+        let e = settings(&[("HEALTH_CHECK_INTERVAL_MS", "soon")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting HEALTH_CHECK_INTERVAL_MS=\"soon\": expected a positive integer"
+        );
+        assert!(settings(&[("MAX_BODY_BYTES", "0")]).is_err());
+        assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
+        assert!(settings(&[("HTTP_ADDR", "nowhere")]).is_err());
+    }
+
+    #[test]
+    fn weak_admin_token_is_refused_without_its_secret_in_the_message() {
+        let e = settings(&[("ADMIN_TOKEN", "short-secret")]).unwrap_err();
+        assert_eq!(e.setting, "ADMIN_TOKEN");
+        assert!(!e.to_string().contains("short-secret"));
+        let s = settings(&[
+            ("ADMIN_TOKEN", "short-secret"),
+            ("ALLOW_WEAK_ADMIN_TOKEN", "true"),
+        ])
+        .unwrap();
+        assert_eq!(s.admin_token.as_deref(), Some("short-secret"));
+    }
+
+    #[test]
+    fn backend_endpoints_and_api_keys_are_parsed() {
+        let s = settings(&[
+            (
+                "BACKEND_ENDPOINTS",
+                "backend-1=http://127.0.0.1:8001, backend-2=http://127.0.0.1:8002/",
+            ),
+            ("API_KEYS", "k1=org-a,k2=org-b"),
+        ])
+        .unwrap();
+        assert_eq!(s.initial_state.backends.len(), 2);
+        assert_eq!(
+            s.initial_state.backends["backend-2"].endpoint,
+            "http://127.0.0.1:8002"
+        );
+        assert_eq!(s.initial_state.api_keys.len(), 2);
+        let e = settings(&[("BACKEND_ENDPOINTS", "backend-1")]).unwrap_err();
+        assert_eq!(e.setting, "BACKEND_ENDPOINTS");
+        assert!(settings(&[("BACKEND_ENDPOINTS", "b=ftp://x")]).is_err());
+        let e = settings(&[("API_KEYS", "secret-key-without-org")]).unwrap_err();
+        assert!(!e.to_string().contains("secret-key"));
+    }
+
+    #[test]
+    fn file_holds_hashed_keys_backends_and_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.yaml");
+        let hash = hex::encode(crate::api::auth::hash_key("file-key"));
+        std::fs::write(
+            &path,
+            format!(
+                "backends:\n  - backend_id: b1\n    endpoint: http://127.0.0.1:9001\n\
+                 api_keys:\n  - key_sha256: {hash}\n    organization_id: org-1\n\
+                 policies:\n  - policy_id: p1\n    organization_id: org-1\n    model: m\n    \
+                 backends: [{{backend_id: b1, weight: 1}}]\n    failover_threshold: 2\n\
+                 default_route: false\n"
+            ),
+        )
+        .unwrap();
+        let s = settings(&[("ROUTER_CONFIG", path.to_str().unwrap())]).unwrap();
+        assert!(!s.initial_state.default_route);
+        assert_eq!(s.initial_state.policies.len(), 1);
+        assert_eq!(s.initial_state.api_keys.values().next().unwrap(), "org-1");
+
+        std::fs::write(&path, "policies:\n  - policy_id: p1\n    organization_id: org-1\n    model: m\n    backends: [{backend_id: nope, weight: 1}]\n    failover_threshold: 2\n").unwrap();
+        let e = settings(&[("ROUTER_CONFIG", path.to_str().unwrap())]).unwrap_err();
+        assert!(e.expected.contains("unknown backend"), "{e}");
+        std::fs::write(&path, "bakends: []\n").unwrap();
+        assert!(settings(&[("ROUTER_CONFIG", path.to_str().unwrap())]).is_err());
+    }
+}

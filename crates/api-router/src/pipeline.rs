@@ -1,0 +1,398 @@
+//! The request path, in one ordered list. Each step says what it needs and
+//! what it adds. Later capabilities (rate limits, budgets, usage records) are
+//! further steps in this list, not a second path.
+//!
+//! 1. **Request id.** A valid `request_id` from the body, or a generated UUID.
+//!    Everything below runs in a tracing span carrying it.
+//! 2. **Body limit.** 413 before reading more than `MAX_BODY_BYTES`.
+//! 3. **Authenticate.** `X-API-Key` → organization (hash lookup, constant-time
+//!    compare) against the current snapshot.
+//! 4. **Parse.** The native body becomes an [`InferenceRequest`].
+//! 5. **Route.** The snapshot's policy for (organization, model), or the
+//!    default route → an ordered candidate list (weighted pick, then failover
+//!    order), leaving out degraded and unhealthy backends.
+//! 6. **Dispatch with failover.** Try candidates in order on the pooled client.
+//!    Each attempt feeds passive health, metrics and the decision log.
+//! 7. **Record.** The audit record goes to the batched writer without waiting.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use tracing::Instrument;
+
+use crate::api::AppState;
+use crate::api::auth;
+use crate::api::error::ApiError;
+use crate::audit::{AuditAttempt, AuditRecord};
+use crate::backends::client::{AttemptError, BackendResponse};
+use crate::backends::health::Transition;
+use crate::routing::decisions::{DecisionType, RoutingDecision};
+use crate::routing::selector;
+
+/// One inference request, whatever door it came through.
+#[derive(Debug, Clone)]
+pub struct InferenceRequest {
+    pub request_id: Arc<str>,
+    pub organization_id: Arc<str>,
+    pub model: Arc<str>,
+    /// The body forwarded to the backend, as received.
+    pub body: Bytes,
+}
+
+/// The longest accepted `request_id`.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// `POST /v1/inference`.
+pub async fn inference(state: &AppState, headers: HeaderMap, body: Body) -> Response {
+    // Step 2: the body, within the limit.
+    let bytes = match read_body(body, &headers, state.settings.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response_with_id(None),
+    };
+    // Step 3: authenticate.
+    let organization_id = match auth::organization(&state.config.load(), &headers) {
+        Ok(org) => org,
+        Err(e) => return e.into_response_with_id(None),
+    };
+    // Steps 1 and 4: parse, with the request id.
+    let request = match parse_native(bytes, organization_id) {
+        Ok(r) => r,
+        Err(e) => return e.into_response_with_id(None),
+    };
+    let span = tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+    let request_id = request.request_id.clone();
+    match route_and_dispatch(state, request).instrument(span).await {
+        Ok(response) => response,
+        Err(e) => e.into_response_with_id(Some(&request_id)),
+    }
+}
+
+/// Step 2. Refuses on `Content-Length` before reading, and stops reading at
+/// the limit for chunked bodies.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::InvalidRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct NativeBody<'a> {
+    #[serde(borrow, default)]
+    request_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// Step 4 for the native door: `{"request_id", "model", "payload"}`.
+pub fn parse_native(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest, ApiError> {
+    let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::InvalidRequest(format!("invalid request: {e}"))
+        }
+        _ => ApiError::InvalidJson(e.to_string()),
+    })?;
+    let model = match parsed.model.as_deref() {
+        Some(m) if !m.is_empty() && m.len() <= 256 => Arc::from(m),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`model` must be 1-256 characters".into(),
+            ));
+        }
+        None => return Err(ApiError::InvalidRequest("missing field `model`".into())),
+    };
+    let request_id = match parsed.request_id.as_deref() {
+        None => Arc::from(uuid::Uuid::new_v4().to_string().as_str()),
+        Some(id) if valid_request_id(id) => Arc::from(id),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "invalid `request_id`: use 1-{MAX_REQUEST_ID_LEN} letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+    };
+    drop(parsed);
+    Ok(InferenceRequest {
+        request_id,
+        organization_id,
+        model,
+        body,
+    })
+}
+
+/// Steps 5 to 7.
+pub async fn route_and_dispatch(
+    state: &AppState,
+    request: InferenceRequest,
+) -> Result<Response, ApiError> {
+    let started_at = SystemTime::now();
+    let started = Instant::now();
+    // Step 5: route. Hold the policy, not the snapshot guard, across awaits.
+    let policy = state
+        .config
+        .load()
+        .route(&request.organization_id, &request.model)
+        .cloned()
+        .ok_or_else(|| ApiError::ModelNotFound(request.model.to_string()))?;
+    let candidates = selector::candidates(&policy, &mut fastrand::Rng::new());
+
+    let mut attempts: Vec<AuditAttempt> = Vec::with_capacity(candidates.len().min(4));
+    let decision = |backend_id: Option<Arc<str>>,
+                    t: DecisionType,
+                    reason: String,
+                    status: Option<u16>,
+                    error: Option<String>,
+                    latency_ms: f64| {
+        state
+            .metrics
+            .decisions
+            .with_label_values(&[t.as_str(), backend_id.as_deref().unwrap_or("")])
+            .inc();
+        state.decisions.record(RoutingDecision {
+            request_id: request.request_id.clone(),
+            organization_id: request.organization_id.clone(),
+            model: request.model.clone(),
+            backend_id,
+            decision_type: t,
+            reason,
+            status,
+            error,
+            latency_ms,
+            timestamp: SystemTime::now(),
+        });
+    };
+
+    if candidates.is_empty() {
+        let reason = format!("no routable backend in policy {}", policy.policy.policy_id);
+        tracing::warn!(model = %request.model, policy_id = %policy.policy.policy_id, "no healthy backend");
+        decision(
+            None,
+            DecisionType::NoHealthyBackend,
+            reason,
+            None,
+            None,
+            0.0,
+        );
+        let err = ApiError::NoHealthyBackend;
+        audit(
+            state,
+            &request,
+            started_at,
+            started,
+            err.status().as_u16(),
+            None,
+            Some(err.message()),
+            attempts,
+        );
+        return Err(err);
+    }
+
+    // Step 6: dispatch with failover.
+    let headers = [
+        ("x-request-id", &*request.request_id),
+        ("x-organization-id", &*request.organization_id),
+    ];
+    let mut previous: Option<(Arc<str>, AttemptError)> = None;
+    for (i, (backend, weight)) in candidates.iter().enumerate() {
+        let decision_type = if i == 0 && *weight > 0 {
+            DecisionType::Primary
+        } else {
+            DecisionType::Failover
+        };
+        let reason = match (&previous, *weight) {
+            (Some((prev, err)), _) => format!("failover from {prev}: {err}"),
+            (None, 0) => "standby: no weighted backend is routable".to_string(),
+            (None, _) => "weighted pick".to_string(),
+        };
+        let attempt_started_at = SystemTime::now();
+        let t0 = Instant::now();
+        let result = state
+            .client
+            .send(&backend.inference_uri, &headers, request.body.clone())
+            .await;
+        let elapsed = t0.elapsed();
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let rt = &backend.runtime;
+        let (status, error) = match &result {
+            Ok(r) => (Some(r.status.as_u16()), None),
+            Err(AttemptError::Status(s)) => (Some(s.as_u16()), Some(result.as_ref().err())),
+            Err(e) => (None, Some(Some(e))),
+        };
+        rt.metrics
+            .attempt(status, error.flatten(), elapsed.as_secs_f64());
+        let error_text = error.flatten().map(|e| e.to_string());
+        decision(
+            Some(backend.id.clone()),
+            decision_type,
+            reason,
+            status,
+            error_text.clone(),
+            latency_ms,
+        );
+        attempts.push(AuditAttempt {
+            backend_id: backend.id.clone(),
+            decision_type,
+            status,
+            error: error_text,
+            latency_ms,
+            started_at: attempt_started_at,
+        });
+        match result {
+            Ok(answer) => {
+                rt.health.record_success();
+                let status = answer.status.as_u16();
+                audit(
+                    state,
+                    &request,
+                    started_at,
+                    started,
+                    status,
+                    Some(backend.id.clone()),
+                    None,
+                    attempts,
+                );
+                return Ok(respond(answer, &request.request_id, &backend.id));
+            }
+            Err(err) => {
+                if err.counts_against_health()
+                    && rt
+                        .health
+                        .record_failure(policy.policy.failover_threshold, &err.to_string())
+                        == Transition::BecameUnhealthy
+                {
+                    rt.metrics.transition("unhealthy");
+                    tracing::warn!(backend_id = %backend.id, threshold = policy.policy.failover_threshold, error = %err, "backend marked unhealthy after consecutive failures");
+                }
+                if i + 1 < candidates.len() {
+                    rt.metrics.failover(&err);
+                    tracing::warn!(backend_id = %backend.id, error = %err, error_type = err.error_type(), "backend attempt failed; failing over");
+                } else {
+                    tracing::warn!(backend_id = %backend.id, error = %err, error_type = err.error_type(), "backend attempt failed; no candidates left");
+                }
+                previous = Some((backend.id.clone(), err));
+            }
+        }
+    }
+    let last = previous.map(|(_, e)| e).unwrap_or(AttemptError::Timeout);
+    let err = ApiError::BackendsFailed {
+        attempts: candidates.len(),
+        last,
+    };
+    audit(
+        state,
+        &request,
+        started_at,
+        started,
+        err.status().as_u16(),
+        None,
+        Some(err.message()),
+        attempts,
+    );
+    Err(err)
+}
+
+fn respond(answer: BackendResponse, request_id: &str, backend_id: &str) -> Response {
+    let mut response = (answer.status, answer.body).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        answer
+            .content_type
+            .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(backend_id) {
+        h.insert("x-backend-id", v);
+    }
+    response
+}
+
+/// Step 7: hand the audit record to the writer; never waits on the disk.
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    state: &AppState,
+    request: &InferenceRequest,
+    started_at: SystemTime,
+    started: Instant,
+    status: u16,
+    backend_id: Option<Arc<str>>,
+    error: Option<String>,
+    attempts: Vec<AuditAttempt>,
+) {
+    let record = AuditRecord {
+        request_id: request.request_id.clone(),
+        organization_id: request.organization_id.clone(),
+        model: request.model.clone(),
+        status,
+        backend_id,
+        error,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        started_at,
+        finished_at: SystemTime::now(),
+        attempts,
+        usage: None,
+    };
+    state.audit.submit(record, &state.tasks);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_rules() {
+        assert!(valid_request_id("test-123"));
+        assert!(valid_request_id("a.b:c_d-E9"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id("slash/no"));
+        assert!(valid_request_id(&"x".repeat(128)));
+        assert!(!valid_request_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn native_parse_errors() {
+        let org: Arc<str> = Arc::from("o");
+        let p = |b: &'static str| parse_native(Bytes::from_static(b.as_bytes()), org.clone());
+        assert!(matches!(p("{not json"), Err(ApiError::InvalidJson(_))));
+        assert!(
+            matches!(p(r#"{"payload":1}"#), Err(ApiError::InvalidRequest(m)) if m.contains("model"))
+        );
+        assert!(matches!(
+            p(r#"{"model":"m","request_id":"bad id"}"#),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        assert!(matches!(p(r#"[1,2]"#), Err(ApiError::InvalidRequest(_))));
+        let ok = p(r#"{"model":"m","payload":{"x":[1]}}"#).unwrap();
+        assert_eq!(ok.request_id.len(), 36, "generated UUID");
+        let ok = p(r#"{"model":"m","request_id":"abc"}"#).unwrap();
+        assert_eq!(&*ok.request_id, "abc");
+    }
+}

@@ -1,0 +1,282 @@
+//! Prometheus metrics. Every metric is registered here, in one registry.
+//!
+//! Labels are bounded: backend ids (from configuration), status classes, error
+//! types, decision types, route templates and component names. No request ids,
+//! organization-free user input or other unbounded values.
+//!
+//! `router_backend_health_status{backend_id}`: 1 = healthy, 0 = unhealthy
+//! (circuit open or failed check), 2 = degraded (admin override).
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::backends::client::AttemptError;
+
+/// Backend latency buckets, in seconds, for LLM-scale latencies up to 60 s.
+const BACKEND_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+pub struct Inner {
+    registry: Registry,
+    backend_requests: IntCounterVec,
+    backend_errors: IntCounterVec,
+    backend_duration: HistogramVec,
+    failovers: IntCounterVec,
+    health_transitions: IntCounterVec,
+    pub health_status: IntGaugeVec,
+    pub decisions: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub component_health: IntGaugeVec,
+    pub audit_records: IntCounterVec,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, c.clone());
+    c
+}
+
+fn register<C: prometheus::core::Collector + 'static>(r: &Registry, c: C) {
+    // Registration fails only for a duplicate name or label set, which is a
+    // programming error caught by the tests.
+    #[allow(clippy::expect_used)]
+    r.register(Box::new(c)).expect("metric names are unique");
+}
+
+impl Metrics {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let backend_requests = counter(
+            &r,
+            "api_router_backend_requests_total",
+            "Attempts sent to backends, by backend and status class (error = no HTTP answer).",
+            &["backend_id", "status_class"],
+        );
+        let backend_errors = counter(
+            &r,
+            "api_router_backend_errors_total",
+            "Failed attempts, by backend and error type.",
+            &["backend_id", "error_type"],
+        );
+        let backend_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "api_router_backend_request_duration_seconds",
+                "Duration of each attempt at a backend, in seconds.",
+            )
+            .buckets(BACKEND_BUCKETS.to_vec()),
+            &["backend_id"],
+        )
+        .unwrap_or_else(|e| panic!("histogram: {e}"));
+        register(&r, backend_duration.clone());
+        let failovers = counter(
+            &r,
+            "router_failover_total",
+            "Failovers from a failed backend to the next candidate, by the failed backend and the reason.",
+            &["backend_id", "reason"],
+        );
+        let health_transitions = counter(
+            &r,
+            "router_backend_health_transitions_total",
+            "Backend health changes, by backend and new state.",
+            &["backend_id", "to"],
+        );
+        let health_status = IntGaugeVec::new(
+            Opts::new(
+                "router_backend_health_status",
+                "Backend health: 1 = healthy, 0 = unhealthy, 2 = degraded by an admin.",
+            ),
+            &["backend_id"],
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, health_status.clone());
+        let decisions = counter(
+            &r,
+            "api_router_routing_decisions_total",
+            "Routing decisions, by type (PRIMARY, FAILOVER, NO_HEALTHY_BACKEND) and backend.",
+            &["decision_type", "backend_id"],
+        );
+        let http_requests = counter(
+            &r,
+            "api_router_http_requests_total",
+            "HTTP requests served, by route template and status code.",
+            &["route", "status"],
+        );
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "api_router_http_request_duration_seconds",
+                "Time to answer, by route template.",
+            )
+            .buckets(BACKEND_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .unwrap_or_else(|e| panic!("histogram: {e}"));
+        register(&r, http_duration.clone());
+        let component_health = IntGaugeVec::new(
+            Opts::new(
+                "api_router_component_health",
+                "Readiness components: 1 = healthy, 0 = unhealthy, -1 = not configured.",
+            ),
+            &["component"],
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, component_health.clone());
+        let audit_records = counter(
+            &r,
+            "api_router_audit_records_total",
+            "Audit records, by outcome (written, dropped, error).",
+            &["status"],
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new("api_router_build_info", "Build information; always 1."),
+            &["version", "commit"],
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, build_info.clone());
+        build_info
+            .with_label_values(&[crate::build_info::VERSION, crate::build_info::COMMIT])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        register(
+            &r,
+            prometheus::process_collector::ProcessCollector::for_self(),
+        );
+
+        Metrics(Arc::new(Inner {
+            registry: r,
+            backend_requests,
+            backend_errors,
+            backend_duration,
+            failovers,
+            health_transitions,
+            health_status,
+            decisions,
+            http_requests,
+            http_duration,
+            component_health,
+            audit_records,
+        }))
+    }
+
+    /// Pre-resolved handles for one backend, so the request path does no label
+    /// lookups.
+    pub fn backend(&self, id: &str) -> BackendMetrics {
+        BackendMetrics {
+            requests: STATUS_CLASSES.map(|c| self.backend_requests.with_label_values(&[id, c])),
+            no_answer: self.backend_requests.with_label_values(&[id, "error"]),
+            errors: AttemptError::ERROR_TYPES
+                .map(|t| self.backend_errors.with_label_values(&[id, t])),
+            failovers: AttemptError::ERROR_TYPES
+                .map(|t| self.failovers.with_label_values(&[id, t])),
+            duration: self.backend_duration.with_label_values(&[id]),
+            to_healthy: self.health_transitions.with_label_values(&[id, "healthy"]),
+            to_unhealthy: self
+                .health_transitions
+                .with_label_values(&[id, "unhealthy"]),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+#[derive(Debug)]
+pub struct BackendMetrics {
+    requests: [IntCounter; 5],
+    no_answer: IntCounter,
+    errors: [IntCounter; 6],
+    failovers: [IntCounter; 6],
+    duration: Histogram,
+    to_healthy: IntCounter,
+    to_unhealthy: IntCounter,
+}
+
+fn error_index(e: &AttemptError) -> usize {
+    let t = e.error_type();
+    AttemptError::ERROR_TYPES
+        .iter()
+        .position(|x| *x == t)
+        .unwrap_or(0)
+}
+
+impl BackendMetrics {
+    /// One attempt: its answer status (if any), error (if any) and duration.
+    pub fn attempt(&self, status: Option<u16>, error: Option<&AttemptError>, seconds: f64) {
+        match status {
+            Some(s) => self.requests[((s / 100) as usize).clamp(1, 5) - 1].inc(),
+            None => self.no_answer.inc(),
+        }
+        if let Some(e) = error {
+            self.errors[error_index(e)].inc();
+        }
+        self.duration.observe(seconds);
+    }
+
+    pub fn failover(&self, error: &AttemptError) {
+        self.failovers[error_index(error)].inc();
+    }
+
+    pub fn transition(&self, to: &str) {
+        if to == "healthy" {
+            self.to_healthy.inc()
+        } else {
+            self.to_unhealthy.inc()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_runbook_names() {
+        let m = Metrics::new();
+        let b = m.backend("backend-1");
+        b.attempt(Some(200), None, 0.01);
+        b.attempt(None, Some(&AttemptError::Timeout), 1.0);
+        b.failover(&AttemptError::Timeout);
+        m.health_status.with_label_values(&["backend-1"]).set(1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        for name in [
+            "api_router_backend_requests_total{backend_id=\"backend-1\",status_class=\"2xx\"} 1",
+            "api_router_backend_errors_total{backend_id=\"backend-1\",error_type=\"timeout\"} 1",
+            "api_router_backend_request_duration_seconds_bucket{backend_id=\"backend-1\",le=\"60\"} 2",
+            "router_failover_total{backend_id=\"backend-1\",reason=\"timeout\"} 1",
+            "router_backend_health_status{backend_id=\"backend-1\"} 1",
+            "api_router_build_info",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+}
