@@ -5,9 +5,12 @@
 //! background tasks (health monitor, audit retention), and the server.
 //!
 //! Shutdown on SIGTERM or SIGINT, within `SHUTDOWN_TIMEOUT_SECS`:
-//! 1. stop accepting; 2. let in-flight requests finish; 3. wait for tracked
-//! side effects; 4. flush the audit writer; 5. stop the background tasks and
-//! close the pools; 6. log "API router service stopped".
+//! 1. stop accepting;
+//! 2. let in-flight requests finish;
+//! 3. wait for tracked side effects;
+//! 4. flush the audit writer;
+//! 5. stop the background tasks and close the pools;
+//! 6. log "API router service stopped".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

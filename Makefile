@@ -1,0 +1,27 @@
+# The front door: build, run, test, bench, lint.
+.PHONY: run test lint fmt bench build clean
+
+# Build and start the router on embedded defaults with two mock backends.
+run:
+	bash scripts/run-dev.sh
+
+# Install and start what the tests need, then run the whole suite.
+test:
+	bash scripts/test.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+bench:
+	bash scripts/bench.sh
+
+build:
+	cargo build --bins
+
+clean:
+	cargo clean
+	rm -rf .dev data

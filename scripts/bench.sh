@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# `make bench`: criterion micro-benchmarks of the request path's pure parts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo bench --bench routing -- --noplot
