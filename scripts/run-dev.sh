@@ -15,8 +15,8 @@ IFS=, read -r PORT1 PORT2 <<<"$MOCK_PORTS"
 
 if [[ -z "${ROUTER_BIN:-}" || -z "${MOCK_BIN:-}" ]]; then
   cargo build --bins
-  ROUTER_BIN=${ROUTER_BIN:-target/debug/api-router}
-  MOCK_BIN=${MOCK_BIN:-target/debug/mock-backend}
+  ROUTER_BIN=${ROUTER_BIN:-${CARGO_TARGET_DIR:-target}/debug/api-router}
+  MOCK_BIN=${MOCK_BIN:-${CARGO_TARGET_DIR:-target}/debug/mock-backend}
 fi
 
 mkdir -p "$DEV_DIR"
