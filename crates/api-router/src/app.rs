@@ -27,6 +27,9 @@ use crate::backends::monitor;
 use crate::build_info;
 use crate::config::Settings;
 use crate::config_service::ConfigStore;
+use crate::limits::budget_service::BudgetServiceComponent;
+use crate::limits::redis::{RedisComponent, RedisLimits};
+use crate::limits::{Limits, local::Ledger};
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
 
@@ -34,6 +37,7 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Debug)]
 pub enum StartupError {
     Audit(String),
+    Limits(String),
     Bind(String),
     Serve(String),
 }
@@ -42,6 +46,7 @@ impl std::fmt::Display for StartupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartupError::Audit(e) => write!(f, "cannot open the audit store: {e}"),
+            StartupError::Limits(e) => write!(f, "cannot set up limits: {e}"),
             StartupError::Bind(e) => write!(f, "cannot listen: {e}"),
             StartupError::Serve(e) => write!(f, "server error: {e}"),
         }
@@ -87,6 +92,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone())
         .map_err(|e| StartupError::Audit(e.to_string()))?;
     let client = BackendClient::new(settings.backend_timeout, settings.health_check_timeout);
+    let limits = start_limits(&settings, &client, &metrics).await?;
     let listener = TcpListener::bind(settings.http_addr)
         .await
         .map_err(|e| StartupError::Bind(format!("{}: {e}", settings.http_addr)))?;
@@ -94,12 +100,15 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         .local_addr()
         .map_err(|e| StartupError::Bind(e.to_string()))?;
 
-    let components: Vec<Arc<dyn Component>> = vec![
-        Arc::new(NotConfigured("redis")),
+    let mut components: Vec<Arc<dyn Component>> = vec![
+        Arc::new(RedisComponent(limits.redis().cloned())),
         Arc::new(NotConfigured("kafka")),
         Arc::new(NotConfigured("config_service")),
         Arc::new(BackendRegistry(config.clone())),
     ];
+    if limits.service().is_some() {
+        components.push(Arc::new(BudgetServiceComponent(limits.clone())));
+    }
     let settings = Arc::new(settings);
     let state = Arc::new(AppState {
         settings: settings.clone(),
@@ -107,6 +116,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         client: client.clone(),
         decisions: DecisionLog::new(settings.decisions_capacity),
         audit: audit.clone(),
+        limits: limits.clone(),
         metrics,
         tasks: TaskTracker::new(),
         components,
@@ -126,6 +136,25 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         RETENTION_EVERY,
         cancel.clone(),
     ));
+    background.spawn(limits.clone().run_settler(cancel.clone()));
+    background.spawn(limits.ledger().clone().run_saver(cancel.clone()));
+    if let Some(redis) = limits.redis() {
+        background.spawn(redis.clone().run_health(cancel.clone()));
+    }
+    if limits.service().is_some() {
+        let (limits, cancel) = (limits.clone(), cancel.clone());
+        background.spawn(async move {
+            while !cancel.is_cancelled() {
+                if let Some(s) = limits.service() {
+                    s.check_health().await;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        });
+    }
     background.close();
 
     tracing::info!(addr = %addr, "HTTP server starting");
@@ -171,8 +200,60 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     }
     cancel.cancel();
     let _ = tokio::time::timeout_at(deadline.into(), background.wait()).await;
+    // The settler may have applied settlements after the saver's last round.
+    if let Err(e) = limits.ledger().save() {
+        tracing::error!(error = %e, "cannot save the budget ledger at shutdown");
+    }
     tracing::info!("API router service stopped");
     Ok(())
+}
+
+/// The limits: the embedded ledger, and Redis and the budget service when set.
+async fn start_limits(
+    settings: &Settings,
+    client: &BackendClient,
+    metrics: &Metrics,
+) -> Result<Arc<Limits>, StartupError> {
+    let ls = &settings.limits;
+    let ledger =
+        Arc::new(Ledger::open(&settings.data_dir.join("limits")).map_err(StartupError::Limits)?);
+    let redis = match &ls.redis_url {
+        None => {
+            tracing::info!(
+                "REDIS_URL not set: rate limits, budgets and quotas are enforced in process"
+            );
+            None
+        }
+        Some(url) => {
+            let redis = RedisLimits::new(url, ls.redis_timeout, metrics.clone())
+                .map_err(StartupError::Limits)?;
+            match redis.connect().await {
+                Ok(()) => tracing::info!(
+                    timeout_ms = ls.redis_timeout.as_millis() as u64,
+                    "Redis connected for rate limiting"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    failure_mode = ls.failure_mode.as_str(),
+                    "Redis unreachable at start-up; limits use RATE_LIMIT_FAILURE_MODE until it is back"
+                ),
+            }
+            Some(Arc::new(redis))
+        }
+    };
+    if let Some(svc) = &ls.budget_service {
+        tracing::info!(
+            fail_open = svc.fail_open,
+            "budget service configured for budgets and quotas"
+        );
+    }
+    Ok(Arc::new(Limits::new(
+        ls.clone(),
+        ledger,
+        redis,
+        client.clone(),
+        metrics.clone(),
+    )))
 }
 
 async fn shutdown_signal() {

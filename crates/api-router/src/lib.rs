@@ -8,6 +8,7 @@
 //! - [`backends`]: health (circuit), the active health monitor, HTTP dispatch;
 //! - [`config_service`]: the routing state, compiled into snapshots swapped atomically;
 //! - [`config`]: start-up settings from the environment and the YAML file;
+//! - [`limits`]: rate limits, budgets and quotas (in process, Redis, or a budget service);
 //! - [`audit`]: the embedded audit store and its batched writer;
 //! - [`telemetry`]: metrics and logging.
 
@@ -18,6 +19,7 @@ pub mod backends;
 pub mod build_info;
 pub mod config;
 pub mod config_service;
+pub mod limits;
 pub mod pipeline;
 pub mod routing;
 pub mod telemetry;

@@ -1,6 +1,6 @@
 //! The request path, in one ordered list. Each step says what it needs and
-//! what it adds. Later capabilities (rate limits, budgets, usage records) are
-//! further steps in this list, not a second path.
+//! what it adds. Later capabilities (usage records, the OpenAI door) are
+//! further steps or another parse in this list, not a second path.
 //!
 //! 1. **Request id.** A valid `request_id` from the body, or a generated UUID.
 //!    Everything below runs in a tracing span carrying it.
@@ -8,12 +8,17 @@
 //! 3. **Authenticate.** `X-API-Key` → organization (hash lookup, constant-time
 //!    compare) against the current snapshot.
 //! 4. **Parse.** The native body becomes an [`InferenceRequest`].
-//! 5. **Route.** The snapshot's policy for (organization, model), or the
+//! 5. **Admit.** Rate limit, budget and quota in one check (one Redis round
+//!    trip when Redis is configured): 429 or 402, or a reservation to settle.
+//! 6. **Route.** The snapshot's policy for (organization, model), or the
 //!    default route → an ordered candidate list (weighted pick, then failover
 //!    order), leaving out degraded and unhealthy backends.
-//! 6. **Dispatch with failover.** Try candidates in order on the pooled client.
+//! 7. **Dispatch with failover.** Try candidates in order on the pooled client.
 //!    Each attempt feeds passive health, metrics and the decision log.
-//! 7. **Record.** The audit record goes to the batched writer without waiting.
+//! 8. **Settle.** The reservation is settled to the reported usage on success,
+//!    released otherwise; the settler task applies it off the request path.
+//! 9. **Record.** The audit record goes to the batched writer without waiting;
+//!    the response gets `X-Request-Id`, `X-Backend-Id` and `RateLimit-*`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -28,10 +33,12 @@ use tracing::Instrument;
 
 use crate::api::AppState;
 use crate::api::auth;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, rate_limit_headers};
 use crate::audit::{AuditAttempt, AuditRecord};
 use crate::backends::client::{AttemptError, BackendResponse};
 use crate::backends::health::Transition;
+use crate::config_service::RoutePolicy;
+use crate::limits::{AdmitRequest, Usage};
 use crate::routing::decisions::{DecisionType, RoutingDecision};
 use crate::routing::selector;
 
@@ -74,11 +81,7 @@ pub async fn inference(state: &AppState, headers: HeaderMap, body: Body) -> Resp
         Err(e) => return e.into_response_with_id(None),
     };
     let span = tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
-    let request_id = request.request_id.clone();
-    match route_and_dispatch(state, request).instrument(span).await {
-        Ok(response) => response,
-        Err(e) => e.into_response_with_id(Some(&request_id)),
-    }
+    process(state, request).instrument(span).await
 }
 
 /// Step 2. Refuses on `Content-Length` before reading, and stops reading at
@@ -145,23 +148,110 @@ pub fn parse_native(body: Bytes, organization_id: Arc<str>) -> Result<InferenceR
     })
 }
 
-/// Steps 5 to 7.
-pub async fn route_and_dispatch(
-    state: &AppState,
-    request: InferenceRequest,
-) -> Result<Response, ApiError> {
+/// Steps 5 to 9, for a parsed request of either door.
+pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
     let started_at = SystemTime::now();
     let started = Instant::now();
-    // Step 5: route. Hold the policy, not the snapshot guard, across awaits.
-    let policy = state
-        .config
-        .load()
-        .route(&request.organization_id, &request.model)
-        .cloned()
-        .ok_or_else(|| ApiError::ModelNotFound(request.model.to_string()))?;
-    let candidates = selector::candidates(&policy, &mut fastrand::Rng::new());
+    // One snapshot read for everything this request needs from it. Hold the
+    // policy, not the snapshot guard, across awaits.
+    let (org_limits, price, policy) = {
+        let snapshot = state.config.load();
+        (
+            snapshot.org_limits(&request.organization_id),
+            snapshot.price(&request.model),
+            snapshot
+                .route(&request.organization_id, &request.model)
+                .cloned(),
+        )
+    };
 
-    let mut attempts: Vec<AuditAttempt> = Vec::with_capacity(candidates.len().min(4));
+    // Step 5: rate limit, budget and quota, in one check. Denials are audited.
+    let admit = AdmitRequest {
+        org: &request.organization_id,
+        request_id: &request.request_id,
+        model: &request.model,
+        limits: org_limits,
+        price,
+    };
+    let admission = match state.limits.admit(&admit).await {
+        Ok(a) => a,
+        Err(e) => {
+            let record = Outcome {
+                status: e.status().as_u16(),
+                backend_id: None,
+                error: Some(e.message()),
+                usage: None,
+            };
+            audit(state, &request, started_at, started, record, Vec::new());
+            return e.into_response_with_id(Some(&request.request_id));
+        }
+    };
+
+    // Steps 6 and 7: route, then dispatch with failover.
+    let mut attempts = Vec::new();
+    let result = match policy {
+        Some(policy) => dispatch(state, &request, &policy, &mut attempts).await,
+        None => Err(ApiError::ModelNotFound(request.model.to_string())),
+    };
+
+    // Step 8: settle the reservation to what was used, or release it.
+    let usage = match &result {
+        Ok((answer, _)) if answer.status.is_success() => parse_usage(&answer.body),
+        _ => None,
+    };
+    if let Some(reservation) = admission.reservation {
+        let success = matches!(&result, Ok((answer, _)) if answer.status.is_success());
+        state.limits.finish(reservation, success.then_some(usage));
+    }
+
+    // Step 9: audit, then answer.
+    let mut response = match result {
+        Ok((answer, backend)) => {
+            let outcome = Outcome {
+                status: answer.status.as_u16(),
+                backend_id: Some(backend.clone()),
+                error: None,
+                usage,
+            };
+            audit(state, &request, started_at, started, outcome, attempts);
+            respond(answer, &request.request_id, &backend)
+        }
+        Err(e) => {
+            let outcome = Outcome {
+                status: e.status().as_u16(),
+                backend_id: None,
+                error: Some(e.message()),
+                usage: None,
+            };
+            audit(state, &request, started_at, started, outcome, attempts);
+            e.into_response_with_id(Some(&request.request_id))
+        }
+    };
+    if let Some(info) = admission.rate {
+        rate_limit_headers(response.headers_mut(), &info);
+    }
+    response
+}
+
+/// The `usage` object of a backend's JSON answer, if it has one.
+pub fn parse_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// Steps 6 and 7: candidates in order; each attempt feeds passive health,
+/// metrics, the decision log and `attempts`.
+async fn dispatch(
+    state: &AppState,
+    request: &InferenceRequest,
+    policy: &RoutePolicy,
+    attempts: &mut Vec<AuditAttempt>,
+) -> Result<(BackendResponse, Arc<str>), ApiError> {
+    let candidates = selector::candidates(policy, &mut fastrand::Rng::new());
     let decision = |backend_id: Option<Arc<str>>,
                     t: DecisionType,
                     reason: String,
@@ -198,21 +288,9 @@ pub async fn route_and_dispatch(
             None,
             0.0,
         );
-        let err = ApiError::NoHealthyBackend;
-        audit(
-            state,
-            &request,
-            started_at,
-            started,
-            err.status().as_u16(),
-            None,
-            Some(err.message()),
-            attempts,
-        );
-        return Err(err);
+        return Err(ApiError::NoHealthyBackend);
     }
 
-    // Step 6: dispatch with failover.
     let headers = [
         ("x-request-id", &*request.request_id),
         ("x-organization-id", &*request.organization_id),
@@ -240,12 +318,11 @@ pub async fn route_and_dispatch(
         let rt = &backend.runtime;
         let (status, error) = match &result {
             Ok(r) => (Some(r.status.as_u16()), None),
-            Err(AttemptError::Status(s)) => (Some(s.as_u16()), Some(result.as_ref().err())),
-            Err(e) => (None, Some(Some(e))),
+            Err(e @ AttemptError::Status(s)) => (Some(s.as_u16()), Some(e)),
+            Err(e) => (None, Some(e)),
         };
-        rt.metrics
-            .attempt(status, error.flatten(), elapsed.as_secs_f64());
-        let error_text = error.flatten().map(|e| e.to_string());
+        rt.metrics.attempt(status, error, elapsed.as_secs_f64());
+        let error_text = error.map(|e| e.to_string());
         decision(
             Some(backend.id.clone()),
             decision_type,
@@ -265,18 +342,7 @@ pub async fn route_and_dispatch(
         match result {
             Ok(answer) => {
                 rt.health.record_success();
-                let status = answer.status.as_u16();
-                audit(
-                    state,
-                    &request,
-                    started_at,
-                    started,
-                    status,
-                    Some(backend.id.clone()),
-                    None,
-                    attempts,
-                );
-                return Ok(respond(answer, &request.request_id, &backend.id));
+                return Ok((answer, backend.id.clone()));
             }
             Err(err) => {
                 if err.counts_against_health()
@@ -299,21 +365,10 @@ pub async fn route_and_dispatch(
         }
     }
     let last = previous.map(|(_, e)| e).unwrap_or(AttemptError::Timeout);
-    let err = ApiError::BackendsFailed {
+    Err(ApiError::BackendsFailed {
         attempts: candidates.len(),
         last,
-    };
-    audit(
-        state,
-        &request,
-        started_at,
-        started,
-        err.status().as_u16(),
-        None,
-        Some(err.message()),
-        attempts,
-    );
-    Err(err)
+    })
 }
 
 fn respond(answer: BackendResponse, request_id: &str, backend_id: &str) -> Response {
@@ -334,30 +389,35 @@ fn respond(answer: BackendResponse, request_id: &str, backend_id: &str) -> Respo
     response
 }
 
-/// Step 7: hand the audit record to the writer; never waits on the disk.
-#[allow(clippy::too_many_arguments)]
+/// How a request ended, for its audit record.
+struct Outcome {
+    status: u16,
+    backend_id: Option<Arc<str>>,
+    error: Option<String>,
+    usage: Option<Usage>,
+}
+
+/// Step 9: hand the audit record to the writer; never waits on the disk.
 fn audit(
     state: &AppState,
     request: &InferenceRequest,
     started_at: SystemTime,
     started: Instant,
-    status: u16,
-    backend_id: Option<Arc<str>>,
-    error: Option<String>,
+    outcome: Outcome,
     attempts: Vec<AuditAttempt>,
 ) {
     let record = AuditRecord {
         request_id: request.request_id.clone(),
         organization_id: request.organization_id.clone(),
         model: request.model.clone(),
-        status,
-        backend_id,
-        error,
+        status: outcome.status,
+        backend_id: outcome.backend_id,
+        error: outcome.error,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         started_at,
         finished_at: SystemTime::now(),
         attempts,
-        usage: None,
+        usage: outcome.usage,
     };
     state.audit.submit(record, &state.tasks);
 }

@@ -193,6 +193,8 @@ async fn audit_record_lists_every_attempt_of_a_failover() {
             policy("org-a", "m", &[("backend-1", 1), ("backend-2", 0)], 10),
         )
         .await;
+    // The start-up health round must have seen it up before it dies.
+    router.wait_health_round().await;
     m1.kill();
     let r = router
         .infer(KEY_A, json!({"request_id": "fo-1", "model": "m"}))

@@ -294,6 +294,8 @@ async fn every_backend_down_gives_a_json_502_or_503() {
     let router = RouterBuilder::new(&[&m1])
         .env("HEALTH_CHECK_INTERVAL_MS", "60000")
         .start();
+    // The start-up health round must have seen it up before it dies.
+    router.wait_health_round().await;
     m1.kill();
     let r = router
         .infer(KEY_A, json!({"model": "m", "request_id": "all-down-1"}))

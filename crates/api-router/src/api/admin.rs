@@ -18,6 +18,7 @@ use crate::api::SharedState;
 use crate::api::auth::check_admin;
 use crate::api::error::ApiError;
 use crate::config_service::{Backend, Override};
+use crate::limits::OrgLimits;
 use crate::routing::decisions::{DecisionFilter, DecisionType};
 use crate::routing::policy::PolicyInput;
 
@@ -239,4 +240,69 @@ pub async fn decisions(
         }
     }
     Ok(axum::Json(json!({ "decisions": state.decisions.query(&filter) })).into_response())
+}
+
+pub async fn get_limits(
+    State(state): State<SharedState>,
+    Path(org): Path<String>,
+) -> Result<Response, ApiError> {
+    let snapshot = state.config.load_full();
+    let configured = snapshot.org_limits(&org);
+    if configured.is_none() && !snapshot.knows_organization(&org) {
+        return Err(ApiError::NotFound(format!("unknown organization {org:?}")));
+    }
+    Ok(axum::Json(limits_json(&state, &org, configured)).into_response())
+}
+
+fn limits_json(state: &SharedState, org: &str, configured: Option<OrgLimits>) -> Value {
+    let limits = configured.unwrap_or_default();
+    json!({
+        "organization_id": org,
+        "rate_limit": limits.rate_limit.or(state.limits.settings().default_rate),
+        "rate_limit_source": if limits.rate_limit.is_some() { "organization" } else { "default" },
+        "budget": limits.budget,
+        "quota": limits.quota,
+    })
+}
+
+/// Replaces the organization's limits. Validated first; a 400 changes nothing.
+pub async fn put_limits(
+    State(state): State<SharedState>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !crate::config::valid_id(&org) {
+        return Err(ApiError::InvalidRequest(
+            "organization id must be 1-128 letters, digits, '-', '_', '.' or ':'".into(),
+        ));
+    }
+    let bytes = small_body(&headers, body).await?;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(ApiError::InvalidRequest(
+            "invalid limits: expected a JSON object".into(),
+        ));
+    }
+    let limits = OrgLimits::from_json(value)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid limits: {e}")))?;
+    state.config.update(|s| {
+        s.organizations.insert(org.clone(), limits);
+        Ok::<_, ApiError>(())
+    })?;
+    tracing::info!(organization_id = %org, "organization limits updated");
+    Ok(axum::Json(limits_json(&state, &org, Some(limits))).into_response())
+}
+
+pub async fn usage(
+    State(state): State<SharedState>,
+    Path(org): Path<String>,
+) -> Result<Response, ApiError> {
+    let snapshot = state.config.load_full();
+    if !snapshot.knows_organization(&org) {
+        return Err(ApiError::NotFound(format!("unknown organization {org:?}")));
+    }
+    let body = state.limits.usage(&org, snapshot.org_limits(&org)).await?;
+    Ok(axum::Json(body).into_response())
 }

@@ -5,7 +5,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use std::time::SystemTime;
+
 use crate::backends::client::AttemptError;
+use crate::limits::gcra::RateInfo;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -34,6 +37,28 @@ pub enum ApiError {
     /// Missing or wrong admin token.
     AdminUnauthorized,
     NotFound(String),
+    /// Over the organization's rate limit.
+    RateLimited {
+        info: RateInfo,
+        retry_after_secs: u64,
+    },
+    /// The reservation would exceed the organization's budget.
+    BudgetExceeded {
+        limit: f64,
+        remaining: f64,
+        reset_at: Option<SystemTime>,
+    },
+    /// The reservation would exceed a quota (`kind`: requests or tokens).
+    QuotaExceeded {
+        kind: &'static str,
+        limit: u64,
+        remaining: u64,
+        reset_at: Option<SystemTime>,
+    },
+    /// Redis is down and `RATE_LIMIT_FAILURE_MODE=closed`.
+    LimiterUnavailable,
+    /// The budget service is unreachable and `BUDGET_SERVICE_FAILURE_MODE=closed`.
+    BudgetServiceUnavailable,
     Internal(String),
 }
 
@@ -46,7 +71,13 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoHealthyBackend
+            | ApiError::LimiterUnavailable
+            | ApiError::BudgetServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BudgetExceeded { .. } | ApiError::QuotaExceeded { .. } => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             ApiError::BackendsFailed {
                 last: AttemptError::Timeout,
                 ..
@@ -74,6 +105,11 @@ impl ApiError {
             ApiError::BackendsFailed { .. } => "backend_unavailable",
             ApiError::AdminDisabled => "admin_disabled",
             ApiError::NotFound(_) => "not_found",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::BudgetExceeded { .. } => "budget_exceeded",
+            ApiError::QuotaExceeded { .. } => "quota_exceeded",
+            ApiError::LimiterUnavailable => "rate_limiter_unavailable",
+            ApiError::BudgetServiceUnavailable => "budget_service_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -97,6 +133,33 @@ impl ApiError {
                 "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
             }
             ApiError::NotFound(what) => what.clone(),
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => {
+                format!(
+                    "rate limit exceeded for this organization; retry after {retry_after_secs} s"
+                )
+            }
+            ApiError::BudgetExceeded {
+                limit, remaining, ..
+            } => {
+                format!("budget exceeded: {remaining} of {limit} remaining in this period")
+            }
+            ApiError::QuotaExceeded {
+                kind,
+                limit,
+                remaining,
+                ..
+            } => {
+                format!("{kind} quota exceeded: {remaining} of {limit} remaining in this period")
+            }
+            ApiError::LimiterUnavailable => {
+                "rate limiting is unavailable (Redis is down and RATE_LIMIT_FAILURE_MODE=closed)"
+                    .into()
+            }
+            ApiError::BudgetServiceUnavailable => {
+                "the budget service is unavailable (BUDGET_SERVICE_FAILURE_MODE=closed)".into()
+            }
             ApiError::Internal(_) => "internal error".into(),
         }
     }
@@ -116,7 +179,51 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "internal error");
         }
-        let body = json!({"error": {"code": self.code(), "message": self.message()}});
-        (self.status(), axum::Json(body)).into_response()
+        let mut error = json!({"code": self.code(), "message": self.message()});
+        let time = |t: &Option<SystemTime>| t.map(crate::telemetry::rfc3339);
+        match &self {
+            ApiError::BudgetExceeded {
+                limit,
+                remaining,
+                reset_at,
+            } => {
+                error["limit"] = json!(limit);
+                error["remaining"] = json!(remaining);
+                error["reset_at"] = json!(time(reset_at));
+            }
+            ApiError::QuotaExceeded {
+                kind,
+                limit,
+                remaining,
+                reset_at,
+            } => {
+                error["quota"] = json!(kind);
+                error["limit"] = json!(limit);
+                error["remaining"] = json!(remaining);
+                error["reset_at"] = json!(time(reset_at));
+            }
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => error["retry_after"] = json!(retry_after_secs),
+            _ => {}
+        }
+        let mut response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
+        if let ApiError::RateLimited {
+            info,
+            retry_after_secs,
+        } = &self
+        {
+            let h = response.headers_mut();
+            h.insert("retry-after", HeaderValue::from(*retry_after_secs));
+            rate_limit_headers(h, info);
+        }
+        response
     }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+pub fn rate_limit_headers(h: &mut axum::http::HeaderMap, info: &RateInfo) {
+    h.insert("ratelimit-limit", HeaderValue::from(info.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(info.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(info.reset_secs));
 }

@@ -24,6 +24,7 @@ use crate::audit::AuditStore;
 use crate::backends::client::BackendClient;
 use crate::config::Settings;
 use crate::config_service::ConfigStore;
+use crate::limits::Limits;
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
 
@@ -37,6 +38,7 @@ pub struct AppState {
     pub client: BackendClient,
     pub decisions: DecisionLog,
     pub audit: AuditStore,
+    pub limits: Arc<Limits>,
     pub metrics: Metrics,
     /// Side effects that must finish even if the client leaves; shutdown waits.
     pub tasks: TaskTracker,
@@ -67,6 +69,11 @@ pub fn router(state: SharedState) -> Router {
             get(admin::get_policy),
         )
         .route("/v1/admin/routing/decisions", get(admin::decisions))
+        .route(
+            "/v1/admin/organizations/{org_id}/limits",
+            get(admin::get_limits).put(admin::put_limits),
+        )
+        .route("/v1/admin/organizations/{org_id}/usage", get(admin::usage))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,

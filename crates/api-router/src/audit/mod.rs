@@ -58,7 +58,7 @@ pub struct AuditRecord {
     pub finished_at: SystemTime,
     pub attempts: Vec<AuditAttempt>,
     /// Token usage reported by the backend, when there was any.
-    pub usage: Option<serde_json::Value>,
+    pub usage: Option<crate::limits::Usage>,
 }
 
 #[derive(Debug)]

@@ -115,6 +115,18 @@ impl BackendClient {
         headers: &[(&'static str, &str)],
         body: Bytes,
     ) -> Result<BackendResponse, AttemptError> {
+        self.send_with_timeout(uri, headers, body, self.timeout)
+            .await
+    }
+
+    /// `send` with its own timeout (for calls that are not inference).
+    pub async fn send_with_timeout(
+        &self,
+        uri: &Uri,
+        headers: &[(&'static str, &str)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<BackendResponse, AttemptError> {
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(uri.clone())
@@ -148,7 +160,39 @@ impl BackendClient {
                 body,
             })
         };
-        tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(AttemptError::Timeout))
+    }
+
+    /// `GET uri`, whatever the status, within `timeout`.
+    pub async fn get_with_timeout(
+        &self,
+        uri: &Uri,
+        timeout: Duration,
+    ) -> Result<BackendResponse, AttemptError> {
+        let request = Request::get(uri.clone())
+            .body(Empty::new())
+            .map_err(|e| AttemptError::Io(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .probes
+                .request(request)
+                .await
+                .map_err(|e| AttemptError::Connect(source_text(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| AttemptError::Io(e.to_string()))?
+                .to_bytes();
+            Ok(BackendResponse {
+                status: parts.status,
+                content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or(Err(AttemptError::Timeout))
     }

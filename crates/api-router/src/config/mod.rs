@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_service::{BackendSpec, ConfigState};
+use crate::limits::{BudgetServiceSettings, FailureMode, LimitSettings, Price, RateLimit};
 use crate::routing::policy::PolicyInput;
 
 /// One bad setting: which, what value, what was expected.
@@ -70,6 +71,7 @@ pub struct Settings {
     pub audit_retention: Duration,
     pub decisions_capacity: usize,
     pub instance_id: String,
+    pub limits: LimitSettings,
     /// The routing state loaded from the environment and the file.
     pub initial_state: ConfigState,
 }
@@ -152,6 +154,8 @@ impl Settings {
             )
         });
 
+        let limits = limit_settings(&var)?;
+
         let mut state = match var("ROUTER_CONFIG") {
             Some(path) => load_file(&path)?,
             None => ConfigState {
@@ -206,9 +210,111 @@ impl Settings {
             audit_retention,
             decisions_capacity,
             instance_id,
+            limits,
             initial_state: state,
         })
     }
+}
+
+fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings, ConfigError> {
+    let number = |name: &str, default: f64| -> Result<f64, ConfigError> {
+        match var(name) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(n) if n >= 0.0 && n.is_finite() => Ok(n),
+                _ => Err(ConfigError::new(name, &v, "a number of at least 0")),
+            },
+        }
+    };
+    let rps = number("RATE_LIMIT_DEFAULT_RPS", 1000.0)?;
+    let burst = positive_u64(
+        "RATE_LIMIT_BURST_SIZE",
+        var("RATE_LIMIT_BURST_SIZE"),
+        (rps * 2.0).clamp(1.0, 1e6) as u64,
+    )?;
+    let burst = u32::try_from(burst)
+        .ok()
+        .filter(|b| *b <= 1_000_000)
+        .ok_or_else(|| {
+            ConfigError::new(
+                "RATE_LIMIT_BURST_SIZE",
+                &burst.to_string(),
+                "at most 1000000",
+            )
+        })?;
+    let failure_mode = match var("RATE_LIMIT_FAILURE_MODE").as_deref().map(str::trim) {
+        None | Some("local") => FailureMode::Local,
+        Some("open") => FailureMode::Open,
+        Some("closed") => FailureMode::Closed,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "RATE_LIMIT_FAILURE_MODE",
+                other,
+                "local, open or closed",
+            ));
+        }
+    };
+    let redis_url = var("REDIS_URL");
+    if let Some(url) = redis_url
+        .as_ref()
+        .filter(|u| !u.starts_with("redis://") && !u.starts_with("unix://"))
+    {
+        return Err(ConfigError::new(
+            "REDIS_URL",
+            url,
+            "a redis:// URL, e.g. redis://127.0.0.1:6379",
+        ));
+    }
+    let budget_service = match var("BUDGET_SERVICE_URL") {
+        None => None,
+        Some(url) => {
+            BackendSpec::new(&url)
+                .map_err(|why| ConfigError::new("BUDGET_SERVICE_URL", &url, why))?;
+            let fail_open = match var("BUDGET_SERVICE_FAILURE_MODE").as_deref().map(str::trim) {
+                None | Some("open") => true,
+                Some("closed") => false,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "BUDGET_SERVICE_FAILURE_MODE",
+                        other,
+                        "open or closed",
+                    ));
+                }
+            };
+            Some(BudgetServiceSettings {
+                url,
+                timeout: Duration::from_millis(positive_u64(
+                    "BUDGET_SERVICE_TIMEOUT_MS",
+                    var("BUDGET_SERVICE_TIMEOUT_MS"),
+                    200,
+                )?),
+                fail_open,
+                denial_cache: Duration::from_millis(positive_u64(
+                    "BUDGET_SERVICE_DENIAL_CACHE_MS",
+                    var("BUDGET_SERVICE_DENIAL_CACHE_MS"),
+                    1000,
+                )?),
+            })
+        }
+    };
+    let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "api-router".into());
+    Ok(LimitSettings {
+        default_rate: (rps > 0.0).then_some(RateLimit {
+            requests_per_second: rps,
+            burst,
+        }),
+        failure_mode,
+        redis_url,
+        redis_timeout: Duration::from_millis(positive_u64(
+            "REDIS_TIMEOUT_MS",
+            var("REDIS_TIMEOUT_MS"),
+            20,
+        )?),
+        redis_prefix: format!("{prefix}:"),
+        default_request_cost: number("BUDGET_DEFAULT_REQUEST_COST", 0.0)?,
+        estimated_tokens: number("BUDGET_ESTIMATED_TOKENS", 0.0)? as u64,
+        budget_service,
+    })
 }
 
 fn positive_u64(name: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
@@ -276,6 +382,10 @@ struct FileConfig {
     api_keys: Vec<FileApiKey>,
     #[serde(default)]
     policies: Vec<PolicyInput>,
+    #[serde(default)]
+    organizations: Vec<FileOrganization>,
+    #[serde(default)]
+    prices: BTreeMap<String, Price>,
     #[serde(default = "yes")]
     default_route: bool,
     #[serde(default = "default_threshold")]
@@ -294,6 +404,14 @@ fn default_threshold() -> u32 {
 struct FileBackend {
     backend_id: String,
     endpoint: String,
+}
+
+/// An organization's limits: `organization_id` plus the admin API's shape.
+#[derive(Debug, Deserialize)]
+struct FileOrganization {
+    organization_id: String,
+    #[serde(flatten)]
+    limits: serde_json::Value,
 }
 
 /// API keys are stored only as SHA-256 hashes (hex).
@@ -332,6 +450,27 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
         check_id("ROUTER_CONFIG", &k.organization_id)?;
         state.api_keys.insert(hash, k.organization_id);
     }
+    for o in file.organizations {
+        check_id("ROUTER_CONFIG", &o.organization_id)?;
+        let limits = crate::limits::OrgLimits::from_json(o.limits).map_err(|why| {
+            err(format!(
+                "valid limits for organization {}: {why}",
+                o.organization_id
+            ))
+        })?;
+        state.organizations.insert(o.organization_id, limits);
+    }
+    for (model, price) in &file.prices {
+        let amounts = [
+            price.input_per_1k,
+            price.output_per_1k,
+            price.request_cost.unwrap_or(0.0),
+        ];
+        if amounts.iter().any(|a| !a.is_finite() || *a < 0.0) {
+            return Err(err(format!("prices for model {model} of at least 0")));
+        }
+    }
+    state.prices = file.prices;
     let mut policies = BTreeMap::new();
     for input in file.policies {
         let policy = input

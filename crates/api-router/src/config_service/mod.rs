@@ -23,6 +23,7 @@ use hyper::Uri;
 use serde::Serialize;
 
 use crate::backends::health::BackendHealth;
+use crate::limits::{OrgLimits, Price};
 use crate::routing::policy::{Policy, PolicyBackend};
 use crate::telemetry::metrics::{BackendMetrics, Metrics};
 
@@ -62,6 +63,10 @@ pub struct ConfigState {
     pub policies: BTreeMap<(String, String), Policy>,
     pub api_keys: BTreeMap<[u8; 32], String>,
     pub overrides: BTreeMap<String, Override>,
+    /// Per-organization rate limit, budget and quota settings.
+    pub organizations: BTreeMap<String, OrgLimits>,
+    /// Per-model prices for budgets.
+    pub prices: BTreeMap<String, Price>,
     /// Route a model without a policy to every backend, equally weighted.
     pub default_route: bool,
     pub default_failover_threshold: u32,
@@ -130,6 +135,19 @@ impl Snapshot {
     /// The explicit policy for (organization, model), without the default route.
     pub fn policy(&self, org: &str, model: &str) -> Option<&Arc<RoutePolicy>> {
         self.policies.get(org).and_then(|m| m.get(model))
+    }
+
+    pub fn org_limits(&self, org: &str) -> Option<OrgLimits> {
+        self.state.organizations.get(org).copied()
+    }
+
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.state.prices.get(model).copied()
+    }
+
+    /// An organization is known if it has an API key or limits.
+    pub fn knows_organization(&self, org: &str) -> bool {
+        self.state.organizations.contains_key(org) || self.api_keys.values().any(|o| &**o == org)
     }
 
     pub fn organization_for_key_hash(&self, hash: &[u8; 32]) -> Option<(&[u8; 32], &Arc<str>)> {

@@ -39,6 +39,13 @@ pub struct Inner {
     pub http_duration: HistogramVec,
     pub component_health: IntGaugeVec,
     pub audit_records: IntCounterVec,
+    pub rate_limit_denials: IntCounterVec,
+    pub budget_denials: IntCounterVec,
+    pub quota_denials: IntCounterVec,
+    pub limits_degraded: IntCounterVec,
+    pub redis_errors: IntCounterVec,
+    pub budget_service_failures: IntCounterVec,
+    pub settlements: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -152,6 +159,48 @@ impl Metrics {
             "Audit records, by outcome (written, dropped, error).",
             &["status"],
         );
+        let rate_limit_denials = counter(
+            &r,
+            "api_router_rate_limit_denials_total",
+            "Requests refused with 429 by the rate limit, by organization.",
+            &["organization_id"],
+        );
+        let budget_denials = counter(
+            &r,
+            "api_router_budget_denials_total",
+            "Requests refused with 402 budget_exceeded, by organization.",
+            &["organization_id"],
+        );
+        let quota_denials = counter(
+            &r,
+            "api_router_quota_denials_total",
+            "Requests refused with 402 quota_exceeded, by organization.",
+            &["organization_id"],
+        );
+        let limits_degraded = counter(
+            &r,
+            "api_router_limits_degraded_total",
+            "Admission decisions taken under RATE_LIMIT_FAILURE_MODE while Redis was unavailable, by mode and outcome.",
+            &["mode", "outcome"],
+        );
+        let redis_errors = counter(
+            &r,
+            "api_router_redis_errors_total",
+            "Failed or timed-out Redis calls, by operation.",
+            &["op"],
+        );
+        let budget_service_failures = counter(
+            &r,
+            "api_router_budget_service_failures_total",
+            "Budget service calls that could not be answered, by failure mode.",
+            &["mode"],
+        );
+        let settlements = counter(
+            &r,
+            "api_router_budget_settlements_total",
+            "Budget and quota settlements, by outcome (applied, retried, dropped).",
+            &["status"],
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("api_router_build_info", "Build information; always 1."),
             &["version", "commit"],
@@ -180,6 +229,13 @@ impl Metrics {
             http_duration,
             component_health,
             audit_records,
+            rate_limit_denials,
+            budget_denials,
+            quota_denials,
+            limits_degraded,
+            redis_errors,
+            budget_service_failures,
+            settlements,
         }))
     }
 

@@ -246,6 +246,8 @@ impl RouterBuilder {
         env.insert("HEALTH_CHECK_TIMEOUT_MS".into(), "300".into());
         env.insert("BACKEND_TIMEOUT_MS".into(), "5000".into());
         env.insert("RUST_LOG".into(), "info".into());
+        // Load tests here are about routing; the limits tests set their own.
+        env.insert("RATE_LIMIT_DEFAULT_RPS".into(), "0".into());
         if !backends.is_empty() {
             env.insert(
                 "BACKEND_ENDPOINTS".into(),
@@ -378,6 +380,31 @@ impl Router {
             .await;
         assert_eq!(r.status, StatusCode::OK);
         r.json()["decisions"].as_array().unwrap().clone()
+    }
+
+    /// Waits until the health monitor has checked every backend once.
+    pub async fn wait_health_round(&self) {
+        let ok = eventually(Duration::from_secs(5), || async {
+            let r = self.admin_get("/v1/admin/routing/backends").await.json();
+            let ids: Vec<String> = r["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["backend_id"].as_str().unwrap().to_string())
+                .collect();
+            for id in ids {
+                let h = self
+                    .admin_get(&format!("/v1/admin/routing/backends/{id}/health"))
+                    .await
+                    .json();
+                if h["last_check"].is_null() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(ok, "no health round within 5 s");
     }
 
     pub async fn backend_status(&self, id: &str) -> String {

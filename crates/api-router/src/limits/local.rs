@@ -1,0 +1,331 @@
+//! The embedded budget and quota ledger, used when neither Redis nor a budget
+//! service is configured.
+//!
+//! Counters live in this process under the same names as the Redis keys
+//! (`spend:{org}:{period}`, `qreq:...`, `qtok:...`), in integer micro-units of
+//! currency and whole requests and tokens. Reserve, settle and release are
+//! each one short critical section, so concurrent requests cannot overshoot.
+//!
+//! Durability: a background task writes the counters to `DATA_DIR/ledger.json`
+//! (write to a temporary file, fsync, rename) about once a second when they
+//! changed, and shutdown writes them once more. A crash loses at most the last
+//! second of settled spend; reservations in flight at a crash are not kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Decision, Held, Keys, Plan};
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    /// key → (value, expiry in unix seconds; `None` never expires).
+    counters: HashMap<String, (i64, Option<u64>)>,
+    #[serde(skip)]
+    reservations: HashMap<String, Held>,
+}
+
+pub struct Ledger {
+    state: Mutex<State>,
+    path: PathBuf,
+    dirty: AtomicBool,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Ledger {
+    /// Loads `dir/ledger.json` if present. A damaged file is moved aside (and
+    /// reported) rather than silently overwritten.
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("ledger.json");
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<State>(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    let aside = dir.join(format!(
+                        "ledger.json.damaged-{}",
+                        unix_secs(SystemTime::now())
+                    ));
+                    tracing::error!(error = %e, moved_to = %aside.display(), "budget ledger file is damaged; starting from zero");
+                    std::fs::rename(&path, &aside)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    State::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(Self {
+            state: Mutex::new(state),
+            path,
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, key: &str) -> i64 {
+        let now = unix_secs(SystemTime::now());
+        match self.lock().counters.get(key) {
+            Some((v, exp)) if exp.is_none_or(|e| e > now) => *v,
+            _ => 0,
+        }
+    }
+
+    /// Checks budget and quotas and, if all allow, reserves atomically.
+    pub fn reserve(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Decision {
+        let now_s = unix_secs(now);
+        let budget_expiry = plan
+            .budget
+            .and_then(|(_, p)| p.ttl_secs(now))
+            .map(|ttl| now_s + ttl);
+        let quota_expiry = plan.quota_period.ttl_secs(now).map(|ttl| now_s + ttl);
+        let mut st = self.lock();
+        if st.reservations.contains_key(&keys.reservation) {
+            return Decision::Allowed { rate: None };
+        }
+        let read = |st: &State, k: &str| match st.counters.get(k) {
+            Some((v, exp)) if exp.is_none_or(|e| e > now_s) => *v,
+            _ => 0,
+        };
+        if let Some((limit, _)) = plan.budget {
+            let spent = read(&st, &keys.spend);
+            if spent + plan.cost_micros > limit {
+                return Decision::Budget { spent };
+            }
+        }
+        if let Some(limit) = plan.quota_requests {
+            let used = read(&st, &keys.requests);
+            if used + 1 > limit {
+                return Decision::QuotaRequests { used };
+            }
+        }
+        if let Some(limit) = plan.quota_tokens {
+            let used = read(&st, &keys.tokens);
+            if used >= limit || used + plan.tokens > limit {
+                return Decision::QuotaTokens { used };
+            }
+        }
+        let held = Held::for_plan(plan);
+        let mut add = |k: &str, by: i64, exp: Option<u64>| {
+            let v = read(&st, k) + by;
+            st.counters.insert(k.to_string(), (v, exp));
+        };
+        if held.budget {
+            add(&keys.spend, held.cost, budget_expiry);
+        }
+        if held.requests > 0 {
+            add(&keys.requests, held.requests, quota_expiry);
+        }
+        if held.token_quota {
+            add(&keys.tokens, held.tokens, quota_expiry);
+        }
+        st.reservations.insert(keys.reservation.clone(), held);
+        self.dirty.store(true, Ordering::Relaxed);
+        Decision::Allowed { rate: None }
+    }
+
+    /// Settles to the actual amounts, or releases (`actual = None`). A second
+    /// call for the same reservation does nothing.
+    pub fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) {
+        let mut st = self.lock();
+        let Some(held) = st.reservations.remove(&keys.reservation) else {
+            return;
+        };
+        let mut add = |k: &str, by: i64| {
+            if let Some((v, _)) = st.counters.get_mut(k) {
+                *v += by;
+            }
+        };
+        match actual {
+            None => {
+                add(&keys.spend, -held.cost);
+                add(&keys.requests, -held.requests);
+                add(&keys.tokens, -held.tokens);
+            }
+            Some((cost, tokens)) => {
+                if held.budget {
+                    add(&keys.spend, cost - held.cost);
+                }
+                if held.token_quota {
+                    add(&keys.tokens, tokens - held.tokens);
+                }
+            }
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes the counters if they changed since the last save.
+    pub fn save(&self) -> Result<(), String> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = unix_secs(SystemTime::now());
+        let bytes = {
+            let mut st = self.lock();
+            st.counters
+                .retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+            serde_json::to_vec(&*st).map_err(|e| e.to_string())?
+        };
+        let result = write_atomically(&self.path, &bytes);
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Saves about once a second until cancelled, then once more.
+    pub async fn run_saver(
+        self: std::sync::Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let stop = tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            let ledger = self.clone();
+            match tokio::task::spawn_blocking(move || ledger.save()).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot save the budget ledger"),
+                Err(e) => tracing::error!(error = %e, "budget ledger save task failed"),
+                Ok(Ok(())) => {}
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// Write to a temporary file, fsync it, rename it over `path`, fsync the dir.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(Ok(d)) = path.parent().map(std::fs::File::open) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::period::Period;
+
+    fn plan(budget: Option<i64>, cost: i64, requests: Option<i64>) -> Plan {
+        Plan {
+            rate: None,
+            budget: budget.map(|b| (b, Period::Daily)),
+            cost_micros: cost,
+            quota_requests: requests,
+            quota_tokens: None,
+            quota_period: Period::Daily,
+            tokens: 0,
+        }
+    }
+
+    fn keys(rid: &str) -> Keys {
+        Keys::new("", "org", rid, &plan(None, 0, None), SystemTime::now())
+    }
+
+    #[test]
+    fn concurrent_reservations_cannot_overshoot_and_settle_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = std::sync::Arc::new(Ledger::open(dir.path()).unwrap());
+        let p = plan(Some(10 * 30_000), 30_000, None);
+        let admitted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for i in 0..50 {
+                let (ledger, p, admitted) = (&ledger, &p, &admitted);
+                s.spawn(move || {
+                    if matches!(
+                        ledger.reserve(&keys(&format!("r{i}")), p, SystemTime::now()),
+                        Decision::Allowed { .. }
+                    ) {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::SeqCst), 10);
+        let k = keys("r0");
+        // r0 may or may not be among the admitted; settle one that is.
+        let admitted_key = (0..50)
+            .map(|i| keys(&format!("r{i}")))
+            .find(|k| ledger.lock().reservations.contains_key(&k.reservation))
+            .unwrap();
+        ledger.finish(&admitted_key, Some((20_000, 0)));
+        ledger.finish(&admitted_key, Some((20_000, 0)));
+        assert_eq!(ledger.get(&k.spend), 10 * 30_000 - 10_000);
+    }
+
+    #[test]
+    fn release_returns_the_reservation_and_spend_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(Some(100), 40, Some(5));
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (a, b) = (keys("a"), keys("b"));
+            assert!(matches!(
+                ledger.reserve(&a, &p, SystemTime::now()),
+                Decision::Allowed { .. }
+            ));
+            assert!(
+                matches!(
+                    ledger.reserve(&a, &p, SystemTime::now()),
+                    Decision::Allowed { .. }
+                ),
+                "idempotent"
+            );
+            assert!(matches!(
+                ledger.reserve(&b, &p, SystemTime::now()),
+                Decision::Allowed { .. }
+            ));
+            assert_eq!(ledger.get(&a.spend), 80);
+            assert!(matches!(
+                ledger.reserve(&keys("c"), &p, SystemTime::now()),
+                Decision::Budget { spent: 80 }
+            ));
+            ledger.finish(&b, None);
+            assert_eq!(ledger.get(&a.spend), 40);
+            assert_eq!(ledger.get(&a.requests), 1);
+            ledger.finish(&a, Some((25, 0)));
+            ledger.save().unwrap();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.get(&keys("x").spend), 25);
+        assert_eq!(ledger.get(&keys("x").requests), 1);
+    }
+
+    #[test]
+    fn a_damaged_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ledger.json"), b"{broken").unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.get(&keys("x").spend), 0);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("ledger.json.damaged-")),
+            "{names:?}"
+        );
+    }
+}
