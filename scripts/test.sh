@@ -8,7 +8,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
-command -v curl >/dev/null 2>&1 || { echo "==> installing curl"; apt-get update -q && apt-get install -y -q curl; }
+# System packages the tests use: curl (the make-run test), redis-server (each
+# Redis test starts its own private server on a free port).
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -399,3 +399,99 @@ async fn audit_lookup_by_another_organization_is_404() {
     assert_eq!(admin.status, 200);
     assert_eq!(admin.json()["organization_id"], "org-a");
 }
+
+async fn assert_limits_rejected(body: Value, needle: &str) {
+    let f = fixture().await;
+    let before = f
+        .router
+        .admin_get("/v1/admin/organizations/org-a/limits")
+        .await
+        .json();
+    let r = f
+        .router
+        .admin_put("/v1/admin/organizations/org-a/limits", body)
+        .await;
+    r.assert_error(400, "invalid_request");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains(needle), "{msg}");
+    assert_eq!(
+        f.router
+            .admin_get("/v1/admin/organizations/org-a/limits")
+            .await
+            .json(),
+        before
+    );
+}
+
+#[tokio::test]
+async fn limits_with_negative_values_are_400() {
+    assert_limits_rejected(
+        json!({"budget": {"amount": -5, "period": "daily"}}),
+        "budget.amount",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn limits_with_zero_values_are_400() {
+    assert_limits_rejected(
+        json!({"rate_limit": {"requests_per_second": 0, "burst": 10}}),
+        "greater than 0",
+    )
+    .await;
+    assert_limits_rejected(
+        json!({"quota": {"requests": 0, "period": "daily"}}),
+        "quota.requests",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn limits_with_unknown_period_are_400() {
+    assert_limits_rejected(
+        json!({"budget": {"amount": 5, "period": "fortnightly"}}),
+        "fortnightly",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn usage_of_unknown_organization_is_404() {
+    let f = fixture().await;
+    f.router
+        .admin_get("/v1/admin/organizations/org-nobody/usage")
+        .await
+        .assert_error(404, "not_found");
+    assert_eq!(
+        f.router
+            .admin_get("/v1/admin/organizations/org-a/usage")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn limits_without_admin_token_are_401() {
+    let f = fixture().await;
+    let url = f.router.url("/v1/admin/organizations/org-a/limits");
+    let body = json!({"budget": {"amount": 1, "period": "daily"}}).to_string();
+    send(Method::PUT, &url, &[], body)
+        .await
+        .assert_error(401, "unauthorized");
+    send(
+        Method::GET,
+        &f.router.url("/v1/admin/organizations/org-a/usage"),
+        &[],
+        "",
+    )
+    .await
+    .assert_error(401, "unauthorized");
+    assert!(
+        f.router
+            .admin_get("/v1/admin/organizations/org-a/limits")
+            .await
+            .json()["budget"]
+            .is_null()
+    );
+}

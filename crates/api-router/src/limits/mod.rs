@@ -396,13 +396,7 @@ impl Limits {
         }
         let now = SystemTime::now();
         let keys = Keys::new(self.prefix(), req.org, req.request_id, &plan, now);
-        let reservation = |store| Reservation {
-            org: req.org.clone(),
-            request_id: req.request_id.clone(),
-            keys: keys.clone(),
-            price: req.price,
-            store,
-        };
+        let reservation = |store| self.reservation(req, &keys, store);
 
         // Budget service: rate limit here, budget and quota there.
         if let Some(service) = &self.service {
@@ -440,6 +434,16 @@ impl Limits {
         }
     }
 
+    fn reservation(&self, req: &AdmitRequest<'_>, keys: &Keys, store: Store) -> Reservation {
+        Reservation {
+            org: req.org.clone(),
+            request_id: req.request_id.clone(),
+            keys: keys.clone(),
+            price: req.price,
+            store,
+        }
+    }
+
     fn prefix(&self) -> &str {
         if self.redis.is_some() {
             &self.settings.redis_prefix
@@ -464,6 +468,14 @@ impl Limits {
         match redis.admit(keys, plan, now).await {
             Ok(d) => Ok((d, Some(Store::Redis))),
             Err(e) => {
+                // The script may still have run (a timeout is not a refusal):
+                // release whatever it might have reserved; a no-op otherwise.
+                if plan.needs_ledger() {
+                    self.enqueue(Settlement {
+                        reservation: self.reservation(req, keys, Store::Redis),
+                        actual: None,
+                    });
+                }
                 let mode = self.settings.failure_mode;
                 tracing::warn!(error = %e, mode = mode.as_str(), organization_id = %req.org, "Redis unavailable for limits; using the failure mode");
                 let outcome = match mode {
@@ -599,10 +611,13 @@ impl Limits {
                 .unwrap_or(0);
             ((cost * MICROS).round() as i64, tokens as i64)
         });
-        let settlement = Settlement {
+        self.enqueue(Settlement {
             reservation,
             actual,
-        };
+        });
+    }
+
+    fn enqueue(&self, settlement: Settlement) {
         if let Err(e) = self.settle_tx.try_send(settlement) {
             self.metrics
                 .settlements

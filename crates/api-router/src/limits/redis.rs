@@ -200,7 +200,15 @@ impl RedisLimits {
             match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
-                Err(_) => return Err(self.failed("admit", "timed out")),
+                // Slow, not necessarily down: down for this request only. The
+                // pinger decides whether Redis as a whole is unhealthy.
+                Err(_) => {
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["admit_timeout"])
+                        .inc();
+                    return Err(format!("redis admit: no answer within {:?}", self.timeout));
+                }
             };
         let (code, a, b) = (
             reply.first().copied().unwrap_or(-1),

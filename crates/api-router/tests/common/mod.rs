@@ -594,3 +594,140 @@ pub async fn wait_audit(router: &Router, request_id: &str, headers: &[(&str, &st
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A private `redis-server` on a free port, nothing persisted.
+pub struct RedisServer {
+    pub port: u16,
+    proc: Option<Proc>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            proc: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]);
+            let proc = Proc::spawn(cmd);
+            if proc
+                .wait_for_line(Duration::from_secs(5), |l| {
+                    l.contains("Ready to accept connections")
+                })
+                .is_some()
+            {
+                self.proc = Some(proc);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: Redis hangs without closing connections.
+    pub fn pause(&self, paused: bool) {
+        self.proc
+            .as_ref()
+            .unwrap()
+            .signal(if paused { "STOP" } else { "CONT" });
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(p) = &self.proc {
+            // A paused process must be continued to die cleanly.
+            let _ = Command::new("kill")
+                .args(["-CONT", &p.pid().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+impl Router {
+    pub async fn admin_put(&self, path: &str, body: Value) -> Resp {
+        send(
+            Method::PUT,
+            &self.url(path),
+            &[
+                ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
+                ("content-type", "application/json"),
+            ],
+            body.to_string(),
+        )
+        .await
+    }
+
+    pub async fn readiness(&self) -> Value {
+        get_json(&self.url("/v1/status/readyz"), &[]).await.1
+    }
+}
+
+/// Fires `n` requests at once (released together by a barrier), spread over
+/// `routers` in turn; returns the responses.
+pub async fn burst(routers: &[&Router], key: &str, model: &str, n: usize) -> Vec<Resp> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = routers[i % routers.len()].url("/v1/inference");
+        let (key, model, barrier) = (key.to_string(), model.to_string(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::json!({"model": model, "request_id": format!("burst-{i}-{}", fastrand::u64(..))}).to_string();
+            barrier.wait().await;
+            send(Method::POST, &url, &[("x-api-key", &key)], body).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+pub fn count_status(resps: &[Resp], status: u16) -> usize {
+    resps.iter().filter(|r| r.status.as_u16() == status).count()
+}
