@@ -3,3 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench --bench routing -- --noplot
+cargo bench --bench limits

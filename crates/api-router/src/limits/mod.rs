@@ -280,6 +280,7 @@ enum Store {
 
 /// Held for one admitted request until it is settled or released.
 #[derive(Debug, Clone)]
+#[must_use = "a reservation must be settled or released with Limits::finish"]
 pub struct Reservation {
     org: Arc<str>,
     request_id: Arc<str>,
