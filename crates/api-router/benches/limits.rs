@@ -126,7 +126,6 @@ fn main() {
             return;
         }
     };
-    std::thread::sleep(Duration::from_millis(300));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,7 +136,11 @@ fn main() {
         let client = BackendClient::new(Duration::from_secs(1), Duration::from_secs(1));
         let url = format!("redis://127.0.0.1:{port}");
         let redis_limits = RedisLimits::new(&url, Duration::from_millis(20), metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
-        redis_limits.connect().await.unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = redis_limits.connect().await {
+            assert!(Instant::now() < deadline, "redis-server did not come up: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let ledger = Arc::new(Ledger::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
         let with_redis = Arc::new(Limits::new(settings(Some(url)), ledger.clone(), Some(Arc::new(redis_limits)), client.clone(), metrics.clone()));
         let settler = tokio::spawn(with_redis.clone().run_settler(tokio_util::sync::CancellationToken::new()));
