@@ -12,19 +12,14 @@ use api_router::backends::client::BackendClient;
 use api_router::limits::local::Ledger;
 use api_router::limits::period::Period;
 use api_router::limits::redis::RedisLimits;
-use api_router::limits::{
-    AdmitRequest, Budget, FailureMode, LimitSettings, Limits, OrgLimits, RateLimit,
-};
+use api_router::limits::{AdmitRequest, Budget, FailureMode, LimitSettings, Limits, OrgLimits, RateLimit};
 use api_router::telemetry::metrics::Metrics;
 
 const N: usize = 20_000;
 
 fn settings(redis_url: Option<String>) -> LimitSettings {
     LimitSettings {
-        default_rate: Some(RateLimit {
-            requests_per_second: 1e8,
-            burst: 1_000_000,
-        }),
+        default_rate: Some(RateLimit { requests_per_second: 1e8, burst: 1_000_000 }),
         failure_mode: FailureMode::Local,
         redis_url,
         redis_timeout: Duration::from_millis(20),
@@ -42,25 +37,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Runs N admissions; returns the reservations, settled by the caller.
 async fn run(name: &str, limits: &Limits) -> Vec<api_router::limits::Reservation> {
     let org: Arc<str> = Arc::from("org-bench");
-    let org_limits = OrgLimits {
-        rate_limit: None,
-        budget: Some(Budget {
-            amount: 1e12,
-            period: Period::Monthly,
-        }),
-        quota: None,
-    };
+    let org_limits =
+        OrgLimits { rate_limit: None, budget: Some(Budget { amount: 1e12, period: Period::Monthly }), quota: None };
     let mut samples = Vec::with_capacity(N);
     let mut held = Vec::with_capacity(N);
     for i in 0..N {
         let rid: Arc<str> = Arc::from(format!("r-{i}").as_str());
-        let req = AdmitRequest {
-            org: &org,
-            request_id: &rid,
-            model: "m",
-            limits: Some(org_limits),
-            price: None,
-        };
+        let req = AdmitRequest { org: &org, request_id: &rid, model: "m", limits: Some(org_limits), price: None };
         let t0 = Instant::now();
         let admission = limits.admit(&req).await;
         samples.push(t0.elapsed());
@@ -71,30 +54,17 @@ async fn run(name: &str, limits: &Limits) -> Vec<api_router::limits::Reservation
     }
     samples.sort();
     let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
-    println!(
-        "{name:<28} median {:>8.1} µs   p99 {:>8.1} µs",
-        p50.as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6
-    );
+    println!("{name:<28} median {:>8.1} µs   p99 {:>8.1} µs", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
     held
 }
 
 fn script_calls(port: u16) -> u64 {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "INFO", "commandstats"])
-        .output();
+    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "INFO", "commandstats"]).output();
     let Ok(out) = out else { return 0 };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
         .sum()
 }
 
@@ -102,21 +72,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(16379);
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(16379);
     let mut redis = match Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .spawn()
     {
@@ -126,10 +85,7 @@ fn main() {
             return;
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let metrics = Metrics::new();

@@ -13,33 +13,19 @@ const BACKENDS: usize = 8;
 const POLICIES: usize = 10_000;
 
 fn store() -> ConfigStore {
-    let mut state = ConfigState {
-        default_route: true,
-        default_failover_threshold: 3,
-        ..Default::default()
-    };
+    let mut state = ConfigState { default_route: true, default_failover_threshold: 3, ..Default::default() };
     for i in 0..BACKENDS {
-        let spec = BackendSpec::new(&format!("http://127.0.0.1:{}", 9000 + i))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let spec = BackendSpec::new(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap_or_else(|e| panic!("{e}"));
         state.backends.insert(format!("backend-{i}"), spec);
     }
     for p in 0..POLICIES {
         let (org, model) = (format!("org-{}", p / 10), format!("model-{}", p % 10));
         let backends = (0..3)
-            .map(|k| PolicyBackend {
-                backend_id: format!("backend-{}", (p + k) % BACKENDS),
-                weight: [60, 30, 0][k],
-            })
+            .map(|k| PolicyBackend { backend_id: format!("backend-{}", (p + k) % BACKENDS), weight: [60, 30, 0][k] })
             .collect();
         state.policies.insert(
             (org.clone(), model.clone()),
-            Policy {
-                policy_id: format!("p-{p}"),
-                organization_id: org,
-                model,
-                backends,
-                failover_threshold: 3,
-            },
+            Policy { policy_id: format!("p-{p}"), organization_id: org, model, backends, failover_threshold: 3 },
         );
     }
     ConfigStore::new(state, Metrics::new())
@@ -49,10 +35,7 @@ fn bench(c: &mut Criterion) {
     let store = store();
     let mut rng = fastrand::Rng::with_seed(42);
     let snapshot = store.load_full();
-    let policy = snapshot
-        .route("org-500", "model-3")
-        .cloned()
-        .unwrap_or_else(|| panic!("policy missing"));
+    let policy = snapshot.route("org-500", "model-3").cloned().unwrap_or_else(|| panic!("policy missing"));
 
     c.bench_function("select_candidates/3_backends", |b| {
         b.iter(|| black_box(selector::candidates(black_box(&policy), &mut rng)))

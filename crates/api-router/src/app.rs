@@ -32,12 +32,15 @@ use crate::limits::redis::{RedisComponent, RedisLimits};
 use crate::limits::{Limits, local::Ledger};
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
+use crate::usage::UsageSink;
+use crate::usage::publisher::{KafkaComponent, Publisher};
 
 /// What stops the service from starting.
 #[derive(Debug)]
 pub enum StartupError {
     Audit(String),
     Limits(String),
+    Usage(String),
     Bind(String),
     Serve(String),
 }
@@ -47,6 +50,7 @@ impl std::fmt::Display for StartupError {
         match self {
             StartupError::Audit(e) => write!(f, "cannot open the audit store: {e}"),
             StartupError::Limits(e) => write!(f, "cannot set up limits: {e}"),
+            StartupError::Usage(e) => write!(f, "cannot set up usage publishing: {e}"),
             StartupError::Bind(e) => write!(f, "cannot listen: {e}"),
             StartupError::Serve(e) => write!(f, "server error: {e}"),
         }
@@ -70,10 +74,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         tracing::warn!("admin API disabled: ADMIN_TOKEN is not set; admin routes answer 403");
     }
     let metrics = Metrics::new();
-    let config = Arc::new(ConfigStore::new(
-        settings.initial_state.clone(),
-        metrics.clone(),
-    ));
+    let config = Arc::new(ConfigStore::new(settings.initial_state.clone(), metrics.clone()));
     {
         let snapshot = config.load();
         tracing::info!(
@@ -93,16 +94,15 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         .map_err(|e| StartupError::Audit(e.to_string()))?;
     let client = BackendClient::new(settings.backend_timeout, settings.health_check_timeout);
     let limits = start_limits(&settings, &client, &metrics).await?;
+    let (usage, publisher) = start_usage(&settings, &metrics)?;
     let listener = TcpListener::bind(settings.http_addr)
         .await
         .map_err(|e| StartupError::Bind(format!("{}: {e}", settings.http_addr)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartupError::Bind(e.to_string()))?;
+    let addr = listener.local_addr().map_err(|e| StartupError::Bind(e.to_string()))?;
 
     let mut components: Vec<Arc<dyn Component>> = vec![
         Arc::new(RedisComponent(limits.redis().cloned())),
-        Arc::new(NotConfigured("kafka")),
+        Arc::new(KafkaComponent(publisher.as_ref().map(|(p, _)| p.clone()))),
         Arc::new(NotConfigured("config_service")),
         Arc::new(BackendRegistry(config.clone())),
     ];
@@ -112,11 +112,14 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     let settings = Arc::new(settings);
     let state = Arc::new(AppState {
         settings: settings.clone(),
+        instance_id: Arc::from(settings.instance_id.as_str()),
         config: config.clone(),
         client: client.clone(),
         decisions: DecisionLog::new(settings.decisions_capacity),
         audit: audit.clone(),
         limits: limits.clone(),
+        usage,
+        publisher: publisher.clone(),
         metrics,
         tasks: TaskTracker::new(),
         components,
@@ -125,18 +128,13 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     // Background tasks.
     let cancel = CancellationToken::new();
     let background = TaskTracker::new();
-    background.spawn(monitor::run(
-        config.clone(),
-        Arc::new(client),
-        settings.health_check_interval,
-        cancel.clone(),
-    ));
-    background.spawn(audit.clone().run_retention(
-        settings.audit_retention,
-        RETENTION_EVERY,
-        cancel.clone(),
-    ));
+    background.spawn(monitor::run(config.clone(), Arc::new(client), settings.health_check_interval, cancel.clone()));
+    background.spawn(audit.clone().run_retention(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
     background.spawn(limits.clone().run_settler(cancel.clone()));
+    if let Some((publisher, shared)) = &publisher {
+        background.spawn(publisher.clone().run_health(cancel.clone()));
+        background.spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone()));
+    }
     background.spawn(limits.ledger().clone().run_saver(cancel.clone()));
     if let Some(redis) = limits.redis() {
         background.spawn(redis.clone().run_health(cancel.clone()));
@@ -159,12 +157,11 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
 
     tracing::info!(addr = %addr, "HTTP server starting");
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<Instant>();
-    let server =
-        axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down gracefully");
-            let _ = signalled_tx.send(Instant::now());
-        });
+    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down gracefully");
+        let _ = signalled_tx.send(Instant::now());
+    });
     let mut server = std::pin::pin!(server.into_future());
 
     // Serve until a signal; then give in-flight requests until the deadline,
@@ -186,16 +183,10 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     };
 
     state.tasks.close();
-    if tokio::time::timeout_at(deadline.into(), state.tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline.into(), state.tasks.wait()).await.is_err() {
         tracing::warn!("shutdown timeout reached before side effects finished");
     }
-    if tokio::time::timeout_at(deadline.into(), audit.flush())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline.into(), audit.flush()).await.is_err() {
         tracing::warn!("shutdown timeout reached before the audit store was flushed");
     }
     cancel.cancel();
@@ -208,6 +199,29 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     Ok(())
 }
 
+type Publishing = Option<(Arc<Publisher>, Arc<crate::usage::Shared>)>;
+
+/// Usage publishing: the buffer store and the Kafka publisher, when
+/// `KAFKA_BROKERS` is set.
+fn start_usage(settings: &Settings, metrics: &Metrics) -> Result<(UsageSink, Publishing), StartupError> {
+    let us = &settings.usage;
+    let Some(brokers) = &us.brokers else {
+        tracing::info!("KAFKA_BROKERS not set: usage publishing is off; usage stays in the audit record");
+        return Ok((UsageSink::disabled(), None));
+    };
+    let (sink, shared) = UsageSink::open(&settings.data_dir.join("usage-buffer"), us.clone(), metrics.clone())
+        .map_err(StartupError::Usage)?;
+    let publisher = Publisher::new(brokers, &us.topic, &settings.instance_id).map_err(StartupError::Usage)?;
+    tracing::info!(
+        brokers = %brokers,
+        topic = %us.topic,
+        buffered = shared.lock().pending(),
+        fsync = ?us.fsync,
+        "Kafka publisher initialized"
+    );
+    Ok((sink, Some((Arc::new(publisher), shared))))
+}
+
 /// The limits: the embedded ledger, and Redis and the budget service when set.
 async fn start_limits(
     settings: &Settings,
@@ -215,18 +229,14 @@ async fn start_limits(
     metrics: &Metrics,
 ) -> Result<Arc<Limits>, StartupError> {
     let ls = &settings.limits;
-    let ledger =
-        Arc::new(Ledger::open(&settings.data_dir.join("limits")).map_err(StartupError::Limits)?);
+    let ledger = Arc::new(Ledger::open(&settings.data_dir.join("limits")).map_err(StartupError::Limits)?);
     let redis = match &ls.redis_url {
         None => {
-            tracing::info!(
-                "REDIS_URL not set: rate limits, budgets and quotas are enforced in process"
-            );
+            tracing::info!("REDIS_URL not set: rate limits, budgets and quotas are enforced in process");
             None
         }
         Some(url) => {
-            let redis = RedisLimits::new(url, ls.redis_timeout, metrics.clone())
-                .map_err(StartupError::Limits)?;
+            let redis = RedisLimits::new(url, ls.redis_timeout, metrics.clone()).map_err(StartupError::Limits)?;
             match redis.connect().await {
                 Ok(()) => tracing::info!(
                     timeout_ms = ls.redis_timeout.as_millis() as u64,
@@ -242,18 +252,9 @@ async fn start_limits(
         }
     };
     if let Some(svc) = &ls.budget_service {
-        tracing::info!(
-            fail_open = svc.fail_open,
-            "budget service configured for budgets and quotas"
-        );
+        tracing::info!(fail_open = svc.fail_open, "budget service configured for budgets and quotas");
     }
-    Ok(Arc::new(Limits::new(
-        ls.clone(),
-        ledger,
-        redis,
-        client.clone(),
-        metrics.clone(),
-    )))
+    Ok(Arc::new(Limits::new(ls.clone(), ledger, redis, client.clone(), metrics.clone())))
 }
 
 async fn shutdown_signal() {

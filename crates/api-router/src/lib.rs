@@ -9,6 +9,7 @@
 //! - [`config_service`]: the routing state, compiled into snapshots swapped atomically;
 //! - [`config`]: start-up settings from the environment and the YAML file;
 //! - [`limits`]: rate limits, budgets and quotas (in process, Redis, or a budget service);
+//! - [`usage`]: usage records, the durable buffer store, the Kafka publisher;
 //! - [`audit`]: the embedded audit store and its batched writer;
 //! - [`telemetry`]: metrics and logging.
 
@@ -23,3 +24,4 @@ pub mod limits;
 pub mod pipeline;
 pub mod routing;
 pub mod telemetry;
+pub mod usage;

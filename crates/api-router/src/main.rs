@@ -13,10 +13,7 @@ fn main() -> ExitCode {
         }
     };
     api_router::telemetry::init_logging(settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("api-router: cannot start the async runtime: {e}");

@@ -17,8 +17,10 @@
 //!    Each attempt feeds passive health, metrics and the decision log.
 //! 8. **Settle.** The reservation is settled to the reported usage on success,
 //!    released otherwise; the settler task applies it off the request path.
-//! 9. **Record.** The audit record goes to the batched writer without waiting;
-//!    the response gets `X-Request-Id`, `X-Backend-Id` and `RateLimit-*`.
+//! 9. **Record.** The usage record is written ahead to the durable buffer
+//!    (group commit) before the client is answered; the publisher sends it to
+//!    Kafka later. The audit record goes to its batched writer without waiting.
+//!    The response gets `X-Request-Id`, `X-Backend-Id` and `RateLimit-*`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use crate::config_service::RoutePolicy;
 use crate::limits::{AdmitRequest, Usage};
 use crate::routing::decisions::{DecisionType, RoutingDecision};
 use crate::routing::selector;
+use crate::usage::{self, UsageRecord};
 
 /// One inference request, whatever door it came through.
 #[derive(Debug, Clone)]
@@ -58,9 +61,7 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 pub fn valid_request_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_REQUEST_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// `POST /v1/inference`.
@@ -80,23 +81,21 @@ pub async fn inference(state: &AppState, headers: HeaderMap, body: Body) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response_with_id(None),
     };
-    let span = tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+    let span =
+        tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
     process(state, request).instrument(span).await
 }
 
 /// Step 2. Refuses on `Content-Length` before reading, and stops reading at
 /// the limit for chunked bodies.
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             ApiError::PayloadTooLarge { limit }
         } else {
@@ -116,17 +115,13 @@ struct NativeBody<'a> {
 /// Step 4 for the native door: `{"request_id", "model", "payload"}`.
 pub fn parse_native(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest, ApiError> {
     let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::InvalidRequest(format!("invalid request: {e}"))
-        }
+        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
         _ => ApiError::InvalidJson(e.to_string()),
     })?;
     let model = match parsed.model.as_deref() {
         Some(m) if !m.is_empty() && m.len() <= 256 => Arc::from(m),
         Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "`model` must be 1-256 characters".into(),
-            ));
+            return Err(ApiError::InvalidRequest("`model` must be 1-256 characters".into()));
         }
         None => return Err(ApiError::InvalidRequest("missing field `model`".into())),
     };
@@ -140,12 +135,7 @@ pub fn parse_native(body: Bytes, organization_id: Arc<str>) -> Result<InferenceR
         }
     };
     drop(parsed);
-    Ok(InferenceRequest {
-        request_id,
-        organization_id,
-        model,
-        body,
-    })
+    Ok(InferenceRequest { request_id, organization_id, model, body })
 }
 
 /// Steps 5 to 9, for a parsed request of either door.
@@ -159,11 +149,14 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
         (
             snapshot.org_limits(&request.organization_id),
             snapshot.price(&request.model),
-            snapshot
-                .route(&request.organization_id, &request.model)
-                .cloned(),
+            snapshot.route(&request.organization_id, &request.model).cloned(),
         )
     };
+
+    // A full usage buffer refuses work it could not record.
+    if let Err(e) = state.usage.check_capacity() {
+        return e.into_response_with_id(Some(&request.request_id));
+    }
 
     // Step 5: rate limit, budget and quota, in one check. Denials are audited.
     let admit = AdmitRequest {
@@ -176,12 +169,8 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
     let admission = match state.limits.admit(&admit).await {
         Ok(a) => a,
         Err(e) => {
-            let record = Outcome {
-                status: e.status().as_u16(),
-                backend_id: None,
-                error: Some(e.message()),
-                usage: None,
-            };
+            let record =
+                Outcome { status: e.status().as_u16(), backend_id: None, error: Some(e.message()), usage: None };
             audit(state, &request, started_at, started, record, Vec::new());
             return e.into_response_with_id(Some(&request.request_id));
         }
@@ -204,28 +193,39 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
         state.limits.finish(reservation, success.then_some(usage));
     }
 
-    // Step 9: audit, then answer.
+    // Step 9: write the usage record ahead (it is on disk before the client
+    // is answered), audit, answer.
+    let (status, backend_id, error) = match &result {
+        Ok((answer, backend)) => (answer.status.as_u16(), Some(backend.clone()), None),
+        Err(e) => (e.status().as_u16(), None, Some(e.message())),
+    };
+    let record = UsageRecord {
+        schema_version: usage::SCHEMA_VERSION,
+        request_id: request.request_id.clone(),
+        organization_id: request.organization_id.clone(),
+        model: request.model.clone(),
+        backend_id: backend_id.clone(),
+        decision_type: attempts.last().map(|a| a.decision_type),
+        attempts: attempts.len() as u32,
+        status,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        prompt_tokens: usage.map(|u| u.prompt_tokens),
+        completion_tokens: usage.map(|u| u.completion_tokens),
+        total_tokens: usage.map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens)),
+        cost: (price.is_some() || state.limits.settings().default_request_cost > 0.0)
+            .then(|| state.limits.cost(price, usage)),
+        timestamp: SystemTime::now(),
+        router_instance_id: state.instance_id.clone(),
+    };
+    if let Err(e) = state.usage.record(&record).await {
+        let outcome = Outcome { status: e.status().as_u16(), backend_id, error: Some(e.message()), usage };
+        audit(state, &request, started_at, started, outcome, attempts);
+        return e.into_response_with_id(Some(&request.request_id));
+    }
+    audit(state, &request, started_at, started, Outcome { status, backend_id, error, usage }, attempts);
     let mut response = match result {
-        Ok((answer, backend)) => {
-            let outcome = Outcome {
-                status: answer.status.as_u16(),
-                backend_id: Some(backend.clone()),
-                error: None,
-                usage,
-            };
-            audit(state, &request, started_at, started, outcome, attempts);
-            respond(answer, &request.request_id, &backend)
-        }
-        Err(e) => {
-            let outcome = Outcome {
-                status: e.status().as_u16(),
-                backend_id: None,
-                error: Some(e.message()),
-                usage: None,
-            };
-            audit(state, &request, started_at, started, outcome, attempts);
-            e.into_response_with_id(Some(&request.request_id))
-        }
+        Ok((answer, backend)) => respond(answer, &request.request_id, &backend),
+        Err(e) => e.into_response_with_id(Some(&request.request_id)),
     };
     if let Some(info) = admission.rate {
         rate_limit_headers(response.headers_mut(), &info);
@@ -258,11 +258,7 @@ async fn dispatch(
                     status: Option<u16>,
                     error: Option<String>,
                     latency_ms: f64| {
-        state
-            .metrics
-            .decisions
-            .with_label_values(&[t.as_str(), backend_id.as_deref().unwrap_or("")])
-            .inc();
+        state.metrics.decisions.with_label_values(&[t.as_str(), backend_id.as_deref().unwrap_or("")]).inc();
         state.decisions.record(RoutingDecision {
             request_id: request.request_id.clone(),
             organization_id: request.organization_id.clone(),
@@ -280,28 +276,14 @@ async fn dispatch(
     if candidates.is_empty() {
         let reason = format!("no routable backend in policy {}", policy.policy.policy_id);
         tracing::warn!(model = %request.model, policy_id = %policy.policy.policy_id, "no healthy backend");
-        decision(
-            None,
-            DecisionType::NoHealthyBackend,
-            reason,
-            None,
-            None,
-            0.0,
-        );
+        decision(None, DecisionType::NoHealthyBackend, reason, None, None, 0.0);
         return Err(ApiError::NoHealthyBackend);
     }
 
-    let headers = [
-        ("x-request-id", &*request.request_id),
-        ("x-organization-id", &*request.organization_id),
-    ];
+    let headers = [("x-request-id", &*request.request_id), ("x-organization-id", &*request.organization_id)];
     let mut previous: Option<(Arc<str>, AttemptError)> = None;
     for (i, (backend, weight)) in candidates.iter().enumerate() {
-        let decision_type = if i == 0 && *weight > 0 {
-            DecisionType::Primary
-        } else {
-            DecisionType::Failover
-        };
+        let decision_type = if i == 0 && *weight > 0 { DecisionType::Primary } else { DecisionType::Failover };
         let reason = match (&previous, *weight) {
             (Some((prev, err)), _) => format!("failover from {prev}: {err}"),
             (None, 0) => "standby: no weighted backend is routable".to_string(),
@@ -309,10 +291,7 @@ async fn dispatch(
         };
         let attempt_started_at = SystemTime::now();
         let t0 = Instant::now();
-        let result = state
-            .client
-            .send(&backend.inference_uri, &headers, request.body.clone())
-            .await;
+        let result = state.client.send(&backend.inference_uri, &headers, request.body.clone()).await;
         let elapsed = t0.elapsed();
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         let rt = &backend.runtime;
@@ -323,14 +302,7 @@ async fn dispatch(
         };
         rt.metrics.attempt(status, error, elapsed.as_secs_f64());
         let error_text = error.map(|e| e.to_string());
-        decision(
-            Some(backend.id.clone()),
-            decision_type,
-            reason,
-            status,
-            error_text.clone(),
-            latency_ms,
-        );
+        decision(Some(backend.id.clone()), decision_type, reason, status, error_text.clone(), latency_ms);
         attempts.push(AuditAttempt {
             backend_id: backend.id.clone(),
             decision_type,
@@ -346,9 +318,7 @@ async fn dispatch(
             }
             Err(err) => {
                 if err.counts_against_health()
-                    && rt
-                        .health
-                        .record_failure(policy.policy.failover_threshold, &err.to_string())
+                    && rt.health.record_failure(policy.policy.failover_threshold, &err.to_string())
                         == Transition::BecameUnhealthy
                 {
                     rt.metrics.transition("unhealthy");
@@ -365,21 +335,13 @@ async fn dispatch(
         }
     }
     let last = previous.map(|(_, e)| e).unwrap_or(AttemptError::Timeout);
-    Err(ApiError::BackendsFailed {
-        attempts: candidates.len(),
-        last,
-    })
+    Err(ApiError::BackendsFailed { attempts: candidates.len(), last })
 }
 
 fn respond(answer: BackendResponse, request_id: &str, backend_id: &str) -> Response {
     let mut response = (answer.status, answer.body).into_response();
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        answer
-            .content_type
-            .unwrap_or_else(|| HeaderValue::from_static("application/json")),
-    );
+    h.insert(header::CONTENT_TYPE, answer.content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }
@@ -442,13 +404,8 @@ mod tests {
         let org: Arc<str> = Arc::from("o");
         let p = |b: &'static str| parse_native(Bytes::from_static(b.as_bytes()), org.clone());
         assert!(matches!(p("{not json"), Err(ApiError::InvalidJson(_))));
-        assert!(
-            matches!(p(r#"{"payload":1}"#), Err(ApiError::InvalidRequest(m)) if m.contains("model"))
-        );
-        assert!(matches!(
-            p(r#"{"model":"m","request_id":"bad id"}"#),
-            Err(ApiError::InvalidRequest(_))
-        ));
+        assert!(matches!(p(r#"{"payload":1}"#), Err(ApiError::InvalidRequest(m)) if m.contains("model")));
+        assert!(matches!(p(r#"{"model":"m","request_id":"bad id"}"#), Err(ApiError::InvalidRequest(_))));
         assert!(matches!(p(r#"[1,2]"#), Err(ApiError::InvalidRequest(_))));
         let ok = p(r#"{"model":"m","payload":{"x":[1]}}"#).unwrap();
         assert_eq!(ok.request_id.len(), 36, "generated UUID");

@@ -76,28 +76,18 @@ async fn allowed_requests_reserve_then_settle() {
     let (url, stub) = stub().await;
     let m1 = Mock::start("backend-1", &[]);
     let router = router_with(&url, "closed", &m1).await;
-    let r = router
-        .infer(KEY_A, json!({"model": "m", "request_id": "svc-ok-1"}))
-        .await;
+    let r = router.infer(KEY_A, json!({"model": "m", "request_id": "svc-ok-1"})).await;
     assert_eq!(r.status, 200);
     let reserve = stub.reserves.lock().unwrap()[0].clone();
     assert_eq!(reserve["organization_id"], "org-a");
     assert_eq!(reserve["request_id"], "svc-ok-1");
     assert_eq!(reserve["model"], "m");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            !stub.settles.lock().unwrap().is_empty()
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || async { !stub.settles.lock().unwrap().is_empty() }).await);
     let settle = stub.settles.lock().unwrap()[0].clone();
     assert_eq!(settle["request_id"], "svc-ok-1");
     assert_eq!(settle["released"], false);
     assert_eq!(settle["actual_tokens"], 21);
-    assert_eq!(
-        router.readiness().await["components"]["budget_service"],
-        "healthy"
-    );
+    assert_eq!(router.readiness().await["components"]["budget_service"], "healthy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,14 +104,7 @@ async fn denied_requests_get_402_and_the_denial_is_cached() {
     assert_eq!(stub.reserves.lock().unwrap().len(), 1, "denials are cached");
     assert_eq!(m1.requests().await, 0);
     let text = router.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            "api_router_budget_denials_total",
-            &[("organization_id", "org-b")]
-        ),
-        3.0
-    );
+    assert_eq!(metric(&text, "api_router_budget_denials_total", &[("organization_id", "org-b")]), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,21 +114,8 @@ async fn unreachable_service_with_open_mode_admits_and_counts() {
     let router = router_with(&url, "open", &m1).await;
     assert_eq!(router.infer(KEY_A, json!({"model": "m"})).await.status, 200);
     let text = router.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            "api_router_budget_service_failures_total",
-            &[("mode", "open")]
-        ),
-        1.0
-    );
-    assert!(
-        router
-            .proc
-            .lines()
-            .iter()
-            .any(|l| l.contains("budget service unreachable"))
-    );
+    assert_eq!(metric(&text, "api_router_budget_service_failures_total", &[("mode", "open")]), 1.0);
+    assert!(router.proc.lines().iter().any(|l| l.contains("budget service unreachable")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,18 +123,8 @@ async fn unreachable_service_with_closed_mode_refuses() {
     let url = format!("http://127.0.0.1:{}", free_port());
     let m1 = Mock::start("backend-1", &[]);
     let router = router_with(&url, "closed", &m1).await;
-    router
-        .infer(KEY_A, json!({"model": "m"}))
-        .await
-        .assert_error(503, "budget_service_unavailable");
+    router.infer(KEY_A, json!({"model": "m"})).await.assert_error(503, "budget_service_unavailable");
     assert_eq!(m1.requests().await, 0);
     let text = router.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            "api_router_budget_service_failures_total",
-            &[("mode", "closed")]
-        ),
-        1.0
-    );
+    assert_eq!(metric(&text, "api_router_budget_service_failures_total", &[("mode", "closed")]), 1.0);
 }

@@ -15,19 +15,8 @@ use serde_json::json;
 async fn startup_logs_status_endpoints_and_metrics() {
     let m1 = Mock::start("backend-1", &[]);
     let router = RouterBuilder::new(&[&m1]).start();
-    for msg in [
-        "starting API router service",
-        "backend registry initialized",
-        "HTTP server starting",
-    ] {
-        assert!(
-            router
-                .proc
-                .lines()
-                .iter()
-                .any(|l| log_message(l).as_deref() == Some(msg)),
-            "missing log line {msg:?}"
-        );
+    for msg in ["starting API router service", "backend registry initialized", "HTTP server starting"] {
+        assert!(router.proc.lines().iter().any(|l| log_message(l).as_deref() == Some(msg)), "missing log line {msg:?}");
     }
     let h = send(Method::GET, &router.url("/v1/status/healthz"), &[], "").await;
     assert_eq!(h.status, 200);
@@ -46,12 +35,7 @@ async fn startup_logs_status_endpoints_and_metrics() {
     assert!(j["build"]["commit"].is_string() && j["build"]["build_time"].is_string());
 
     // The runbook's own smoke request.
-    let r = router
-        .infer(
-            KEY_A,
-            json!({"request_id": "test-123", "model": "gpt-4o", "payload": "test"}),
-        )
-        .await;
+    let r = router.infer(KEY_A, json!({"request_id": "test-123", "model": "gpt-4o", "payload": "test"})).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-request-id").as_deref(), Some("test-123"));
     assert_eq!(r.header("x-backend-id").as_deref(), Some("backend-1"));
@@ -73,21 +57,10 @@ async fn startup_logs_status_endpoints_and_metrics() {
         assert!(text.contains(name), "metric {name} missing");
     }
     assert_eq!(
-        metric(
-            &text,
-            "api_router_backend_requests_total",
-            &[("backend_id", "backend-1"), ("status_class", "2xx")]
-        ),
+        metric(&text, "api_router_backend_requests_total", &[("backend_id", "backend-1"), ("status_class", "2xx")]),
         2.0
     );
-    assert_eq!(
-        metric(
-            &text,
-            "api_router_http_requests_total",
-            &[("route", "/v1/inference"), ("status", "200")]
-        ),
-        2.0
-    );
+    assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "200")]), 2.0);
     // No secrets in logs.
     let logs = router.proc.lines().join("\n");
     assert!(!logs.contains(KEY_A) && !logs.contains(ADMIN_TOKEN));
@@ -112,60 +85,35 @@ async fn sigterm_with_50_requests_in_flight_finishes_them_all() {
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
             let body = json!({"request_id": format!("inflight-{i}"), "model": "m"}).to_string();
-            send(Method::POST, &url, &[("x-api-key", KEY_A)], body)
-                .await
-                .status
+            send(Method::POST, &url, &[("x-api-key", KEY_A)], body).await.status
         }));
     }
     // All 50 are at the backend before the signal.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            m1.requests().await == 50
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(10), || async { m1.requests().await == 50 }).await);
     let signalled = Instant::now();
     router.proc.signal("TERM");
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
-    let status = router
-        .proc
-        .wait_exit(Duration::from_secs(10))
-        .expect("did not exit within 10 s");
+    let status = router.proc.wait_exit(Duration::from_secs(10)).expect("did not exit within 10 s");
     assert!(status.success(), "exit status {status}");
     assert!(signalled.elapsed() < Duration::from_secs(10));
     let lines = router.proc.lines();
     let msgs: Vec<String> = lines.iter().filter_map(|l| log_message(l)).collect();
-    let down = msgs
-        .iter()
-        .position(|m| m == "shutting down gracefully")
-        .expect("no shutdown line");
-    let stopped = msgs
-        .iter()
-        .position(|m| m == "API router service stopped")
-        .expect("no stopped line");
+    let down = msgs.iter().position(|m| m == "shutting down gracefully").expect("no shutdown line");
+    let stopped = msgs.iter().position(|m| m == "API router service stopped").expect("no stopped line");
     assert!(down < stopped);
-    assert!(
-        !lines.iter().any(|l| l.contains("\"level\":\"ERROR\"")),
-        "errors during shutdown"
-    );
+    assert!(!lines.iter().any(|l| l.contains("\"level\":\"ERROR\"")), "errors during shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_record_is_readable_after_a_restart() {
     let m1 = Mock::start("backend-1", &[]);
     let mut router = RouterBuilder::new(&[&m1]).start();
-    let r = router
-        .infer(KEY_A, json!({"request_id": "kept-1", "model": "gpt-4o"}))
-        .await;
+    let r = router.infer(KEY_A, json!({"request_id": "kept-1", "model": "gpt-4o"})).await;
     assert_eq!(r.status, 200);
     router.restart();
-    let (status, record) = get_json(
-        &router.url("/v1/audit/requests/kept-1"),
-        &[("x-api-key", KEY_A)],
-    )
-    .await;
+    let (status, record) = get_json(&router.url("/v1/audit/requests/kept-1"), &[("x-api-key", KEY_A)]).await;
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["request_id"], "kept-1");
     assert_eq!(record["organization_id"], "org-a");
@@ -184,21 +132,14 @@ async fn audit_record_is_readable_after_a_restart() {
 async fn audit_record_lists_every_attempt_of_a_failover() {
     let mut m1 = Mock::start("backend-1", &[]);
     let m2 = Mock::start("backend-2", &[]);
-    let router = RouterBuilder::new(&[&m1, &m2])
-        .env("HEALTH_CHECK_INTERVAL_MS", "60000")
-        .start();
+    let router = RouterBuilder::new(&[&m1, &m2]).env("HEALTH_CHECK_INTERVAL_MS", "60000").start();
     router
-        .admin_post(
-            "/v1/admin/routing/policies",
-            policy("org-a", "m", &[("backend-1", 1), ("backend-2", 0)], 10),
-        )
+        .admin_post("/v1/admin/routing/policies", policy("org-a", "m", &[("backend-1", 1), ("backend-2", 0)], 10))
         .await;
     // The start-up health round must have seen it up before it dies.
     router.wait_health_round().await;
     m1.kill();
-    let r = router
-        .infer(KEY_A, json!({"request_id": "fo-1", "model": "m"}))
-        .await;
+    let r = router.infer(KEY_A, json!({"request_id": "fo-1", "model": "m"})).await;
     assert_eq!(r.status, 200);
     let record = wait_audit(&router, "fo-1", &[("x-api-key", KEY_A)]).await;
     let attempts = record["attempts"].as_array().unwrap();
@@ -212,15 +153,8 @@ async fn audit_record_lists_every_attempt_of_a_failover() {
 }
 
 fn run_router_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_api-router"))
-        .env_clear()
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_api-router")).env_clear().envs(env.iter().copied()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -228,32 +162,19 @@ fn a_bad_setting_exits_non_zero_with_one_line() {
     let (code, stderr) = run_router_with(&[("HEALTH_CHECK_INTERVAL_MS", "often")]);
     assert_eq!(code, Some(2));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("HEALTH_CHECK_INTERVAL_MS")
-            && stderr.contains("often")
-            && stderr.contains("expected")
-    );
+    assert!(stderr.contains("HEALTH_CHECK_INTERVAL_MS") && stderr.contains("often") && stderr.contains("expected"));
 
     let (code, stderr) = run_router_with(&[("ADMIN_TOKEN", "weak")]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("ADMIN_TOKEN") && stderr.contains("ALLOW_WEAK_ADMIN_TOKEN"));
-    assert!(
-        !stderr.contains("weak\""),
-        "the token itself is not echoed: {stderr}"
-    );
+    assert!(!stderr.contains("weak\""), "the token itself is not echoed: {stderr}");
 }
 
 #[test]
 fn make_run_script_prints_a_curl_that_returns_200() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tmp = tempfile::tempdir().unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (p, m1, m2) = (free(), free(), free());
     let mut cmd = Command::new("bash");
     cmd.arg(root.join("scripts/run-dev.sh"))
@@ -265,9 +186,7 @@ fn make_run_script_prints_a_curl_that_returns_200() {
         .env("DEV_DIR", tmp.path());
     let mut proc = Proc::spawn(cmd);
     let curl = proc
-        .wait_for_line(Duration::from_secs(30), |l| {
-            l.trim_start().starts_with("curl ") && l.contains("/v1/inference")
-        })
+        .wait_for_line(Duration::from_secs(30), |l| l.trim_start().starts_with("curl ") && l.contains("/v1/inference"))
         .unwrap_or_else(|| panic!("no curl printed:\n{}", proc.lines().join("\n")));
     assert!(proc.lines().iter().any(|l| l.contains("API key:")));
     assert!(proc.lines().iter().any(|l| l.contains("Admin token:")));
@@ -282,11 +201,8 @@ fn make_run_script_prints_a_curl_that_returns_200() {
             break;
         }
     }
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(format!("{command} -s -o /dev/null -w '%{{http_code}}'"))
-        .output()
-        .unwrap();
+    let out =
+        Command::new("bash").arg("-c").arg(format!("{command} -s -o /dev/null -w '%{{http_code}}'")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{command}");
     proc.signal("TERM");
     assert!(proc.wait_exit(Duration::from_secs(15)).is_some());

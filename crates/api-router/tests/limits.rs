@@ -15,11 +15,7 @@ use serde_json::{Value, json};
 /// tokens) at 1.0 and 2.0 per 1k tokens costs 0.03, reserved as 0.03.
 fn price_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("router.yaml");
-    std::fs::write(
-        &path,
-        "prices:\n  gpt-4o: {input_per_1k: 1.0, output_per_1k: 2.0, request_cost: 0.03}\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "prices:\n  gpt-4o: {input_per_1k: 1.0, output_per_1k: 2.0, request_cost: 0.03}\n").unwrap();
     path
 }
 
@@ -48,12 +44,7 @@ async fn three_replicas_share_one_rate_limit() {
         })
         .collect();
     for r in &routers {
-        assert!(
-            r.proc
-                .lines()
-                .iter()
-                .any(|l| log_message(l).as_deref() == Some("Redis connected for rate limiting"))
-        );
+        assert!(r.proc.lines().iter().any(|l| log_message(l).as_deref() == Some("Redis connected for rate limiting")));
         assert_eq!(r.readiness().await["components"]["redis"], "healthy");
     }
     // Hammer all three together for 3 s.
@@ -67,13 +58,7 @@ async fn three_replicas_share_one_rate_limit() {
                 let (mut ok, mut limited) = (0usize, 0usize);
                 let mut sample_429 = None;
                 while start.elapsed() < window {
-                    let resp = send(
-                        Method::POST,
-                        &url,
-                        &[("x-api-key", KEY_A)],
-                        r#"{"model":"m"}"#,
-                    )
-                    .await;
+                    let resp = send(Method::POST, &url, &[("x-api-key", KEY_A)], r#"{"model":"m"}"#).await;
                     match resp.status.as_u16() {
                         200 => ok += 1,
                         429 => {
@@ -95,20 +80,10 @@ async fn three_replicas_share_one_rate_limit() {
         sample = sample.or(s);
     }
     let max = 20 * 3 + 20 + 1;
-    assert!(
-        admitted <= max,
-        "admitted {admitted} > {max}: replicas do not share the limit"
-    );
-    assert!(
-        admitted as f64 >= 0.9 * max as f64,
-        "admitted only {admitted} of {max}"
-    );
+    assert!(admitted <= max, "admitted {admitted} > {max}: replicas do not share the limit");
+    assert!(admitted as f64 >= 0.9 * max as f64, "admitted only {admitted} of {max}");
     assert!(limited > 0);
-    assert_eq!(
-        m1.requests().await as usize,
-        admitted,
-        "every admitted request reached the backend"
-    );
+    assert_eq!(m1.requests().await as usize, admitted, "every admitted request reached the backend");
 
     let r429 = sample.unwrap();
     r429.assert_error(429, "rate_limited");
@@ -119,11 +94,7 @@ async fn three_replicas_share_one_rate_limit() {
     let denials: f64 = {
         let mut sum = 0.0;
         for r in &routers {
-            sum += metric(
-                &r.metrics().await,
-                "api_router_rate_limit_denials_total",
-                &[("organization_id", "org-a")],
-            );
+            sum += metric(&r.metrics().await, "api_router_rate_limit_denials_total", &[("organization_id", "org-a")]);
         }
         sum
     };
@@ -133,25 +104,18 @@ async fn three_replicas_share_one_rate_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_responses_carry_rate_limit_headers() {
     let m1 = Mock::start("backend-1", &[]);
-    let router = RouterBuilder::new(&[&m1])
-        .env("RATE_LIMIT_DEFAULT_RPS", "5")
-        .env("RATE_LIMIT_BURST_SIZE", "10")
-        .start();
+    let router =
+        RouterBuilder::new(&[&m1]).env("RATE_LIMIT_DEFAULT_RPS", "5").env("RATE_LIMIT_BURST_SIZE", "10").start();
     let r = router.infer(KEY_A, json!({"model": "m"})).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("ratelimit-limit").as_deref(), Some("10"));
     assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("9"));
     assert_eq!(r.header("ratelimit-reset").as_deref(), Some("1"));
-    assert_eq!(
-        router.readiness().await["components"]["redis"],
-        "not_configured"
-    );
+    assert_eq!(router.readiness().await["components"]["redis"], "not_configured");
 }
 
 async fn set_limits(router: &Router, org: &str, limits: Value) {
-    let r = router
-        .admin_put(&format!("/v1/admin/organizations/{org}/limits"), limits)
-        .await;
+    let r = router.admin_put(&format!("/v1/admin/organizations/{org}/limits"), limits).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -160,33 +124,21 @@ async fn settled_spend(router: &Router, org: &str, want: f64) -> Value {
     let ok = eventually(Duration::from_secs(5), || {
         let url = router.url(&format!("/v1/admin/organizations/{org}/usage"));
         async move {
-            let (_, v) =
-                get_json(&url, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))]).await;
+            let (_, v) = get_json(&url, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))]).await;
             (v["budget"]["spent"].as_f64().unwrap_or(-1.0) - want).abs() < 1e-9
         }
     })
     .await;
     if !ok {
-        last = router
-            .admin_get(&format!("/v1/admin/organizations/{org}/usage"))
-            .await
-            .json();
+        last = router.admin_get(&format!("/v1/admin/organizations/{org}/usage")).await.json();
     }
     assert!(ok, "spend did not settle to {want}: {last}");
-    router
-        .admin_get(&format!("/v1/admin/organizations/{org}/usage"))
-        .await
-        .json()
+    router.admin_get(&format!("/v1/admin/organizations/{org}/usage")).await.json()
 }
 
 async fn assert_exactly_ten_of_fifty(routers: &[&Router]) {
     let resps = burst(routers, KEY_A, "gpt-4o", 50).await;
-    assert_eq!(
-        count_status(&resps, 200),
-        10,
-        "{:?}",
-        resps.iter().map(|r| r.status).collect::<Vec<_>>()
-    );
+    assert_eq!(count_status(&resps, 200), 10, "{:?}", resps.iter().map(|r| r.status).collect::<Vec<_>>());
     assert_eq!(count_status(&resps, 402), 40);
     let denied = resps.iter().find(|r| r.status == 402).unwrap();
     denied.assert_error(402, "budget_exceeded");
@@ -204,26 +156,14 @@ async fn budget_holds_under_fifty_concurrent_requests_with_redis() {
     let router = with_patient_redis(RouterBuilder::new(&[&m1]), &redis)
         .env("ROUTER_CONFIG", price_file(tmp.path()).to_str().unwrap())
         .start();
-    set_limits(
-        &router,
-        "org-a",
-        json!({"budget": {"amount": 0.30, "period": "daily"}}),
-    )
-    .await;
+    set_limits(&router, "org-a", json!({"budget": {"amount": 0.30, "period": "daily"}})).await;
     assert_exactly_ten_of_fifty(&[&router]).await;
     let usage = settled_spend(&router, "org-a", 0.30).await;
     assert_eq!(usage["budget"]["remaining"].as_f64().unwrap(), 0.0);
     assert!(usage["budget"]["reset_at"].is_string());
     assert_eq!(usage["source"], "redis");
     let text = router.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            "api_router_budget_denials_total",
-            &[("organization_id", "org-a")]
-        ),
-        40.0
-    );
+    assert_eq!(metric(&text, "api_router_budget_denials_total", &[("organization_id", "org-a")]), 40.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,18 +181,8 @@ async fn budget_and_quota_hold_across_three_replicas() {
         .collect();
     // Limits are per replica until the config service shares them; set them on each.
     for r in &routers {
-        set_limits(
-            r,
-            "org-a",
-            json!({"budget": {"amount": 0.30, "period": "monthly"}}),
-        )
-        .await;
-        set_limits(
-            r,
-            "org-b",
-            json!({"quota": {"requests": 7, "period": "daily"}}),
-        )
-        .await;
+        set_limits(r, "org-a", json!({"budget": {"amount": 0.30, "period": "monthly"}})).await;
+        set_limits(r, "org-b", json!({"quota": {"requests": 7, "period": "daily"}})).await;
     }
     let refs: Vec<&Router> = routers.iter().collect();
     assert_exactly_ten_of_fifty(&refs).await;
@@ -265,18 +195,11 @@ async fn budget_and_quota_hold_across_three_replicas() {
     denied.assert_error(402, "quota_exceeded");
     assert_eq!(denied.json()["error"]["quota"], "requests");
     assert_eq!(denied.json()["error"]["limit"], 7);
-    let usage = routers[2]
-        .admin_get("/v1/admin/organizations/org-b/usage")
-        .await
-        .json();
+    let usage = routers[2].admin_get("/v1/admin/organizations/org-b/usage").await.json();
     assert_eq!(usage["quota"]["requests_used"], 7);
     let mut quota_denials = 0.0;
     for r in &routers {
-        quota_denials += metric(
-            &r.metrics().await,
-            "api_router_quota_denials_total",
-            &[("organization_id", "org-b")],
-        );
+        quota_denials += metric(&r.metrics().await, "api_router_quota_denials_total", &[("organization_id", "org-b")]);
     }
     assert_eq!(quota_denials, 23.0);
 }
@@ -285,32 +208,17 @@ async fn budget_and_quota_hold_across_three_replicas() {
 async fn embedded_budget_holds_and_spend_survives_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let m1 = Mock::start("backend-1", &[]);
-    let mut router = RouterBuilder::new(&[&m1])
-        .env("ROUTER_CONFIG", price_file(tmp.path()).to_str().unwrap())
-        .start();
-    set_limits(
-        &router,
-        "org-a",
-        json!({"budget": {"amount": 0.30, "period": "total"}}),
-    )
-    .await;
+    let mut router = RouterBuilder::new(&[&m1]).env("ROUTER_CONFIG", price_file(tmp.path()).to_str().unwrap()).start();
+    set_limits(&router, "org-a", json!({"budget": {"amount": 0.30, "period": "total"}})).await;
     assert_exactly_ten_of_fifty(&[&router]).await;
     let usage = settled_spend(&router, "org-a", 0.30).await;
     assert_eq!(usage["source"], "local");
     router.restart();
     // Limits set through the admin API live in memory in embedded mode; the
     // spend is on disk.
-    set_limits(
-        &router,
-        "org-a",
-        json!({"budget": {"amount": 0.30, "period": "total"}}),
-    )
-    .await;
+    set_limits(&router, "org-a", json!({"budget": {"amount": 0.30, "period": "total"}})).await;
     settled_spend(&router, "org-a", 0.30).await;
-    router
-        .infer(KEY_A, json!({"model": "gpt-4o"}))
-        .await
-        .assert_error(402, "budget_exceeded");
+    router.infer(KEY_A, json!({"model": "gpt-4o"})).await.assert_error(402, "budget_exceeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -321,14 +229,16 @@ async fn failed_requests_release_their_reservation() {
         .env("ROUTER_CONFIG", price_file(tmp.path()).to_str().unwrap())
         .env("HEALTH_CHECK_INTERVAL_MS", "60000")
         .start();
-    set_limits(&router, "org-a", json!({"budget": {"amount": 0.30, "period": "daily"}, "quota": {"requests": 100, "period": "daily"}})).await;
+    set_limits(
+        &router,
+        "org-a",
+        json!({"budget": {"amount": 0.30, "period": "daily"}, "quota": {"requests": 100, "period": "daily"}}),
+    )
+    .await;
     router.wait_health_round().await;
     m1.kill();
     for _ in 0..3 {
-        router
-            .infer(KEY_A, json!({"model": "gpt-4o"}))
-            .await
-            .assert_error(502, "backend_unavailable");
+        router.infer(KEY_A, json!({"model": "gpt-4o"})).await.assert_error(502, "backend_unavailable");
     }
     let usage = settled_spend(&router, "org-a", 0.0).await;
     assert_eq!(usage["quota"]["requests_used"], 0);
@@ -353,12 +263,7 @@ async fn redis_failure_keeps_serving_and_recovers_without_restart() {
     let mut served = 0;
     for i in 0..20 {
         let t0 = Instant::now();
-        let r = router
-            .infer(
-                KEY_B,
-                json!({"model": "m", "request_id": format!("hang-{i}")}),
-            )
-            .await;
+        let r = router.infer(KEY_B, json!({"model": "m", "request_id": format!("hang-{i}")})).await;
         worst = worst.max(t0.elapsed());
         if r.status == 200 {
             served += 1;
@@ -366,31 +271,17 @@ async fn redis_failure_keeps_serving_and_recovers_without_restart() {
             r.assert_error(429, "rate_limited");
         }
     }
+    assert!(served >= 5, "the local fallback serves within its own limit: {served}");
+    assert!(worst < Duration::from_millis(250), "a request waited {worst:?}");
     assert!(
-        served >= 5,
-        "the local fallback serves within its own limit: {served}"
-    );
-    assert!(
-        worst < Duration::from_millis(250),
-        "a request waited {worst:?}"
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            router.readiness().await["components"]["redis"] == "unhealthy"
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { router.readiness().await["components"]["redis"] == "unhealthy" })
+            .await
     );
     let ready = send(Method::GET, &router.url("/v1/status/readyz"), &[], "").await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["status"], "degraded");
     let text = router.metrics().await;
-    assert!(
-        metric(
-            &text,
-            "api_router_limits_degraded_total",
-            &[("mode", "local"), ("outcome", "allowed")]
-        ) >= 5.0
-    );
+    assert!(metric(&text, "api_router_limits_degraded_total", &[("mode", "local"), ("outcome", "allowed")]) >= 5.0);
 
     // Redis dies and comes back empty on the same port: the router reconnects
     // by itself and exact shared enforcement resumes.
@@ -398,30 +289,13 @@ async fn redis_failure_keeps_serving_and_recovers_without_restart() {
     redis.restart();
     let back = Instant::now();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            router.readiness().await["components"]["redis"] == "healthy"
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { router.readiness().await["components"]["redis"] == "healthy" })
+            .await
     );
     assert!(back.elapsed() < Duration::from_secs(5));
-    let degraded_before = metric(
-        &router.metrics().await,
-        "api_router_limits_degraded_total",
-        &[],
-    );
-    assert_eq!(
-        sequential_ok(&router, KEY_B, 10).await,
-        5,
-        "a fresh Redis bucket allows exactly the burst"
-    );
-    assert_eq!(
-        metric(
-            &router.metrics().await,
-            "api_router_limits_degraded_total",
-            &[]
-        ),
-        degraded_before
-    );
+    let degraded_before = metric(&router.metrics().await, "api_router_limits_degraded_total", &[]);
+    assert_eq!(sequential_ok(&router, KEY_B, 10).await, 5, "a fresh Redis bucket allows exactly the burst");
+    assert_eq!(metric(&router.metrics().await, "api_router_limits_degraded_total", &[]), degraded_before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -435,15 +309,10 @@ async fn redis_closed_mode_refuses_with_503() {
     assert_eq!(router.infer(KEY_A, json!({"model": "m"})).await.status, 200);
     redis.kill();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            router.readiness().await["components"]["redis"] == "unhealthy"
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { router.readiness().await["components"]["redis"] == "unhealthy" })
+            .await
     );
-    router
-        .infer(KEY_A, json!({"model": "m"}))
-        .await
-        .assert_error(503, "rate_limiter_unavailable");
+    router.infer(KEY_A, json!({"model": "m"})).await.assert_error(503, "rate_limiter_unavailable");
     assert_eq!(m1.requests().await, 1);
 }
 

@@ -25,11 +25,7 @@ use crate::routing::policy::PolicyInput;
 /// The most decisions one call returns.
 const MAX_DECISIONS: usize = 10_000;
 
-pub async fn require_admin(
-    State(state): State<SharedState>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn require_admin(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     match check_admin(state.settings.admin_token.as_deref(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
@@ -61,11 +57,7 @@ fn status_of(b: &Backend) -> &'static str {
 
 pub async fn list_backends(State(state): State<SharedState>) -> Response {
     let snapshot = state.config.load_full();
-    let backends: Vec<Value> = snapshot
-        .backend_list
-        .iter()
-        .map(|b| backend_json(b))
-        .collect();
+    let backends: Vec<Value> = snapshot.backend_list.iter().map(|b| backend_json(b)).collect();
     axum::Json(json!({ "backends": backends })).into_response()
 }
 
@@ -73,14 +65,10 @@ fn unknown_backend(id: &str) -> ApiError {
     ApiError::NotFound(format!("unknown backend {id:?}"))
 }
 
-pub async fn backend_health(
-    State(state): State<SharedState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn backend_health(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let snapshot = state.config.load_full();
     let b = snapshot.backend(&id).ok_or_else(|| unknown_backend(&id))?;
-    let mut body = serde_json::to_value(b.runtime.health.view())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = serde_json::to_value(b.runtime.health.view()).map_err(|e| ApiError::Internal(e.to_string()))?;
     body["backend_id"] = json!(&*b.id);
     body["endpoint"] = json!(b.endpoint);
     body["status"] = json!(status_of(b));
@@ -112,20 +100,11 @@ pub async fn degrade(
     body: Body,
 ) -> Result<Response, ApiError> {
     let input: DegradeBody = optional_json(&small_body(&headers, body).await?)?;
-    let reason = input
-        .reason
-        .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| "degraded by admin".into());
+    let reason = input.reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "degraded by admin".into());
     if reason.len() > 1024 {
-        return Err(ApiError::InvalidRequest(
-            "`reason` must be at most 1024 characters".into(),
-        ));
+        return Err(ApiError::InvalidRequest("`reason` must be at most 1024 characters".into()));
     }
-    let over = Override {
-        reason: reason.clone(),
-        since: SystemTime::now(),
-        by: "admin".into(),
-    };
+    let over = Override { reason: reason.clone(), since: SystemTime::now(), by: "admin".into() };
     let snapshot = state.config.update(|s| {
         if !s.backends.contains_key(&id) {
             return Err(unknown_backend(&id));
@@ -166,20 +145,14 @@ pub async fn upsert_policy(
 ) -> Result<Response, ApiError> {
     let bytes = small_body(&headers, body).await?;
     let input: PolicyInput = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::InvalidRequest(format!("invalid policy: {e}"))
-        }
+        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid policy: {e}")),
         _ => ApiError::InvalidJson(e.to_string()),
     })?;
-    let policy = input
-        .into_policy()
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
+    let policy = input.into_policy().map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
     let key = (policy.organization_id.clone(), policy.model.clone());
     let stored = policy.clone();
     state.config.update(|s| {
-        policy
-            .validate_against(&s.backends)
-            .map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
+        policy.validate_against(&s.backends).map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
         s.policies.insert(key, policy);
         Ok(())
     })?;
@@ -196,11 +169,7 @@ pub async fn get_policy(
         Some(p) => Ok(axum::Json(&p.policy).into_response()),
         None => Err(ApiError::NotFound(format!(
             "no policy for organization {org:?} and model {model:?}{}",
-            if snapshot.state.default_route {
-                " (the default route applies)"
-            } else {
-                ""
-            }
+            if snapshot.state.default_route { " (the default route applies)" } else { "" }
         ))),
     }
 }
@@ -213,39 +182,29 @@ pub async fn decisions(
     for (k, v) in params {
         match k.as_str() {
             "backend_id" => filter.backend_id = Some(v),
-            "decision_type" => filter.decision_type = Some(
-                serde_json::from_value::<DecisionType>(Value::String(v.clone())).map_err(|_| {
-                    ApiError::InvalidRequest(format!(
-                        "unknown decision_type {v:?}: use PRIMARY, FAILOVER or NO_HEALTHY_BACKEND"
-                    ))
-                })?,
-            ),
+            "decision_type" => {
+                filter.decision_type =
+                    Some(serde_json::from_value::<DecisionType>(Value::String(v.clone())).map_err(|_| {
+                        ApiError::InvalidRequest(format!(
+                            "unknown decision_type {v:?}: use PRIMARY, FAILOVER or NO_HEALTHY_BACKEND"
+                        ))
+                    })?)
+            }
             "limit" => {
-                filter.limit = Some(
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=MAX_DECISIONS).contains(n))
-                        .ok_or_else(|| {
-                            ApiError::InvalidRequest(format!(
-                                "`limit` must be an integer from 1 to {MAX_DECISIONS}"
-                            ))
-                        })?,
-                )
+                filter.limit =
+                    Some(v.parse::<usize>().ok().filter(|n| (1..=MAX_DECISIONS).contains(n)).ok_or_else(|| {
+                        ApiError::InvalidRequest(format!("`limit` must be an integer from 1 to {MAX_DECISIONS}"))
+                    })?)
             }
             other => {
-                return Err(ApiError::InvalidRequest(format!(
-                    "unknown query parameter {other:?}"
-                )));
+                return Err(ApiError::InvalidRequest(format!("unknown query parameter {other:?}")));
             }
         }
     }
     Ok(axum::Json(json!({ "decisions": state.decisions.query(&filter) })).into_response())
 }
 
-pub async fn get_limits(
-    State(state): State<SharedState>,
-    Path(org): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn get_limits(State(state): State<SharedState>, Path(org): Path<String>) -> Result<Response, ApiError> {
     let snapshot = state.config.load_full();
     let configured = snapshot.org_limits(&org);
     if configured.is_none() && !snapshot.knows_organization(&org) {
@@ -278,15 +237,11 @@ pub async fn put_limits(
         ));
     }
     let bytes = small_body(&headers, body).await?;
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     if !value.is_object() {
-        return Err(ApiError::InvalidRequest(
-            "invalid limits: expected a JSON object".into(),
-        ));
+        return Err(ApiError::InvalidRequest("invalid limits: expected a JSON object".into()));
     }
-    let limits = OrgLimits::from_json(value)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid limits: {e}")))?;
+    let limits = OrgLimits::from_json(value).map_err(|e| ApiError::InvalidRequest(format!("invalid limits: {e}")))?;
     state.config.update(|s| {
         s.organizations.insert(org.clone(), limits);
         Ok::<_, ApiError>(())
@@ -295,14 +250,47 @@ pub async fn put_limits(
     Ok(axum::Json(limits_json(&state, &org, Some(limits))).into_response())
 }
 
-pub async fn usage(
-    State(state): State<SharedState>,
-    Path(org): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn usage(State(state): State<SharedState>, Path(org): Path<String>) -> Result<Response, ApiError> {
     let snapshot = state.config.load_full();
     if !snapshot.knows_organization(&org) {
         return Err(ApiError::NotFound(format!("unknown organization {org:?}")));
     }
     let body = state.limits.usage(&org, snapshot.org_limits(&org)).await?;
+    Ok(axum::Json(body).into_response())
+}
+
+fn buffer_json(state: &SharedState) -> Result<Value, ApiError> {
+    let Some((publisher, shared)) = &state.publisher else {
+        return Err(ApiError::NotFound("usage publishing is not configured (set KAFKA_BROKERS)".into()));
+    };
+    let (size, oldest, watermark, next) = {
+        let b = shared.lock();
+        (b.pending(), b.oldest_ms(), b.watermark(), b.next_seq())
+    };
+    let last = publisher.last_error();
+    Ok(json!({
+        "size": size,
+        "oldest_age_seconds": crate::telemetry::age_seconds(oldest),
+        "kafka": if publisher.is_healthy() { "healthy" } else { "unhealthy" },
+        "last_error": last.as_ref().map(|(e, _)| e.as_str()),
+        "last_error_at": last.map(|(_, at)| crate::telemetry::rfc3339(at)),
+        "watermark": watermark,
+        "next_seq": next,
+    }))
+}
+
+pub async fn buffer_status(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    Ok(axum::Json(buffer_json(&state)?).into_response())
+}
+
+/// The runbook's "manual retry": skip the publisher's backoff and drain now.
+pub async fn buffer_retry(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let mut body = buffer_json(&state)?;
+    if let Some((publisher, shared)) = &state.publisher {
+        publisher.retry_now();
+        shared.wake.notify_one();
+        tracing::info!("usage buffer retry requested by admin");
+    }
+    body["retry"] = json!("requested");
     Ok(axum::Json(body).into_response())
 }

@@ -15,8 +15,8 @@ pub async fn lookup(
     Path(request_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let is_admin = auth::bearer(&headers).is_some()
-        && auth::check_admin(state.settings.admin_token.as_deref(), &headers).is_ok();
+    let is_admin =
+        auth::bearer(&headers).is_some() && auth::check_admin(state.settings.admin_token.as_deref(), &headers).is_ok();
     let org = if is_admin {
         None
     } else if headers.contains_key("x-api-key") {

@@ -63,24 +63,12 @@ mod tests {
     #[test]
     fn admin_token_checks() {
         let token = "0123456789abcdef0123456789";
-        assert!(
-            check_admin(
-                Some(token),
-                &headers(&[("authorization", &format!("Bearer {token}"))])
-            )
-            .is_ok()
-        );
-        assert!(matches!(
-            check_admin(Some(token), &headers(&[])),
-            Err(ApiError::AdminUnauthorized)
-        ));
+        assert!(check_admin(Some(token), &headers(&[("authorization", &format!("Bearer {token}"))])).is_ok());
+        assert!(matches!(check_admin(Some(token), &headers(&[])), Err(ApiError::AdminUnauthorized)));
         assert!(matches!(
             check_admin(Some(token), &headers(&[("authorization", "Bearer wrong")])),
             Err(ApiError::AdminUnauthorized)
         ));
-        assert!(matches!(
-            check_admin(None, &headers(&[])),
-            Err(ApiError::AdminDisabled)
-        ));
+        assert!(matches!(check_admin(None, &headers(&[])), Err(ApiError::AdminDisabled)));
     }
 }

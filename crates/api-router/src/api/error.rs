@@ -59,29 +59,28 @@ pub enum ApiError {
     LimiterUnavailable,
     /// The budget service is unreachable and `BUDGET_SERVICE_FAILURE_MODE=closed`.
     BudgetServiceUnavailable,
+    /// The usage buffer is at its cap (`USAGE_BUFFER_FULL_POLICY=reject`).
+    UsageBufferFull,
+    /// The usage record could not be written ahead, so the answer is withheld.
+    UsageBufferUnavailable(String),
     Internal(String),
 }
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NoHealthyBackend
             | ApiError::LimiterUnavailable
-            | ApiError::BudgetServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::BudgetServiceUnavailable
+            | ApiError::UsageBufferFull
+            | ApiError::UsageBufferUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::BudgetExceeded { .. } | ApiError::QuotaExceeded { .. } => {
-                StatusCode::PAYMENT_REQUIRED
-            }
-            ApiError::BackendsFailed {
-                last: AttemptError::Timeout,
-                ..
-            } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BudgetExceeded { .. } | ApiError::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::BackendsFailed { last: AttemptError::Timeout, .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::BackendsFailed { .. } => StatusCode::BAD_GATEWAY,
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,18 +89,13 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => {
-                "unauthorized"
-            }
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => "unauthorized",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::NoHealthyBackend => "no_healthy_backend",
-            ApiError::BackendsFailed {
-                last: AttemptError::Timeout,
-                ..
-            } => "backend_timeout",
+            ApiError::BackendsFailed { last: AttemptError::Timeout, .. } => "backend_timeout",
             ApiError::BackendsFailed { .. } => "backend_unavailable",
             ApiError::AdminDisabled => "admin_disabled",
             ApiError::NotFound(_) => "not_found",
@@ -110,6 +104,8 @@ impl ApiError {
             ApiError::QuotaExceeded { .. } => "quota_exceeded",
             ApiError::LimiterUnavailable => "rate_limiter_unavailable",
             ApiError::BudgetServiceUnavailable => "budget_service_unavailable",
+            ApiError::UsageBufferFull => "usage_buffer_full",
+            ApiError::UsageBufferUnavailable(_) => "usage_buffer_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -133,32 +129,24 @@ impl ApiError {
                 "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
             }
             ApiError::NotFound(what) => what.clone(),
-            ApiError::RateLimited {
-                retry_after_secs, ..
-            } => {
-                format!(
-                    "rate limit exceeded for this organization; retry after {retry_after_secs} s"
-                )
+            ApiError::RateLimited { retry_after_secs, .. } => {
+                format!("rate limit exceeded for this organization; retry after {retry_after_secs} s")
             }
-            ApiError::BudgetExceeded {
-                limit, remaining, ..
-            } => {
+            ApiError::BudgetExceeded { limit, remaining, .. } => {
                 format!("budget exceeded: {remaining} of {limit} remaining in this period")
             }
-            ApiError::QuotaExceeded {
-                kind,
-                limit,
-                remaining,
-                ..
-            } => {
+            ApiError::QuotaExceeded { kind, limit, remaining, .. } => {
                 format!("{kind} quota exceeded: {remaining} of {limit} remaining in this period")
             }
             ApiError::LimiterUnavailable => {
-                "rate limiting is unavailable (Redis is down and RATE_LIMIT_FAILURE_MODE=closed)"
-                    .into()
+                "rate limiting is unavailable (Redis is down and RATE_LIMIT_FAILURE_MODE=closed)".into()
             }
             ApiError::BudgetServiceUnavailable => {
                 "the budget service is unavailable (BUDGET_SERVICE_FAILURE_MODE=closed)".into()
+            }
+            ApiError::UsageBufferFull => "the usage buffer is full (Kafka has been unreachable); retry later".into(),
+            ApiError::UsageBufferUnavailable(e) => {
+                format!("the usage record could not be stored ({e}); the request was not recorded, retry it")
             }
             ApiError::Internal(_) => "internal error".into(),
         }
@@ -182,37 +170,22 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": self.code(), "message": self.message()});
         let time = |t: &Option<SystemTime>| t.map(crate::telemetry::rfc3339);
         match &self {
-            ApiError::BudgetExceeded {
-                limit,
-                remaining,
-                reset_at,
-            } => {
+            ApiError::BudgetExceeded { limit, remaining, reset_at } => {
                 error["limit"] = json!(limit);
                 error["remaining"] = json!(remaining);
                 error["reset_at"] = json!(time(reset_at));
             }
-            ApiError::QuotaExceeded {
-                kind,
-                limit,
-                remaining,
-                reset_at,
-            } => {
+            ApiError::QuotaExceeded { kind, limit, remaining, reset_at } => {
                 error["quota"] = json!(kind);
                 error["limit"] = json!(limit);
                 error["remaining"] = json!(remaining);
                 error["reset_at"] = json!(time(reset_at));
             }
-            ApiError::RateLimited {
-                retry_after_secs, ..
-            } => error["retry_after"] = json!(retry_after_secs),
+            ApiError::RateLimited { retry_after_secs, .. } => error["retry_after"] = json!(retry_after_secs),
             _ => {}
         }
         let mut response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
-        if let ApiError::RateLimited {
-            info,
-            retry_after_secs,
-        } = &self
-        {
+        if let ApiError::RateLimited { info, retry_after_secs } = &self {
             let h = response.headers_mut();
             h.insert("retry-after", HeaderValue::from(*retry_after_secs));
             rate_limit_headers(h, info);

@@ -27,6 +27,8 @@ use crate::config_service::ConfigStore;
 use crate::limits::Limits;
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
+use crate::usage::UsageSink;
+use crate::usage::publisher::Publisher;
 
 use self::status::Component;
 
@@ -34,11 +36,15 @@ use self::status::Component;
 /// start-up; routing state is read through `config.load()`.
 pub struct AppState {
     pub settings: Arc<Settings>,
+    pub instance_id: Arc<str>,
     pub config: Arc<ConfigStore>,
     pub client: BackendClient,
     pub decisions: DecisionLog,
     pub audit: AuditStore,
     pub limits: Arc<Limits>,
+    pub usage: UsageSink,
+    /// The publisher and its buffer, when `KAFKA_BROKERS` is set.
+    pub publisher: Option<(Arc<Publisher>, Arc<crate::usage::Shared>)>,
     pub metrics: Metrics,
     /// Side effects that must finish even if the client leaves; shutdown waits.
     pub tasks: TaskTracker,
@@ -51,33 +57,17 @@ pub type SharedState = Arc<AppState>;
 pub fn router(state: SharedState) -> Router {
     let admin = Router::new()
         .route("/v1/admin/routing/backends", get(admin::list_backends))
-        .route(
-            "/v1/admin/routing/backends/{backend_id}/health",
-            get(admin::backend_health),
-        )
-        .route(
-            "/v1/admin/routing/backends/{backend_id}/degrade",
-            post(admin::degrade),
-        )
-        .route(
-            "/v1/admin/routing/backends/{backend_id}/healthy",
-            post(admin::mark_healthy),
-        )
+        .route("/v1/admin/routing/backends/{backend_id}/health", get(admin::backend_health))
+        .route("/v1/admin/routing/backends/{backend_id}/degrade", post(admin::degrade))
+        .route("/v1/admin/routing/backends/{backend_id}/healthy", post(admin::mark_healthy))
         .route("/v1/admin/routing/policies", post(admin::upsert_policy))
-        .route(
-            "/v1/admin/routing/policies/{org_id}/{*model}",
-            get(admin::get_policy),
-        )
+        .route("/v1/admin/routing/policies/{org_id}/{*model}", get(admin::get_policy))
         .route("/v1/admin/routing/decisions", get(admin::decisions))
-        .route(
-            "/v1/admin/organizations/{org_id}/limits",
-            get(admin::get_limits).put(admin::put_limits),
-        )
+        .route("/v1/admin/organizations/{org_id}/limits", get(admin::get_limits).put(admin::put_limits))
         .route("/v1/admin/organizations/{org_id}/usage", get(admin::usage))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            admin::require_admin,
-        ));
+        .route("/v1/admin/usage/buffer", get(admin::buffer_status))
+        .route("/v1/admin/usage/buffer/retry", post(admin::buffer_retry))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin));
 
     Router::new()
         .route("/v1/inference", post(inference))
@@ -105,15 +95,7 @@ async fn track(State(state): State<SharedState>, request: Request, next: Next) -
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
     let status = response.status();
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[route.as_str(), status.as_str()])
-        .inc();
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[route.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.http_requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
+    state.metrics.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
     response
 }

@@ -64,48 +64,31 @@ impl Component for BackendRegistry {
         "backend_registry"
     }
     fn status(&self) -> ComponentStatus {
-        if self.0.load().any_routable() {
-            ComponentStatus::Healthy
-        } else {
-            ComponentStatus::Unhealthy
-        }
+        if self.0.load().any_routable() { ComponentStatus::Healthy } else { ComponentStatus::Unhealthy }
     }
 }
 
 /// Ready unless some component is unhealthy; `not_configured` is acceptable.
 pub fn is_ready(statuses: &[(&'static str, ComponentStatus)]) -> bool {
-    statuses
-        .iter()
-        .all(|(_, s)| *s != ComponentStatus::Unhealthy)
+    statuses.iter().all(|(_, s)| *s != ComponentStatus::Unhealthy)
 }
 
 pub async fn healthz() -> Response {
-    axum::Json(json!({"status": "healthy", "timestamp": rfc3339(SystemTime::now())}))
-        .into_response()
+    axum::Json(json!({"status": "healthy", "timestamp": rfc3339(SystemTime::now())})).into_response()
 }
 
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let statuses: Vec<_> = state
-        .components
-        .iter()
-        .map(|c| (c.name(), c.status()))
-        .collect();
+    let statuses: Vec<_> = state.components.iter().map(|c| (c.name(), c.status())).collect();
     let ready = is_ready(&statuses);
-    let components: Map<String, Value> = statuses
-        .iter()
-        .map(|(n, s)| (n.to_string(), Value::from(s.as_str())))
-        .collect();
+    let components: Map<String, Value> =
+        statuses.iter().map(|(n, s)| (n.to_string(), Value::from(s.as_str()))).collect();
     let body = json!({
         "status": if ready { "ready" } else { "degraded" },
         "components": components,
         "build": {"version": build_info::VERSION, "commit": build_info::COMMIT, "build_time": build_info::BUILD_TIME},
         "timestamp": rfc3339(SystemTime::now()),
     });
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(body)).into_response()
 }
 
@@ -119,27 +102,20 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
             (None, true) => 1,
             (None, false) => 0,
         };
-        state
-            .metrics
-            .health_status
-            .with_label_values(&[&*b.id])
-            .set(value);
+        state.metrics.health_status.with_label_values(&[&*b.id]).set(value);
+    }
+    if let Some((_, shared)) = &state.publisher {
+        let (size, oldest) = {
+            let b = shared.lock();
+            (b.pending(), b.oldest_ms())
+        };
+        state.metrics.buffer_size.set(size as i64);
+        state.metrics.buffer_age.set(crate::telemetry::age_seconds(oldest));
     }
     for c in &state.components {
-        state
-            .metrics
-            .component_health
-            .with_label_values(&[c.name()])
-            .set(c.status().gauge());
+        state.metrics.component_health.with_label_values(&[c.name()]).set(c.status().gauge());
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
 }
 
 #[cfg(test)]
@@ -149,14 +125,8 @@ mod tests {
     #[test]
     fn readiness_is_a_function_of_component_statuses() {
         use ComponentStatus::*;
-        assert!(is_ready(&[
-            ("redis", NotConfigured),
-            ("backend_registry", Healthy)
-        ]));
-        assert!(!is_ready(&[
-            ("redis", Unhealthy),
-            ("backend_registry", Healthy)
-        ]));
+        assert!(is_ready(&[("redis", NotConfigured), ("backend_registry", Healthy)]));
+        assert!(!is_ready(&[("redis", Unhealthy), ("backend_registry", Healthy)]));
         assert!(!is_ready(&[("backend_registry", Unhealthy)]));
         assert!(is_ready(&[]));
     }

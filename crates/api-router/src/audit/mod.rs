@@ -127,10 +127,7 @@ impl AuditStore {
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics
-                    .audit_records
-                    .with_label_values(&["dropped"])
-                    .inc();
+                self.metrics.audit_records.with_label_values(&["dropped"]).inc();
                 tracing::error!("audit writer stopped; record dropped");
             }
         }
@@ -146,11 +143,7 @@ impl AuditStore {
 
     /// The record JSON for `request_id`. With `org`, only that organization's
     /// record; without (admin), the most recent of any organization.
-    pub async fn get(
-        &self,
-        request_id: &str,
-        org: Option<&str>,
-    ) -> Result<Option<Vec<u8>>, AuditError> {
+    pub async fn get(&self, request_id: &str, org: Option<&str>) -> Result<Option<Vec<u8>>, AuditError> {
         let db = self.db.clone();
         let request_id = request_id.to_string();
         let org = org.map(str::to_string);
@@ -186,9 +179,7 @@ impl AuditStore {
         {
             let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
             let mut records = txn.open_table(RECORDS).map_err(storage)?;
-            let old = by_time
-                .extract_from_if(..(cutoff_ms, "", ""), |_, _| true)
-                .map_err(storage)?;
+            let old = by_time.extract_from_if(..(cutoff_ms, "", ""), |_, _| true).map_err(storage)?;
             for entry in old {
                 let (k, _) = entry.map_err(storage)?;
                 let (_, rid, org) = k.value();
@@ -227,9 +218,7 @@ impl AuditStore {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Msg>, metrics: Metrics) {
@@ -250,15 +239,9 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Msg>, metrics: Metrics) {
         if !batch.is_empty() {
             let n = batch.len() as u64;
             match write_batch(&db, &batch) {
-                Ok(()) => metrics
-                    .audit_records
-                    .with_label_values(&["written"])
-                    .inc_by(n),
+                Ok(()) => metrics.audit_records.with_label_values(&["written"]).inc_by(n),
                 Err(e) => {
-                    metrics
-                        .audit_records
-                        .with_label_values(&["error"])
-                        .inc_by(n);
+                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
                     tracing::error!(error = %e, records = n, "audit write failed");
                 }
             }
@@ -279,9 +262,7 @@ fn write_batch(db: &Database, batch: &[AuditRecord]) -> Result<(), AuditError> {
             let json = serde_json::to_vec(r).map_err(storage)?;
             let key = (&*r.request_id, &*r.organization_id);
             records.insert(key, json.as_slice()).map_err(storage)?;
-            by_time
-                .insert((unix_ms(r.finished_at), key.0, key.1), ())
-                .map_err(storage)?;
+            by_time.insert((unix_ms(r.finished_at), key.0, key.1), ()).map_err(storage)?;
         }
     }
     txn.commit().map_err(storage)
@@ -326,8 +307,7 @@ mod tests {
             }
         };
         let a: serde_json::Value =
-            serde_json::from_slice(&store.get("r1", Some("org-a")).await.unwrap().unwrap())
-                .unwrap();
+            serde_json::from_slice(&store.get("r1", Some("org-a")).await.unwrap().unwrap()).unwrap();
         assert_eq!(a["organization_id"], "org-a");
         assert!(store.get("r1", Some("org-c")).await.unwrap().is_none());
         assert!(store.get("r1", None).await.unwrap().is_some());
@@ -340,16 +320,10 @@ mod tests {
         let tasks = tokio_util::task::TaskTracker::new();
         let store = AuditStore::open(dir.path(), Metrics::new()).unwrap();
         let now = SystemTime::now();
-        store.submit(
-            record("old", "o", now - Duration::from_secs(8 * 86400)),
-            &tasks,
-        );
+        store.submit(record("old", "o", now - Duration::from_secs(8 * 86400)), &tasks);
         store.submit(record("new", "o", now), &tasks);
         store.flush().await;
-        assert_eq!(
-            store.prune(now - Duration::from_secs(7 * 86400)).unwrap(),
-            1
-        );
+        assert_eq!(store.prune(now - Duration::from_secs(7 * 86400)).unwrap(), 1);
         assert!(store.get("old", Some("o")).await.unwrap().is_none());
         assert!(store.get("new", Some("o")).await.unwrap().is_some());
     }

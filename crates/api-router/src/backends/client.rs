@@ -43,14 +43,7 @@ impl AttemptError {
         !matches!(self, AttemptError::Status(s) if !s.is_server_error())
     }
 
-    pub const ERROR_TYPES: [&'static str; 6] = [
-        "connect",
-        "timeout",
-        "io",
-        "status_5xx",
-        "status_429",
-        "status_408",
-    ];
+    pub const ERROR_TYPES: [&'static str; 6] = ["connect", "timeout", "io", "status_5xx", "status_429", "status_408"];
 }
 
 impl std::fmt::Display for AttemptError {
@@ -66,9 +59,7 @@ impl std::fmt::Display for AttemptError {
 
 /// Whether a backend status triggers failover.
 pub fn retryable_status(status: StatusCode) -> bool {
-    status.is_server_error()
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status == StatusCode::REQUEST_TIMEOUT
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
 }
 
 /// A backend's complete answer.
@@ -96,15 +87,8 @@ impl BackendClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(connector.clone());
-        let probes = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self {
-            client,
-            probes,
-            timeout,
-            probe_timeout,
-        }
+        let probes = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
+        Self { client, probes, timeout, probe_timeout }
     }
 
     /// Sends one attempt. A retryable status comes back as `Err(Status)`, with
@@ -115,8 +99,7 @@ impl BackendClient {
         headers: &[(&'static str, &str)],
         body: Bytes,
     ) -> Result<BackendResponse, AttemptError> {
-        self.send_with_timeout(uri, headers, body, self.timeout)
-            .await
+        self.send_with_timeout(uri, headers, body, self.timeout).await
     }
 
     /// `send` with its own timeout (for calls that are not inference).
@@ -134,88 +117,42 @@ impl BackendClient {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let request = builder
-            .body(Full::new(body))
-            .map_err(|e| AttemptError::Io(e.to_string()))?;
+        let request = builder.body(Full::new(body)).map_err(|e| AttemptError::Io(e.to_string()))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    AttemptError::Connect(source_text(&e))
-                } else {
-                    AttemptError::Io(source_text(&e))
-                }
+                if e.is_connect() { AttemptError::Connect(source_text(&e)) } else { AttemptError::Io(source_text(&e)) }
             })?;
             let (parts, body) = response.into_parts();
             if retryable_status(parts.status) {
                 return Err(AttemptError::Status(parts.status));
             }
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| AttemptError::Io(e.to_string()))?
-                .to_bytes();
-            Ok(BackendResponse {
-                status: parts.status,
-                content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-                body,
-            })
+            let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
+            Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(AttemptError::Timeout))
+        tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
     }
 
     /// `GET uri`, whatever the status, within `timeout`.
-    pub async fn get_with_timeout(
-        &self,
-        uri: &Uri,
-        timeout: Duration,
-    ) -> Result<BackendResponse, AttemptError> {
-        let request = Request::get(uri.clone())
-            .body(Empty::new())
-            .map_err(|e| AttemptError::Io(e.to_string()))?;
+    pub async fn get_with_timeout(&self, uri: &Uri, timeout: Duration) -> Result<BackendResponse, AttemptError> {
+        let request = Request::get(uri.clone()).body(Empty::new()).map_err(|e| AttemptError::Io(e.to_string()))?;
         let exchange = async {
-            let response = self
-                .probes
-                .request(request)
-                .await
-                .map_err(|e| AttemptError::Connect(source_text(&e)))?;
+            let response = self.probes.request(request).await.map_err(|e| AttemptError::Connect(source_text(&e)))?;
             let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| AttemptError::Io(e.to_string()))?
-                .to_bytes();
-            Ok(BackendResponse {
-                status: parts.status,
-                content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-                body,
-            })
+            let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
+            Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(AttemptError::Timeout))
+        tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
     }
 
     /// An active health check: `GET uri` must answer 2xx within the probe timeout.
     pub async fn probe(&self, uri: &Uri) -> Result<(), String> {
-        let request = Request::get(uri.clone())
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
+        let request = Request::get(uri.clone()).body(Empty::new()).map_err(|e| e.to_string())?;
         let check = async {
-            let response = self
-                .probes
-                .request(request)
-                .await
-                .map_err(|e| source_text(&e))?;
+            let response = self.probes.request(request).await.map_err(|e| source_text(&e))?;
             let status = response.status();
             // Drain so the connection can be reused.
             let _ = response.into_body().collect().await;
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("health check answered {}", status.as_u16()))
-            }
+            if status.is_success() { Ok(()) } else { Err(format!("health check answered {}", status.as_u16())) }
         };
         tokio::time::timeout(self.probe_timeout, check)
             .await
@@ -243,10 +180,7 @@ mod tests {
         assert!(retryable_status(StatusCode::REQUEST_TIMEOUT));
         assert!(!retryable_status(StatusCode::BAD_REQUEST));
         assert!(!retryable_status(StatusCode::NOT_FOUND));
-        assert_eq!(
-            AttemptError::Status(StatusCode::SERVICE_UNAVAILABLE).error_type(),
-            "status_5xx"
-        );
+        assert_eq!(AttemptError::Status(StatusCode::SERVICE_UNAVAILABLE).error_type(), "status_5xx");
         assert!(!AttemptError::Status(StatusCode::TOO_MANY_REQUESTS).counts_against_health());
         assert!(AttemptError::Timeout.counts_against_health());
         assert!(AttemptError::Connect("refused".into()).counts_against_health());
@@ -255,19 +189,10 @@ mod tests {
     #[tokio::test]
     async fn connect_error_is_classified_as_connect() {
         // Bind then drop a listener to get a port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client = BackendClient::new(Duration::from_secs(2), Duration::from_secs(1));
-        let uri: Uri = format!("http://127.0.0.1:{port}/v1/inference")
-            .parse()
-            .unwrap();
-        let err = client
-            .send(&uri, &[], Bytes::from_static(b"{}"))
-            .await
-            .unwrap_err();
+        let uri: Uri = format!("http://127.0.0.1:{port}/v1/inference").parse().unwrap();
+        let err = client.send(&uri, &[], Bytes::from_static(b"{}")).await.unwrap_err();
         assert_eq!(err.error_type(), "connect", "{err}");
         assert!(client.probe(&uri).await.is_err());
     }

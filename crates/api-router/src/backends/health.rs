@@ -103,11 +103,7 @@ impl BackendHealth {
             0 => None,
             ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
         };
-        let err = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let err = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
         HealthView {
             healthy: self.is_healthy(),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
@@ -118,16 +114,12 @@ impl BackendHealth {
     }
 
     fn set_error(&self, error: &str) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((error.to_string(), SystemTime::now()));
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((error.to_string(), SystemTime::now()));
     }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-        .max(1)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0).max(1)
 }
 
 #[cfg(test)]
@@ -143,11 +135,7 @@ mod tests {
         assert!(h.is_healthy());
         assert_eq!(h.record_failure(3, "boom"), Transition::BecameUnhealthy);
         assert!(!h.is_healthy());
-        assert_eq!(
-            h.record_failure(3, "boom"),
-            Transition::Unchanged,
-            "only one transition"
-        );
+        assert_eq!(h.record_failure(3, "boom"), Transition::Unchanged, "only one transition");
         assert_eq!(h.view().consecutive_failures, 4);
     }
 
@@ -167,10 +155,7 @@ mod tests {
     fn probe_success_readmits_and_reset_clears() {
         let h = BackendHealth::default();
         h.record_failure(1, "down");
-        assert_eq!(
-            h.record_check(Ok(()), SystemTime::now()),
-            Transition::BecameHealthy
-        );
+        assert_eq!(h.record_check(Ok(()), SystemTime::now()), Transition::BecameHealthy);
         assert!(h.is_healthy());
         assert_eq!(h.view().consecutive_failures, 0);
         assert!(h.view().last_check.is_some());

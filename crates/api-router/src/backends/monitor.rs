@@ -27,12 +27,7 @@ impl Probe for BackendClient {
 }
 
 /// Runs until `cancel` fires. The first round runs at once.
-pub async fn run<P: Probe>(
-    store: Arc<ConfigStore>,
-    probe: Arc<P>,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
+pub async fn run<P: Probe>(store: Arc<ConfigStore>, probe: Arc<P>, interval: Duration, cancel: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -85,24 +80,13 @@ mod tests {
         fn check(&self, _b: Arc<Backend>) -> impl Future<Output = Result<(), String>> + Send {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let up = self.up.load(Ordering::SeqCst);
-            async move {
-                if up {
-                    Ok(())
-                } else {
-                    Err("connection refused".to_string())
-                }
-            }
+            async move { if up { Ok(()) } else { Err("connection refused".to_string()) } }
         }
     }
 
     fn store() -> Arc<ConfigStore> {
-        let mut s = ConfigState {
-            default_route: true,
-            default_failover_threshold: 3,
-            ..Default::default()
-        };
-        s.backends
-            .insert("b1".into(), BackendSpec::new("http://127.0.0.1:1").unwrap());
+        let mut s = ConfigState { default_route: true, default_failover_threshold: 3, ..Default::default() };
+        s.backends.insert("b1".into(), BackendSpec::new("http://127.0.0.1:1").unwrap());
         Arc::new(ConfigStore::new(s, Metrics::new()))
     }
 
@@ -116,23 +100,11 @@ mod tests {
     async fn ejected_backend_is_readmitted_by_the_next_successful_probe() {
         let store = store();
         let b = store.load().backend("b1").unwrap().clone();
-        let probe = Arc::new(FakeProbe {
-            up: AtomicBool::new(true),
-            calls: AtomicUsize::new(0),
-        });
+        let probe = Arc::new(FakeProbe { up: AtomicBool::new(true), calls: AtomicUsize::new(0) });
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
-            store.clone(),
-            probe.clone(),
-            Duration::from_secs(5),
-            cancel.clone(),
-        ));
+        let task = tokio::spawn(run(store.clone(), probe.clone(), Duration::from_secs(5), cancel.clone()));
         settle().await;
-        assert_eq!(
-            probe.calls.load(Ordering::SeqCst),
-            1,
-            "first round runs at once"
-        );
+        assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "first round runs at once");
 
         // Passive ejection at exactly the threshold.
         b.runtime.health.record_failure(3, "e");

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::config_service::{BackendSpec, ConfigState};
 use crate::limits::{BudgetServiceSettings, FailureMode, LimitSettings, Price, RateLimit};
 use crate::routing::policy::PolicyInput;
+use crate::usage::{Fsync, FullPolicy, UsageSettings};
 
 /// One bad setting: which, what value, what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,21 +30,13 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(setting: &str, value: &str, expected: impl Into<String>) -> Self {
-        Self {
-            setting: setting.to_string(),
-            value: value.to_string(),
-            expected: expected.into(),
-        }
+        Self { setting: setting.to_string(), value: value.to_string(), expected: expected.into() }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid setting {}={:?}: expected {}",
-            self.setting, self.value, self.expected
-        )
+        write!(f, "invalid setting {}={:?}: expected {}", self.setting, self.value, self.expected)
     }
 }
 
@@ -72,6 +65,7 @@ pub struct Settings {
     pub decisions_capacity: usize,
     pub instance_id: String,
     pub limits: LimitSettings,
+    pub usage: UsageSettings,
     /// The routing state loaded from the environment and the file.
     pub initial_state: ConfigState,
 }
@@ -92,10 +86,9 @@ impl Settings {
 
         let http_addr = match var("HTTP_ADDR") {
             None => SocketAddr::from(([0, 0, 0, 0], 8080)),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| ConfigError::new("HTTP_ADDR", &v, "an address like 0.0.0.0:8080"))?,
+            Some(v) => {
+                v.trim().parse().map_err(|_| ConfigError::new("HTTP_ADDR", &v, "an address like 0.0.0.0:8080"))?
+            }
         };
         let ms = |name: &str, default: u64| -> Result<Duration, ConfigError> {
             positive_u64(name, var(name), default).map(Duration::from_millis)
@@ -103,32 +96,18 @@ impl Settings {
         let health_check_interval = ms("HEALTH_CHECK_INTERVAL_MS", 5000)?;
         let health_check_timeout = ms("HEALTH_CHECK_TIMEOUT_MS", 1000)?;
         let backend_timeout = ms("BACKEND_TIMEOUT_MS", 30_000)?;
-        let max_body_bytes =
-            positive_u64("MAX_BODY_BYTES", var("MAX_BODY_BYTES"), 1 << 20)? as usize;
-        let shutdown_timeout = Duration::from_secs(positive_u64(
-            "SHUTDOWN_TIMEOUT_SECS",
-            var("SHUTDOWN_TIMEOUT_SECS"),
-            10,
-        )?);
-        let audit_retention = Duration::from_secs(
-            positive_u64(
-                "AUDIT_RETENTION_HOURS",
-                var("AUDIT_RETENTION_HOURS"),
-                7 * 24,
-            )? * 3600,
-        );
-        let decisions_capacity =
-            positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
+        let max_body_bytes = positive_u64("MAX_BODY_BYTES", var("MAX_BODY_BYTES"), 1 << 20)? as usize;
+        let shutdown_timeout =
+            Duration::from_secs(positive_u64("SHUTDOWN_TIMEOUT_SECS", var("SHUTDOWN_TIMEOUT_SECS"), 10)?);
+        let audit_retention =
+            Duration::from_secs(positive_u64("AUDIT_RETENTION_HOURS", var("AUDIT_RETENTION_HOURS"), 7 * 24)? * 3600);
+        let decisions_capacity = positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
         let log_format = match var("LOG_FORMAT").as_deref().map(str::trim) {
             None | Some("json") => LogFormat::Json,
             Some("text") => LogFormat::Text,
             Some(other) => return Err(ConfigError::new("LOG_FORMAT", other, "json or text")),
         };
-        let allow_weak = boolean(
-            "ALLOW_WEAK_ADMIN_TOKEN",
-            var("ALLOW_WEAK_ADMIN_TOKEN"),
-            false,
-        )?;
+        let allow_weak = boolean("ALLOW_WEAK_ADMIN_TOKEN", var("ALLOW_WEAK_ADMIN_TOKEN"), false)?;
         let admin_token = match var("ADMIN_TOKEN") {
             None => None,
             Some(token) => {
@@ -147,14 +126,11 @@ impl Settings {
             }
         };
         let data_dir = PathBuf::from(var("DATA_DIR").unwrap_or_else(|| "./data".to_string()));
-        let instance_id = var("INSTANCE_ID").unwrap_or_else(|| {
-            format!(
-                "api-router-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            )
-        });
+        let instance_id = var("INSTANCE_ID")
+            .unwrap_or_else(|| format!("api-router-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
 
         let limits = limit_settings(&var)?;
+        let usage = usage_settings(&var)?;
 
         let mut state = match var("ROUTER_CONFIG") {
             Some(path) => load_file(&path)?,
@@ -169,8 +145,7 @@ impl Settings {
         }
         if let Some(v) = var("BACKEND_ENDPOINTS") {
             for (id, url) in pairs("BACKEND_ENDPOINTS", &v, "id=url pairs, comma-separated")? {
-                let spec = BackendSpec::new(&url)
-                    .map_err(|why| ConfigError::new("BACKEND_ENDPOINTS", &v, why))?;
+                let spec = BackendSpec::new(&url).map_err(|why| ConfigError::new("BACKEND_ENDPOINTS", &v, why))?;
                 check_id("BACKEND_ENDPOINTS", &id)?;
                 state.backends.insert(id, spec);
             }
@@ -178,15 +153,9 @@ impl Settings {
         if let Some(v) = var("API_KEYS") {
             // The value holds secrets: errors never echo it.
             for (key, org) in pairs("API_KEYS", &v, "key=organization_id pairs, comma-separated")
-                .map_err(|e| ConfigError {
-                    value: "<redacted>".into(),
-                    ..e
-                })?
+                .map_err(|e| ConfigError { value: "<redacted>".into(), ..e })?
             {
-                check_id("API_KEYS", &org).map_err(|e| ConfigError {
-                    value: "<redacted>".into(),
-                    ..e
-                })?;
+                check_id("API_KEYS", &org).map_err(|e| ConfigError { value: "<redacted>".into(), ..e })?;
                 state.api_keys.insert(crate::api::auth::hash_key(&key), org);
             }
         }
@@ -211,9 +180,45 @@ impl Settings {
             decisions_capacity,
             instance_id,
             limits,
+            usage,
             initial_state: state,
         })
     }
+}
+
+fn usage_settings(var: &impl Fn(&str) -> Option<String>) -> Result<UsageSettings, ConfigError> {
+    let fsync = match var("USAGE_BUFFER_FSYNC").as_deref().map(str::trim) {
+        None | Some("interval") => Fsync::Interval(Duration::from_millis(positive_u64(
+            "USAGE_BUFFER_FSYNC_INTERVAL_MS",
+            var("USAGE_BUFFER_FSYNC_INTERVAL_MS"),
+            200,
+        )?)),
+        Some("always") => Fsync::Always,
+        Some("never") => Fsync::Never,
+        Some(other) => return Err(ConfigError::new("USAGE_BUFFER_FSYNC", other, "always, interval or never")),
+    };
+    let full_policy = match var("USAGE_BUFFER_FULL_POLICY").as_deref().map(str::trim) {
+        None | Some("reject") => FullPolicy::Reject,
+        Some("bypass") => FullPolicy::Bypass,
+        Some(other) => return Err(ConfigError::new("USAGE_BUFFER_FULL_POLICY", other, "reject or bypass")),
+    };
+    let topic = var("KAFKA_USAGE_TOPIC").unwrap_or_else(|| "api-router.usage".into());
+    let valid_topic =
+        topic.len() <= 249 && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !valid_topic {
+        return Err(ConfigError::new(
+            "KAFKA_USAGE_TOPIC",
+            &topic,
+            "a Kafka topic name (letters, digits, '.', '_', '-')",
+        ));
+    }
+    Ok(UsageSettings {
+        brokers: var("KAFKA_BROKERS").map(|b| b.trim().to_string()),
+        topic,
+        max_records: positive_u64("USAGE_BUFFER_MAX_RECORDS", var("USAGE_BUFFER_MAX_RECORDS"), 1_000_000)?,
+        full_policy,
+        fsync,
+    })
 }
 
 fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings, ConfigError> {
@@ -227,58 +232,33 @@ fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings
         }
     };
     let rps = number("RATE_LIMIT_DEFAULT_RPS", 1000.0)?;
-    let burst = positive_u64(
-        "RATE_LIMIT_BURST_SIZE",
-        var("RATE_LIMIT_BURST_SIZE"),
-        (rps * 2.0).clamp(1.0, 1e6) as u64,
-    )?;
+    let burst =
+        positive_u64("RATE_LIMIT_BURST_SIZE", var("RATE_LIMIT_BURST_SIZE"), (rps * 2.0).clamp(1.0, 1e6) as u64)?;
     let burst = u32::try_from(burst)
         .ok()
         .filter(|b| *b <= 1_000_000)
-        .ok_or_else(|| {
-            ConfigError::new(
-                "RATE_LIMIT_BURST_SIZE",
-                &burst.to_string(),
-                "at most 1000000",
-            )
-        })?;
+        .ok_or_else(|| ConfigError::new("RATE_LIMIT_BURST_SIZE", &burst.to_string(), "at most 1000000"))?;
     let failure_mode = match var("RATE_LIMIT_FAILURE_MODE").as_deref().map(str::trim) {
         None | Some("local") => FailureMode::Local,
         Some("open") => FailureMode::Open,
         Some("closed") => FailureMode::Closed,
         Some(other) => {
-            return Err(ConfigError::new(
-                "RATE_LIMIT_FAILURE_MODE",
-                other,
-                "local, open or closed",
-            ));
+            return Err(ConfigError::new("RATE_LIMIT_FAILURE_MODE", other, "local, open or closed"));
         }
     };
     let redis_url = var("REDIS_URL");
-    if let Some(url) = redis_url
-        .as_ref()
-        .filter(|u| !u.starts_with("redis://") && !u.starts_with("unix://"))
-    {
-        return Err(ConfigError::new(
-            "REDIS_URL",
-            url,
-            "a redis:// URL, e.g. redis://127.0.0.1:6379",
-        ));
+    if let Some(url) = redis_url.as_ref().filter(|u| !u.starts_with("redis://") && !u.starts_with("unix://")) {
+        return Err(ConfigError::new("REDIS_URL", url, "a redis:// URL, e.g. redis://127.0.0.1:6379"));
     }
     let budget_service = match var("BUDGET_SERVICE_URL") {
         None => None,
         Some(url) => {
-            BackendSpec::new(&url)
-                .map_err(|why| ConfigError::new("BUDGET_SERVICE_URL", &url, why))?;
+            BackendSpec::new(&url).map_err(|why| ConfigError::new("BUDGET_SERVICE_URL", &url, why))?;
             let fail_open = match var("BUDGET_SERVICE_FAILURE_MODE").as_deref().map(str::trim) {
                 None | Some("open") => true,
                 Some("closed") => false,
                 Some(other) => {
-                    return Err(ConfigError::new(
-                        "BUDGET_SERVICE_FAILURE_MODE",
-                        other,
-                        "open or closed",
-                    ));
+                    return Err(ConfigError::new("BUDGET_SERVICE_FAILURE_MODE", other, "open or closed"));
                 }
             };
             Some(BudgetServiceSettings {
@@ -299,17 +279,10 @@ fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings
     };
     let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "api-router".into());
     Ok(LimitSettings {
-        default_rate: (rps > 0.0).then_some(RateLimit {
-            requests_per_second: rps,
-            burst,
-        }),
+        default_rate: (rps > 0.0).then_some(RateLimit { requests_per_second: rps, burst }),
         failure_mode,
         redis_url,
-        redis_timeout: Duration::from_millis(positive_u64(
-            "REDIS_TIMEOUT_MS",
-            var("REDIS_TIMEOUT_MS"),
-            20,
-        )?),
+        redis_timeout: Duration::from_millis(positive_u64("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS"), 20)?),
         redis_prefix: format!("{prefix}:"),
         default_request_cost: number("BUDGET_DEFAULT_REQUEST_COST", 0.0)?,
         estimated_tokens: number("BUDGET_ESTIMATED_TOKENS", 0.0)? as u64,
@@ -341,20 +314,14 @@ fn boolean(name: &str, value: Option<String>, default: bool) -> Result<bool, Con
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn check_id(setting: &str, id: &str) -> Result<(), ConfigError> {
     if valid_id(id) {
         Ok(())
     } else {
-        Err(ConfigError::new(
-            setting,
-            id,
-            "an id of 1-128 letters, digits, '-', '_', '.' or ':'",
-        ))
+        Err(ConfigError::new(setting, id, "an id of 1-128 letters, digits, '-', '_', '.' or ':'"))
     }
 }
 
@@ -424,10 +391,8 @@ struct FileApiKey {
 
 fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     let err = |why: String| ConfigError::new("ROUTER_CONFIG", path, why);
-    let text =
-        std::fs::read_to_string(path).map_err(|e| err(format!("a readable YAML file ({e})")))?;
-    let file: FileConfig =
-        serde_yaml::from_str(&text).map_err(|e| err(format!("valid configuration YAML ({e})")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("a readable YAML file ({e})")))?;
+    let file: FileConfig = serde_yaml::from_str(&text).map_err(|e| err(format!("valid configuration YAML ({e})")))?;
     if file.default_failover_threshold < 1 {
         return Err(err("default_failover_threshold of at least 1".into()));
     }
@@ -438,8 +403,7 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     };
     for b in file.backends {
         check_id("ROUTER_CONFIG", &b.backend_id)?;
-        let spec = BackendSpec::new(&b.endpoint)
-            .map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
+        let spec = BackendSpec::new(&b.endpoint).map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
         state.backends.insert(b.backend_id, spec);
     }
     for k in file.api_keys {
@@ -452,20 +416,12 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     }
     for o in file.organizations {
         check_id("ROUTER_CONFIG", &o.organization_id)?;
-        let limits = crate::limits::OrgLimits::from_json(o.limits).map_err(|why| {
-            err(format!(
-                "valid limits for organization {}: {why}",
-                o.organization_id
-            ))
-        })?;
+        let limits = crate::limits::OrgLimits::from_json(o.limits)
+            .map_err(|why| err(format!("valid limits for organization {}: {why}", o.organization_id)))?;
         state.organizations.insert(o.organization_id, limits);
     }
     for (model, price) in &file.prices {
-        let amounts = [
-            price.input_per_1k,
-            price.output_per_1k,
-            price.request_cost.unwrap_or(0.0),
-        ];
+        let amounts = [price.input_per_1k, price.output_per_1k, price.request_cost.unwrap_or(0.0)];
         if amounts.iter().any(|a| !a.is_finite() || *a < 0.0) {
             return Err(err(format!("prices for model {model} of at least 0")));
         }
@@ -473,13 +429,8 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     state.prices = file.prices;
     let mut policies = BTreeMap::new();
     for input in file.policies {
-        let policy = input
-            .into_policy()
-            .map_err(|why| err(format!("a valid policy: {why}")))?;
-        policies.insert(
-            (policy.organization_id.clone(), policy.model.clone()),
-            policy,
-        );
+        let policy = input.into_policy().map_err(|why| err(format!("a valid policy: {why}")))?;
+        policies.insert((policy.organization_id.clone(), policy.model.clone()), policy);
     }
     state.policies = policies;
     Ok(state)
@@ -491,10 +442,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -513,10 +461,7 @@ mod tests {
     #[test]
     fn bad_number_names_setting_value_and_expectation() {
         let e = settings(&[("HEALTH_CHECK_INTERVAL_MS", "soon")]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "invalid setting HEALTH_CHECK_INTERVAL_MS=\"soon\": expected a positive integer"
-        );
+        assert_eq!(e.to_string(), "invalid setting HEALTH_CHECK_INTERVAL_MS=\"soon\": expected a positive integer");
         assert!(settings(&[("MAX_BODY_BYTES", "0")]).is_err());
         assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
         assert!(settings(&[("HTTP_ADDR", "nowhere")]).is_err());
@@ -527,29 +472,19 @@ mod tests {
         let e = settings(&[("ADMIN_TOKEN", "short-secret")]).unwrap_err();
         assert_eq!(e.setting, "ADMIN_TOKEN");
         assert!(!e.to_string().contains("short-secret"));
-        let s = settings(&[
-            ("ADMIN_TOKEN", "short-secret"),
-            ("ALLOW_WEAK_ADMIN_TOKEN", "true"),
-        ])
-        .unwrap();
+        let s = settings(&[("ADMIN_TOKEN", "short-secret"), ("ALLOW_WEAK_ADMIN_TOKEN", "true")]).unwrap();
         assert_eq!(s.admin_token.as_deref(), Some("short-secret"));
     }
 
     #[test]
     fn backend_endpoints_and_api_keys_are_parsed() {
         let s = settings(&[
-            (
-                "BACKEND_ENDPOINTS",
-                "backend-1=http://127.0.0.1:8001, backend-2=http://127.0.0.1:8002/",
-            ),
+            ("BACKEND_ENDPOINTS", "backend-1=http://127.0.0.1:8001, backend-2=http://127.0.0.1:8002/"),
             ("API_KEYS", "k1=org-a,k2=org-b"),
         ])
         .unwrap();
         assert_eq!(s.initial_state.backends.len(), 2);
-        assert_eq!(
-            s.initial_state.backends["backend-2"].endpoint,
-            "http://127.0.0.1:8002"
-        );
+        assert_eq!(s.initial_state.backends["backend-2"].endpoint, "http://127.0.0.1:8002");
         assert_eq!(s.initial_state.api_keys.len(), 2);
         let e = settings(&[("BACKEND_ENDPOINTS", "backend-1")]).unwrap_err();
         assert_eq!(e.setting, "BACKEND_ENDPOINTS");

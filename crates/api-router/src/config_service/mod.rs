@@ -37,9 +37,7 @@ pub struct BackendSpec {
 impl BackendSpec {
     pub fn new(url: &str) -> Result<Self, String> {
         let endpoint = url.trim().trim_end_matches('/').to_string();
-        let uri: Uri = endpoint
-            .parse()
-            .map_err(|_| format!("an http:// URL, got {url:?}"))?;
+        let uri: Uri = endpoint.parse().map_err(|_| format!("an http:// URL, got {url:?}"))?;
         match (uri.scheme_str(), uri.authority()) {
             (Some("http"), Some(_)) => Ok(Self { endpoint }),
             _ => Err(format!("an http:// URL with a host, got {url:?}")),
@@ -126,10 +124,7 @@ impl Snapshot {
     /// The policy for (organization, model), or the default route if enabled.
     #[inline]
     pub fn route(&self, org: &str, model: &str) -> Option<&Arc<RoutePolicy>> {
-        self.policies
-            .get(org)
-            .and_then(|m| m.get(model))
-            .or(self.default_policy.as_ref())
+        self.policies.get(org).and_then(|m| m.get(model)).or(self.default_policy.as_ref())
     }
 
     /// The explicit policy for (organization, model), without the default route.
@@ -182,48 +177,23 @@ impl Snapshot {
                 .iter()
                 .filter_map(|b| backends.get(&b.backend_id).map(|be| (be.clone(), b.weight)))
                 .collect();
-            Arc::new(RoutePolicy {
-                policy: policy.clone(),
-                members,
-            })
+            Arc::new(RoutePolicy { policy: policy.clone(), members })
         };
         let mut policies: HashMap<String, HashMap<String, Arc<RoutePolicy>>> = HashMap::new();
         for ((org, model), policy) in &state.policies {
-            policies
-                .entry(org.clone())
-                .or_default()
-                .insert(model.clone(), resolve(policy));
+            policies.entry(org.clone()).or_default().insert(model.clone(), resolve(policy));
         }
         let default_policy = (state.default_route && !state.backends.is_empty()).then(|| {
             resolve(&Policy {
                 policy_id: "default".into(),
                 organization_id: "*".into(),
                 model: "*".into(),
-                backends: state
-                    .backends
-                    .keys()
-                    .map(|id| PolicyBackend {
-                        backend_id: id.clone(),
-                        weight: 1,
-                    })
-                    .collect(),
+                backends: state.backends.keys().map(|id| PolicyBackend { backend_id: id.clone(), weight: 1 }).collect(),
                 failover_threshold: state.default_failover_threshold,
             })
         });
-        let api_keys = state
-            .api_keys
-            .iter()
-            .map(|(hash, org)| (*hash, Arc::from(org.as_str())))
-            .collect();
-        Snapshot {
-            revision,
-            state,
-            backends,
-            backend_list,
-            policies,
-            default_policy,
-            api_keys,
-        }
+        let api_keys = state.api_keys.iter().map(|(hash, org)| (*hash, Arc::from(org.as_str()))).collect();
+        Snapshot { revision, state, backends, backend_list, policies, default_policy, api_keys }
     }
 }
 
@@ -244,10 +214,7 @@ impl RuntimeRegistry {
         if let Some(rt) = self.by_id.get(id) {
             return rt.clone();
         }
-        let rt = Arc::new(BackendRuntime {
-            health: BackendHealth::default(),
-            metrics: self.metrics.backend(id),
-        });
+        let rt = Arc::new(BackendRuntime { health: BackendHealth::default(), metrics: self.metrics.backend(id) });
         self.by_id.insert(id.to_string(), rt.clone());
         rt
     }
@@ -265,15 +232,9 @@ pub struct ConfigStore {
 
 impl ConfigStore {
     pub fn new(state: ConfigState, metrics: Metrics) -> Self {
-        let mut runtimes = RuntimeRegistry {
-            metrics,
-            by_id: HashMap::new(),
-        };
+        let mut runtimes = RuntimeRegistry { metrics, by_id: HashMap::new() };
         let snapshot = Snapshot::build(1, state, &mut runtimes);
-        Self {
-            current: ArcSwap::from_pointee(snapshot),
-            writer: Mutex::new(runtimes),
-        }
+        Self { current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(runtimes) }
     }
 
     /// The current snapshot, without taking a lock.
@@ -288,10 +249,7 @@ impl ConfigStore {
 
     /// Applies `change` to a copy of the current state and swaps in the result.
     /// On `Err` nothing changes. Writers are serialised; readers never wait.
-    pub fn update<E>(
-        &self,
-        change: impl FnOnce(&mut ConfigState) -> Result<(), E>,
-    ) -> Result<Arc<Snapshot>, E> {
+    pub fn update<E>(&self, change: impl FnOnce(&mut ConfigState) -> Result<(), E>) -> Result<Arc<Snapshot>, E> {
         // A poisoned lock only means another writer panicked mid-build; the
         // registry it guards is still consistent (it is only ever appended to or
         // pruned), so keep going with it.
@@ -310,17 +268,9 @@ mod tests {
     use super::*;
 
     fn state() -> ConfigState {
-        let mut s = ConfigState {
-            default_route: true,
-            default_failover_threshold: 3,
-            ..Default::default()
-        };
-        s.backends
-            .insert("b1".into(), BackendSpec::new("http://127.0.0.1:1").unwrap());
-        s.backends.insert(
-            "b2".into(),
-            BackendSpec::new("http://127.0.0.1:2/").unwrap(),
-        );
+        let mut s = ConfigState { default_route: true, default_failover_threshold: 3, ..Default::default() };
+        s.backends.insert("b1".into(), BackendSpec::new("http://127.0.0.1:1").unwrap());
+        s.backends.insert("b2".into(), BackendSpec::new("http://127.0.0.1:2/").unwrap());
         s
     }
 
@@ -331,24 +281,15 @@ mod tests {
         let health = before.backend("b1").unwrap().runtime.clone();
         let after = store
             .update(|s| {
-                s.overrides.insert(
-                    "b1".into(),
-                    Override {
-                        reason: "x".into(),
-                        since: SystemTime::now(),
-                        by: "admin".into(),
-                    },
-                );
+                s.overrides
+                    .insert("b1".into(), Override { reason: "x".into(), since: SystemTime::now(), by: "admin".into() });
                 Ok::<_, ()>(())
             })
             .unwrap();
         assert_eq!(after.revision, before.revision + 1);
         assert!(Arc::ptr_eq(&health, &after.backend("b1").unwrap().runtime));
         assert!(!after.backend("b1").unwrap().is_routable());
-        assert!(
-            before.backend("b1").unwrap().is_routable(),
-            "old snapshot is immutable"
-        );
+        assert!(before.backend("b1").unwrap().is_routable(), "old snapshot is immutable");
     }
 
     #[test]
@@ -375,14 +316,6 @@ mod tests {
             })
             .unwrap();
         assert!(store.load().route("org", "any").is_none());
-        assert_eq!(
-            store
-                .load()
-                .backend("b2")
-                .unwrap()
-                .inference_uri
-                .to_string(),
-            "http://127.0.0.1:2/v1/inference"
-        );
+        assert_eq!(store.load().backend("b2").unwrap().inference_uri.to_string(), "http://127.0.0.1:2/v1/inference");
     }
 }

@@ -63,20 +63,14 @@ impl ReserveDenial {
                 reset_at: self.reset_at,
             }
         } else {
-            ApiError::BudgetExceeded {
-                limit: self.limit,
-                remaining: self.remaining,
-                reset_at: self.reset_at,
-            }
+            ApiError::BudgetExceeded { limit: self.limit, remaining: self.remaining, reset_at: self.reset_at }
         }
     }
 }
 
 fn uri(base: &str, path: &str) -> Uri {
     // The URL was checked at start-up (config::BackendSpec rules).
-    format!("{}{path}", base.trim_end_matches('/'))
-        .parse()
-        .unwrap_or_default()
+    format!("{}{path}", base.trim_end_matches('/')).parse().unwrap_or_default()
 }
 
 impl BudgetService {
@@ -93,25 +87,14 @@ impl BudgetService {
     }
 
     fn mode(&self) -> &'static str {
-        if self.settings.fail_open {
-            "open"
-        } else {
-            "closed"
-        }
+        if self.settings.fail_open { "open" } else { "closed" }
     }
 
     fn unreachable(&self, metrics: &Metrics, why: &str) -> Result<Option<ApiError>, ApiError> {
         self.healthy.store(false, Ordering::Relaxed);
-        metrics
-            .budget_service_failures
-            .with_label_values(&[self.mode()])
-            .inc();
+        metrics.budget_service_failures.with_label_values(&[self.mode()]).inc();
         tracing::warn!(error = %why, mode = self.mode(), "budget service unreachable; applying BUDGET_SERVICE_FAILURE_MODE");
-        if self.settings.fail_open {
-            Ok(None)
-        } else {
-            Err(ApiError::BudgetServiceUnavailable)
-        }
+        if self.settings.fail_open { Ok(None) } else { Err(ApiError::BudgetServiceUnavailable) }
     }
 
     /// `Ok(None)`: reserved (or admitted under `open`). `Ok(Some(e))`: denied.
@@ -144,20 +127,12 @@ impl BudgetService {
             "estimated_cost": plan.cost_micros as f64 / MICROS,
             "estimated_tokens": plan.tokens,
         });
-        let answer = self
-            .client
-            .send_with_timeout(
-                &self.reserve_uri,
-                &[],
-                body.to_string().into(),
-                self.settings.timeout,
-            )
-            .await;
+        let answer =
+            self.client.send_with_timeout(&self.reserve_uri, &[], body.to_string().into(), self.settings.timeout).await;
         let answer = match answer {
             Ok(a) if a.status.is_success() => a,
             Ok(a) => {
-                return self
-                    .unreachable(metrics, &format!("reserve answered {}", a.status.as_u16()));
+                return self.unreachable(metrics, &format!("reserve answered {}", a.status.as_u16()));
             }
             Err(e) => return self.unreachable(metrics, &e.to_string()),
         };
@@ -165,10 +140,7 @@ impl BudgetService {
         let reply: ReserveReply = match serde_json::from_slice(&answer.body) {
             Ok(r) => r,
             Err(e) => {
-                return self.unreachable(
-                    metrics,
-                    &format!("reserve reply is not the contract's JSON: {e}"),
-                );
+                return self.unreachable(metrics, &format!("reserve reply is not the contract's JSON: {e}"));
             }
         };
         if reply.allowed {
@@ -178,29 +150,18 @@ impl BudgetService {
             quota: reply.code.as_deref() == Some("quota_exceeded"),
             limit: reply.limit.unwrap_or(0.0),
             remaining: reply.remaining.unwrap_or(0.0),
-            reset_at: reply
-                .reset_at
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339(t).ok()),
+            reset_at: reply.reset_at.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()),
         };
         let e = denial.error();
         count_denial(metrics, &e, org);
         self.denials
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                org.to_string(),
-                (Instant::now() + self.settings.denial_cache, denial),
-            );
+            .insert(org.to_string(), (Instant::now() + self.settings.denial_cache, denial));
         Ok(Some(e))
     }
 
-    pub async fn settle(
-        &self,
-        org: &str,
-        request_id: &str,
-        actual: Option<(i64, i64)>,
-    ) -> Result<(), String> {
+    pub async fn settle(&self, org: &str, request_id: &str, actual: Option<(i64, i64)>) -> Result<(), String> {
         let body = json!({
             "organization_id": org,
             "request_id": request_id,
@@ -208,34 +169,20 @@ impl BudgetService {
             "actual_cost": actual.map(|(c, _)| c as f64 / MICROS).unwrap_or(0.0),
             "actual_tokens": actual.map(|(_, t)| t).unwrap_or(0),
         });
-        match self
-            .client
-            .send_with_timeout(
-                &self.settle_uri,
-                &[],
-                body.to_string().into(),
-                self.settings.timeout,
-            )
-            .await
+        match self.client.send_with_timeout(&self.settle_uri, &[], body.to_string().into(), self.settings.timeout).await
         {
             Ok(a) if a.status.is_success() => Ok(()),
-            Ok(a) => Err(format!(
-                "budget service settle answered {}",
-                a.status.as_u16()
-            )),
+            Ok(a) => Err(format!("budget service settle answered {}", a.status.as_u16())),
             Err(e) => Err(format!("budget service settle: {e}")),
         }
     }
 
     pub async fn usage(&self, org: &str) -> Result<serde_json::Value, ApiError> {
         let uri = uri(&self.settings.url, &format!("/v1/budget/usage/{org}"));
-        match self
-            .client
-            .get_with_timeout(&uri, self.settings.timeout)
-            .await
-        {
-            Ok(a) if a.status.is_success() => serde_json::from_slice(&a.body)
-                .map_err(|e| ApiError::Internal(format!("budget service usage: {e}"))),
+        match self.client.get_with_timeout(&uri, self.settings.timeout).await {
+            Ok(a) if a.status.is_success() => {
+                serde_json::from_slice(&a.body).map_err(|e| ApiError::Internal(format!("budget service usage: {e}")))
+            }
             _ => Err(ApiError::BudgetServiceUnavailable),
         }
     }

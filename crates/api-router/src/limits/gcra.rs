@@ -39,29 +39,18 @@ pub fn gcra(tat: Option<u64>, now: u64, interval: u64, burst: u32) -> Gcra {
     if now < allow_at {
         return Gcra::Denied {
             retry_after_us: allow_at - now,
-            info: RateInfo {
-                limit: burst,
-                remaining: 0,
-                reset_secs: (tat - now).div_ceil(1_000_000),
-            },
+            info: RateInfo { limit: burst, remaining: 0, reset_secs: (tat - now).div_ceil(1_000_000) },
         };
     }
     let remaining = ((now - allow_at) / interval).min(u64::from(burst)) as u32;
     Gcra::Allowed {
         new_tat,
-        info: RateInfo {
-            limit: burst,
-            remaining,
-            reset_secs: (new_tat - now).div_ceil(1_000_000),
-        },
+        info: RateInfo { limit: burst, remaining, reset_secs: (new_tat - now).div_ceil(1_000_000) },
     }
 }
 
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// Per-organization GCRA in this process.
@@ -100,38 +89,24 @@ mod tests {
         let (interval, burst) = (interval_us(20.0), 20);
         let l = LocalLimiter::default();
         let t0 = 1_000_000_000;
-        let allowed = (0..25)
-            .filter(|_| matches!(l.check("o", t0, interval, burst), Gcra::Allowed { .. }))
-            .count();
+        let allowed = (0..25).filter(|_| matches!(l.check("o", t0, interval, burst), Gcra::Allowed { .. })).count();
         assert_eq!(allowed, 20, "the burst, at once");
         match l.check("o", t0, interval, burst) {
-            Gcra::Denied {
-                retry_after_us,
-                info,
-            } => {
+            Gcra::Denied { retry_after_us, info } => {
                 assert_eq!(retry_after_us, interval);
                 assert_eq!(info.remaining, 0);
             }
             other => panic!("{other:?}"),
         }
         // One interval later, exactly one more.
-        assert!(matches!(
-            l.check("o", t0 + interval, interval, burst),
-            Gcra::Allowed { .. }
-        ));
-        assert!(matches!(
-            l.check("o", t0 + interval, interval, burst),
-            Gcra::Denied { .. }
-        ));
+        assert!(matches!(l.check("o", t0 + interval, interval, burst), Gcra::Allowed { .. }));
+        assert!(matches!(l.check("o", t0 + interval, interval, burst), Gcra::Denied { .. }));
         // Over 3 s at most 20 * 3 + 20.
         let l = LocalLimiter::default();
         let mut n = 0;
         for ms in 0..3000u64 {
             for _ in 0..5 {
-                if matches!(
-                    l.check("p", t0 + ms * 1000, interval, burst),
-                    Gcra::Allowed { .. }
-                ) {
+                if matches!(l.check("p", t0 + ms * 1000, interval, burst), Gcra::Allowed { .. }) {
                     n += 1;
                 }
             }
@@ -143,16 +118,6 @@ mod tests {
     fn remaining_counts_down() {
         let interval = interval_us(1.0);
         let g = gcra(None, 10_000_000, interval, 3);
-        assert!(matches!(
-            g,
-            Gcra::Allowed {
-                info: RateInfo {
-                    remaining: 2,
-                    limit: 3,
-                    ..
-                },
-                ..
-            }
-        ));
+        assert!(matches!(g, Gcra::Allowed { info: RateInfo { remaining: 2, limit: 3, .. }, .. }));
     }
 }

@@ -36,9 +36,7 @@ pub struct Ledger {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Ledger {
@@ -51,24 +49,16 @@ impl Ledger {
             Ok(bytes) => match serde_json::from_slice::<State>(&bytes) {
                 Ok(s) => s,
                 Err(e) => {
-                    let aside = dir.join(format!(
-                        "ledger.json.damaged-{}",
-                        unix_secs(SystemTime::now())
-                    ));
+                    let aside = dir.join(format!("ledger.json.damaged-{}", unix_secs(SystemTime::now())));
                     tracing::error!(error = %e, moved_to = %aside.display(), "budget ledger file is damaged; starting from zero");
-                    std::fs::rename(&path, &aside)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
                     State::default()
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        Ok(Self {
-            state: Mutex::new(state),
-            path,
-            dirty: AtomicBool::new(false),
-        })
+        Ok(Self { state: Mutex::new(state), path, dirty: AtomicBool::new(false) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -86,10 +76,7 @@ impl Ledger {
     /// Checks budget and quotas and, if all allow, reserves atomically.
     pub fn reserve(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Decision {
         let now_s = unix_secs(now);
-        let budget_expiry = plan
-            .budget
-            .and_then(|(_, p)| p.ttl_secs(now))
-            .map(|ttl| now_s + ttl);
+        let budget_expiry = plan.budget.and_then(|(_, p)| p.ttl_secs(now)).map(|ttl| now_s + ttl);
         let quota_expiry = plan.quota_period.ttl_secs(now).map(|ttl| now_s + ttl);
         let mut st = self.lock();
         if st.reservations.contains_key(&keys.reservation) {
@@ -174,8 +161,7 @@ impl Ledger {
         let now = unix_secs(SystemTime::now());
         let bytes = {
             let mut st = self.lock();
-            st.counters
-                .retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+            st.counters.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
             serde_json::to_vec(&*st).map_err(|e| e.to_string())?
         };
         let result = write_atomically(&self.path, &bytes);
@@ -186,10 +172,7 @@ impl Ledger {
     }
 
     /// Saves about once a second until cancelled, then once more.
-    pub async fn run_saver(
-        self: std::sync::Arc<Self>,
-        cancel: tokio_util::sync::CancellationToken,
-    ) {
+    pub async fn run_saver(self: std::sync::Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         loop {
             let stop = tokio::select! {
                 _ = cancel.cancelled() => true,
@@ -213,9 +196,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
     if let Some(Ok(d)) = path.parent().map(std::fs::File::open) {
         let _ = d.sync_all();
@@ -254,10 +235,8 @@ mod tests {
             for i in 0..50 {
                 let (ledger, p, admitted) = (&ledger, &p, &admitted);
                 s.spawn(move || {
-                    if matches!(
-                        ledger.reserve(&keys(&format!("r{i}")), p, SystemTime::now()),
-                        Decision::Allowed { .. }
-                    ) {
+                    if matches!(ledger.reserve(&keys(&format!("r{i}")), p, SystemTime::now()), Decision::Allowed { .. })
+                    {
                         admitted.fetch_add(1, Ordering::SeqCst);
                     }
                 });
@@ -282,26 +261,11 @@ mod tests {
         {
             let ledger = Ledger::open(dir.path()).unwrap();
             let (a, b) = (keys("a"), keys("b"));
-            assert!(matches!(
-                ledger.reserve(&a, &p, SystemTime::now()),
-                Decision::Allowed { .. }
-            ));
-            assert!(
-                matches!(
-                    ledger.reserve(&a, &p, SystemTime::now()),
-                    Decision::Allowed { .. }
-                ),
-                "idempotent"
-            );
-            assert!(matches!(
-                ledger.reserve(&b, &p, SystemTime::now()),
-                Decision::Allowed { .. }
-            ));
+            assert!(matches!(ledger.reserve(&a, &p, SystemTime::now()), Decision::Allowed { .. }));
+            assert!(matches!(ledger.reserve(&a, &p, SystemTime::now()), Decision::Allowed { .. }), "idempotent");
+            assert!(matches!(ledger.reserve(&b, &p, SystemTime::now()), Decision::Allowed { .. }));
             assert_eq!(ledger.get(&a.spend), 80);
-            assert!(matches!(
-                ledger.reserve(&keys("c"), &p, SystemTime::now()),
-                Decision::Budget { spent: 80 }
-            ));
+            assert!(matches!(ledger.reserve(&keys("c"), &p, SystemTime::now()), Decision::Budget { spent: 80 }));
             ledger.finish(&b, None);
             assert_eq!(ledger.get(&a.spend), 40);
             assert_eq!(ledger.get(&a.requests), 1);
@@ -319,13 +283,8 @@ mod tests {
         std::fs::write(dir.path().join("ledger.json"), b"{broken").unwrap();
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_eq!(ledger.get(&keys("x").spend), 0);
-        let names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(
-            names.iter().any(|n| n.starts_with("ledger.json.damaged-")),
-            "{names:?}"
-        );
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(names.iter().any(|n| n.starts_with("ledger.json.damaged-")), "{names:?}");
     }
 }

@@ -109,16 +109,10 @@ impl OrgLimits {
             }
         }
         let limits: OrgLimits = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        if limits
-            .quota
-            .is_some_and(|q| q.requests.is_none() && q.tokens.is_none())
-        {
+        if limits.quota.is_some_and(|q| q.requests.is_none() && q.tokens.is_none()) {
             return Err("`quota` needs `requests` and/or `tokens`".into());
         }
-        if limits
-            .rate_limit
-            .is_some_and(|r| r.burst > 1_000_000 || r.requests_per_second > 1e9)
-        {
+        if limits.rate_limit.is_some_and(|r| r.burst > 1_000_000 || r.requests_per_second > 1e9) {
             return Err("`rate_limit` is out of range".into());
         }
         Ok(limits)
@@ -221,11 +215,7 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str, org: &str, request_id: &str, plan: &Plan, now: SystemTime) -> Self {
-        let bp = plan
-            .budget
-            .map(|(_, p)| p)
-            .unwrap_or(Period::Total)
-            .key(now);
+        let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
         let qp = plan.quota_period.key(now);
         Keys {
             rate: format!("{prefix}rl:{org}"),
@@ -333,10 +323,7 @@ impl Limits {
         client: crate::backends::client::BackendClient,
         metrics: Metrics,
     ) -> Self {
-        let service = settings
-            .budget_service
-            .clone()
-            .map(|s| budget_service::BudgetService::new(s, client));
+        let service = settings.budget_service.clone().map(|s| budget_service::BudgetService::new(s, client));
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         Self {
             settings,
@@ -372,15 +359,10 @@ impl Limits {
             .rate_limit
             .or(self.settings.default_rate)
             .map(|r| (gcra::interval_us(r.requests_per_second), r.burst));
-        let estimate = req
-            .price
-            .and_then(|p| p.request_cost)
-            .unwrap_or(self.settings.default_request_cost);
+        let estimate = req.price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost);
         Plan {
             rate,
-            budget: limits
-                .budget
-                .map(|b| ((b.amount * MICROS).round() as i64, b.period)),
+            budget: limits.budget.map(|b| ((b.amount * MICROS).round() as i64, b.period)),
             quota_requests: limits.quota.and_then(|q| q.requests).map(|n| n as i64),
             quota_tokens: limits.quota.and_then(|q| q.tokens).map(|n| n as i64),
             quota_period: limits.quota.map(|q| q.period).unwrap_or(Period::Total),
@@ -401,27 +383,16 @@ impl Limits {
 
         // Budget service: rate limit here, budget and quota there.
         if let Some(service) = &self.service {
-            let rate_only = Plan {
-                budget: None,
-                quota_requests: None,
-                quota_tokens: None,
-                ..plan
-            };
+            let rate_only = Plan { budget: None, quota_requests: None, quota_tokens: None, ..plan };
             let rate = match self.check_shared(&keys, &rate_only, now, req).await?.0 {
                 Decision::Allowed { rate } => rate,
                 other => return Err(self.deny(other, &plan, req, now)),
             };
             if !plan.needs_ledger() {
-                return Ok(Admission {
-                    rate,
-                    reservation: None,
-                });
+                return Ok(Admission { rate, reservation: None });
             }
             return match service.reserve(req, &plan, &self.metrics).await? {
-                None => Ok(Admission {
-                    rate,
-                    reservation: Some(reservation(Store::Service)),
-                }),
+                None => Ok(Admission { rate, reservation: Some(reservation(Store::Service)) }),
                 Some(denial) => Err(denial),
             };
         }
@@ -446,11 +417,7 @@ impl Limits {
     }
 
     fn prefix(&self) -> &str {
-        if self.redis.is_some() {
-            &self.settings.redis_prefix
-        } else {
-            ""
-        }
+        if self.redis.is_some() { &self.settings.redis_prefix } else { "" }
     }
 
     /// Rate limit plus (without a budget service) budget and quota, against
@@ -472,19 +439,13 @@ impl Limits {
                 // The script may still have run (a timeout is not a refusal):
                 // release whatever it might have reserved; a no-op otherwise.
                 if plan.needs_ledger() {
-                    self.enqueue(Settlement {
-                        reservation: self.reservation(req, keys, Store::Redis),
-                        actual: None,
-                    });
+                    self.enqueue(Settlement { reservation: self.reservation(req, keys, Store::Redis), actual: None });
                 }
                 let mode = self.settings.failure_mode;
                 tracing::warn!(error = %e, mode = mode.as_str(), organization_id = %req.org, "Redis unavailable for limits; using the failure mode");
                 let outcome = match mode {
                     FailureMode::Closed => {
-                        self.metrics
-                            .limits_degraded
-                            .with_label_values(&[mode.as_str(), "refused"])
-                            .inc();
+                        self.metrics.limits_degraded.with_label_values(&[mode.as_str(), "refused"]).inc();
                         return Err(ApiError::LimiterUnavailable);
                     }
                     FailureMode::Open => Decision::Allowed { rate: None },
@@ -493,33 +454,17 @@ impl Limits {
                         None => Decision::Allowed { rate: None },
                     },
                 };
-                let label = if matches!(outcome, Decision::Allowed { .. }) {
-                    "allowed"
-                } else {
-                    "denied"
-                };
-                self.metrics
-                    .limits_degraded
-                    .with_label_values(&[mode.as_str(), label])
-                    .inc();
+                let label = if matches!(outcome, Decision::Allowed { .. }) { "allowed" } else { "denied" };
+                self.metrics.limits_degraded.with_label_values(&[mode.as_str(), label]).inc();
                 Ok((outcome, None))
             }
         }
     }
 
     fn rate_local(&self, keys: &Keys, interval: u64, burst: u32) -> Decision {
-        match self
-            .local_rate
-            .check(&keys.rate, gcra::now_us(), interval, burst)
-        {
+        match self.local_rate.check(&keys.rate, gcra::now_us(), interval, burst) {
             Gcra::Allowed { info, .. } => Decision::Allowed { rate: Some(info) },
-            Gcra::Denied {
-                retry_after_us,
-                info,
-            } => Decision::RateLimited {
-                retry_after_us,
-                info,
-            },
+            Gcra::Denied { retry_after_us, info } => Decision::RateLimited { retry_after_us, info },
         }
     }
 
@@ -540,27 +485,12 @@ impl Limits {
         }
     }
 
-    fn deny(
-        &self,
-        decision: Decision,
-        plan: &Plan,
-        req: &AdmitRequest<'_>,
-        now: SystemTime,
-    ) -> ApiError {
+    fn deny(&self, decision: Decision, plan: &Plan, req: &AdmitRequest<'_>, now: SystemTime) -> ApiError {
         let org = &**req.org;
         match decision {
-            Decision::RateLimited {
-                retry_after_us,
-                info,
-            } => {
-                self.metrics
-                    .rate_limit_denials
-                    .with_label_values(&[org])
-                    .inc();
-                ApiError::RateLimited {
-                    info,
-                    retry_after_secs: retry_after_us.div_ceil(1_000_000).max(1),
-                }
+            Decision::RateLimited { retry_after_us, info } => {
+                self.metrics.rate_limit_denials.with_label_values(&[org]).inc();
+                ApiError::RateLimited { info, retry_after_secs: retry_after_us.div_ceil(1_000_000).max(1) }
             }
             Decision::Budget { spent } => {
                 self.metrics.budget_denials.with_label_values(&[org]).inc();
@@ -574,9 +504,7 @@ impl Limits {
             Decision::QuotaRequests { used } | Decision::QuotaTokens { used } => {
                 self.metrics.quota_denials.with_label_values(&[org]).inc();
                 let (kind, limit) = match decision {
-                    Decision::QuotaRequests { .. } => {
-                        ("requests", plan.quota_requests.unwrap_or(0))
-                    }
+                    Decision::QuotaRequests { .. } => ("requests", plan.quota_requests.unwrap_or(0)),
                     _ => ("tokens", plan.quota_tokens.unwrap_or(0)),
                 };
                 ApiError::QuotaExceeded {
@@ -586,9 +514,7 @@ impl Limits {
                     reset_at: plan.quota_period.reset_at(now),
                 }
             }
-            Decision::Allowed { .. } => {
-                ApiError::Internal("allowed decision treated as a denial".into())
-            }
+            Decision::Allowed { .. } => ApiError::Internal("allowed decision treated as a denial".into()),
         }
     }
 
@@ -596,34 +522,27 @@ impl Limits {
     /// (`None`). Never waits: the settler task applies it.
     pub fn finish(&self, reservation: Reservation, usage: Option<Option<Usage>>) {
         let actual = usage.map(|u| {
-            let price = reservation.price;
-            let cost = match (u, price) {
-                (Some(u), Some(p)) if u.prompt_tokens + u.completion_tokens > 0 => {
-                    (u.prompt_tokens as f64 * p.input_per_1k
-                        + u.completion_tokens as f64 * p.output_per_1k)
-                        / 1000.0
-                }
-                _ => price
-                    .and_then(|p| p.request_cost)
-                    .unwrap_or(self.settings.default_request_cost),
-            };
-            let tokens = u
-                .map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens))
-                .unwrap_or(0);
+            let cost = self.cost(reservation.price, u);
+            let tokens = u.map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens)).unwrap_or(0);
             ((cost * MICROS).round() as i64, tokens as i64)
         });
-        self.enqueue(Settlement {
-            reservation,
-            actual,
-        });
+        self.enqueue(Settlement { reservation, actual });
+    }
+
+    /// The cost of a request: reported usage at the model's price, or the
+    /// flat `request_cost` (default `BUDGET_DEFAULT_REQUEST_COST`).
+    pub fn cost(&self, price: Option<Price>, usage: Option<Usage>) -> f64 {
+        match (usage, price) {
+            (Some(u), Some(p)) if u.prompt_tokens + u.completion_tokens > 0 => {
+                (u.prompt_tokens as f64 * p.input_per_1k + u.completion_tokens as f64 * p.output_per_1k) / 1000.0
+            }
+            _ => price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost),
+        }
     }
 
     fn enqueue(&self, settlement: Settlement) {
         if let Err(e) = self.settle_tx.try_send(settlement) {
-            self.metrics
-                .settlements
-                .with_label_values(&["dropped"])
-                .inc();
+            self.metrics.settlements.with_label_values(&["dropped"]).inc();
             let s = match e {
                 mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
             };
@@ -642,10 +561,7 @@ impl Limits {
                 None => Ok(()),
             },
             Store::Service => match &self.service {
-                Some(svc) => {
-                    svc.settle(&s.reservation.org, &s.reservation.request_id, s.actual)
-                        .await
-                }
+                Some(svc) => svc.settle(&s.reservation.org, &s.reservation.request_id, s.actual).await,
                 None => Ok(()),
             },
         }
@@ -654,12 +570,7 @@ impl Limits {
     /// The settler: applies settlements in order, retrying each with backoff
     /// until it lands. On cancel it drains what is queued, trying each once.
     pub async fn run_settler(self: Arc<Self>, cancel: CancellationToken) {
-        let Some(mut rx) = self
-            .settle_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        let Some(mut rx) = self.settle_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
         loop {
@@ -672,17 +583,11 @@ impl Limits {
             loop {
                 match self.apply(&s).await {
                     Ok(()) => {
-                        self.metrics
-                            .settlements
-                            .with_label_values(&["applied"])
-                            .inc();
+                        self.metrics.settlements.with_label_values(&["applied"]).inc();
                         break;
                     }
                     Err(e) => {
-                        self.metrics
-                            .settlements
-                            .with_label_values(&["retried"])
-                            .inc();
+                        self.metrics.settlements.with_label_values(&["retried"]).inc();
                         tracing::warn!(error = %e, request_id = %s.reservation.request_id, "settlement failed; will retry");
                         tokio::select! {
                             _ = cancel.cancelled() => break,
@@ -704,46 +609,24 @@ impl Limits {
             }
         }
         if lost > 0 {
-            self.metrics
-                .settlements
-                .with_label_values(&["dropped"])
-                .inc_by(lost);
-            tracing::error!(
-                count = lost,
-                "settlements could not be applied before shutdown"
-            );
+            self.metrics.settlements.with_label_values(&["dropped"]).inc_by(lost);
+            tracing::error!(count = lost, "settlements could not be applied before shutdown");
         }
     }
 
     /// Current spend and quota use of an organization.
-    pub async fn usage(
-        &self,
-        org: &str,
-        limits: Option<OrgLimits>,
-    ) -> Result<serde_json::Value, ApiError> {
+    pub async fn usage(&self, org: &str, limits: Option<OrgLimits>) -> Result<serde_json::Value, ApiError> {
         let now = SystemTime::now();
         let req_id: Arc<str> = Arc::from("");
         let org_arc: Arc<str> = Arc::from(org);
-        let plan = self.plan(&AdmitRequest {
-            org: &org_arc,
-            request_id: &req_id,
-            model: "",
-            limits,
-            price: None,
-        });
+        let plan = self.plan(&AdmitRequest { org: &org_arc, request_id: &req_id, model: "", limits, price: None });
         let keys = Keys::new(self.prefix(), org, "", &plan, now);
         let (spend, requests, tokens) = if let Some(svc) = &self.service {
             return svc.usage(org).await;
         } else if let Some(r) = &self.redis {
-            r.counters(&keys)
-                .await
-                .map_err(|_| ApiError::LimiterUnavailable)?
+            r.counters(&keys).await.map_err(|_| ApiError::LimiterUnavailable)?
         } else {
-            (
-                self.ledger.get(&keys.spend),
-                self.ledger.get(&keys.requests),
-                self.ledger.get(&keys.tokens),
-            )
+            (self.ledger.get(&keys.spend), self.ledger.get(&keys.requests), self.ledger.get(&keys.tokens))
         };
         let time = |t: Option<SystemTime>| t.map(crate::telemetry::rfc3339);
         let limits = limits.unwrap_or_default();

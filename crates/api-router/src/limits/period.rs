@@ -59,11 +59,7 @@ impl Period {
             Period::Daily => days + 1,
             Period::Monthly => {
                 let (y, m, _) = civil_from_days(days);
-                if m == 12 {
-                    days_from_civil(y + 1, 1, 1)
-                } else {
-                    days_from_civil(y, m + 1, 1)
-                }
+                if m == 12 { days_from_civil(y + 1, 1, 1) } else { days_from_civil(y, m + 1, 1) }
             }
             Period::Total => return None,
         };
@@ -72,8 +68,7 @@ impl Period {
 
     /// How long keys of the current period must live: to its end plus a day.
     pub fn ttl_secs(self, now: SystemTime) -> Option<u64> {
-        self.reset_at(now)
-            .map(|at| at.duration_since(now).unwrap_or_default().as_secs() + 86_400)
+        self.reset_at(now).map(|at| at.duration_since(now).unwrap_or_default().as_secs() + 86_400)
     }
 }
 

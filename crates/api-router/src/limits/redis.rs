@@ -123,8 +123,7 @@ impl RedisLimits {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
         Ok(Self {
             conn,
             admit: Script::new(ADMIT),
@@ -165,12 +164,7 @@ impl RedisLimits {
         Ok(())
     }
 
-    pub async fn admit(
-        &self,
-        keys: &Keys,
-        plan: &Plan,
-        now: SystemTime,
-    ) -> Result<Decision, String> {
+    pub async fn admit(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Result<Decision, String> {
         // While Redis is known to be down, do not wait on it at all: the
         // pinger notices when it is back.
         if !self.is_healthy() {
@@ -180,11 +174,7 @@ impl RedisLimits {
         let (interval, burst) = plan.rate.unwrap_or((0, 0));
         let ttl = |p: Option<super::period::Period>| p.and_then(|p| p.ttl_secs(now)).unwrap_or(0);
         let mut inv = self.admit.prepare_invoke();
-        inv.key(&keys.rate)
-            .key(&keys.spend)
-            .key(&keys.requests)
-            .key(&keys.tokens)
-            .key(&keys.reservation);
+        inv.key(&keys.rate).key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
         inv.arg(interval)
             .arg(burst)
             .arg(plan.budget.map(|(l, _)| l).unwrap_or(-1))
@@ -196,20 +186,16 @@ impl RedisLimits {
             .arg(ttl(Some(plan.quota_period)))
             .arg(RESERVATION_TTL_SECS);
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> =
-            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
-                // Slow, not necessarily down: down for this request only. The
-                // pinger decides whether Redis as a whole is unhealthy.
-                Err(_) => {
-                    self.metrics
-                        .redis_errors
-                        .with_label_values(&["admit_timeout"])
-                        .inc();
-                    return Err(format!("redis admit: no answer within {:?}", self.timeout));
-                }
-            };
+        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
+            // Slow, not necessarily down: down for this request only. The
+            // pinger decides whether Redis as a whole is unhealthy.
+            Err(_) => {
+                self.metrics.redis_errors.with_label_values(&["admit_timeout"]).inc();
+                return Err(format!("redis admit: no answer within {:?}", self.timeout));
+            }
+        };
         let (code, a, b) = (
             reply.first().copied().unwrap_or(-1),
             reply.get(1).copied().unwrap_or(0),
@@ -226,11 +212,7 @@ impl RedisLimits {
             },
             1 => Decision::RateLimited {
                 retry_after_us: a.max(0) as u64,
-                info: RateInfo {
-                    limit: burst,
-                    remaining: 0,
-                    reset_secs: secs(b),
-                },
+                info: RateInfo { limit: burst, remaining: 0, reset_secs: secs(b) },
             },
             2 => Decision::Budget { spent: a },
             3 => Decision::QuotaRequests { used: a },
@@ -241,21 +223,13 @@ impl RedisLimits {
 
     pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
         let mut inv = self.finish.prepare_invoke();
-        inv.key(&keys.spend)
-            .key(&keys.requests)
-            .key(&keys.tokens)
-            .key(&keys.reservation);
+        inv.key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
         let (cost, tokens) = actual.unwrap_or((0, 0));
-        inv.arg(if actual.is_none() { 1 } else { 0 })
-            .arg(cost)
-            .arg(tokens);
+        inv.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
         let mut conn = self.conn.clone();
         // Off the request path: allow more time than an admission.
-        match tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(500)),
-            inv.invoke_async::<i64>(&mut conn),
-        )
-        .await
+        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), inv.invoke_async::<i64>(&mut conn))
+            .await
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.failed("settle", &e.to_string())),
@@ -268,16 +242,12 @@ impl RedisLimits {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("MGET");
         cmd.arg(&keys.spend).arg(&keys.requests).arg(&keys.tokens);
-        let values: Vec<Option<i64>> = match tokio::time::timeout(
-            Duration::from_millis(500),
-            cmd.query_async(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
-            Err(_) => return Err(self.failed("usage", "timed out")),
-        };
+        let values: Vec<Option<i64>> =
+            match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
+                Err(_) => return Err(self.failed("usage", "timed out")),
+            };
         let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
         Ok((v(0), v(1), v(2)))
     }

@@ -59,10 +59,7 @@ pub struct DecisionLog {
 
 impl DecisionLog {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            entries: Mutex::new(VecDeque::with_capacity(capacity.min(65_536))),
-            capacity,
-        }
+        Self { entries: Mutex::new(VecDeque::with_capacity(capacity.min(65_536))), capacity }
     }
 
     pub fn record(&self, decision: RoutingDecision) {
@@ -81,12 +78,7 @@ impl DecisionLog {
         entries
             .iter()
             .rev()
-            .filter(|d| {
-                filter
-                    .backend_id
-                    .as_deref()
-                    .is_none_or(|id| d.backend_id.as_deref() == Some(id))
-            })
+            .filter(|d| filter.backend_id.as_deref().is_none_or(|id| d.backend_id.as_deref() == Some(id)))
             .filter(|d| filter.decision_type.is_none_or(|t| d.decision_type == t))
             .take(limit)
             .cloned()
@@ -121,25 +113,12 @@ mod tests {
         log.record(decision(2, "a", DecisionType::Primary));
         log.record(decision(3, "b", DecisionType::Primary));
         let all = log.query(&DecisionFilter::default());
-        assert_eq!(
-            all.iter().map(|d| &*d.request_id).collect::<Vec<_>>(),
-            vec!["r3", "r2", "r1"]
-        );
-        let f = DecisionFilter {
-            decision_type: Some(DecisionType::Failover),
-            ..Default::default()
-        };
+        assert_eq!(all.iter().map(|d| &*d.request_id).collect::<Vec<_>>(), vec!["r3", "r2", "r1"]);
+        let f = DecisionFilter { decision_type: Some(DecisionType::Failover), ..Default::default() };
         assert_eq!(log.query(&f).len(), 1);
-        let f = DecisionFilter {
-            backend_id: Some("a".into()),
-            limit: Some(5),
-            ..Default::default()
-        };
+        let f = DecisionFilter { backend_id: Some("a".into()), limit: Some(5), ..Default::default() };
         assert_eq!(log.query(&f).len(), 1);
-        let f = DecisionFilter {
-            limit: Some(1),
-            ..Default::default()
-        };
+        let f = DecisionFilter { limit: Some(1), ..Default::default() };
         assert_eq!(log.query(&f).len(), 1);
     }
 }

@@ -58,9 +58,7 @@ impl PolicyInput {
         let policy_id = field(self.policy_id, "policy_id")?;
         let organization_id = field(self.organization_id, "organization_id")?;
         if !valid_id(&organization_id) {
-            return Err(
-                "`organization_id` must be 1-128 letters, digits, '-', '_', '.' or ':'".into(),
-            );
+            return Err("`organization_id` must be 1-128 letters, digits, '-', '_', '.' or ':'".into());
         }
         let model = field(self.model, "model")?;
         if model.len() > 256 {
@@ -70,16 +68,12 @@ impl PolicyInput {
         if inputs.is_empty() {
             return Err("`backends` must name at least one backend".into());
         }
-        let threshold = self
-            .failover_threshold
-            .ok_or("missing field `failover_threshold`")?;
+        let threshold = self.failover_threshold.ok_or("missing field `failover_threshold`")?;
         if threshold < 1 {
-            return Err(format!(
-                "`failover_threshold` must be at least 1, got {threshold}"
-            ));
+            return Err(format!("`failover_threshold` must be at least 1, got {threshold}"));
         }
-        let failover_threshold = u32::try_from(threshold)
-            .map_err(|_| "`failover_threshold` is too large".to_string())?;
+        let failover_threshold =
+            u32::try_from(threshold).map_err(|_| "`failover_threshold` is too large".to_string())?;
         let mut seen = HashSet::new();
         let mut backends = Vec::with_capacity(inputs.len());
         for (i, b) in inputs.into_iter().enumerate() {
@@ -87,16 +81,11 @@ impl PolicyInput {
                 .backend_id
                 .filter(|id| !id.is_empty())
                 .ok_or_else(|| format!("missing field `backends[{i}].backend_id`"))?;
-            let weight = b
-                .weight
-                .ok_or_else(|| format!("missing field `backends[{i}].weight`"))?;
+            let weight = b.weight.ok_or_else(|| format!("missing field `backends[{i}].weight`"))?;
             if weight < 0 {
-                return Err(format!(
-                    "weight of backend {backend_id} must not be negative, got {weight}"
-                ));
+                return Err(format!("weight of backend {backend_id} must not be negative, got {weight}"));
             }
-            let weight = u32::try_from(weight)
-                .map_err(|_| format!("weight of backend {backend_id} is too large"))?;
+            let weight = u32::try_from(weight).map_err(|_| format!("weight of backend {backend_id} is too large"))?;
             if !seen.insert(backend_id.clone()) {
                 return Err(format!("backend {backend_id} is listed twice"));
             }
@@ -105,24 +94,14 @@ impl PolicyInput {
         if backends.iter().all(|b| b.weight == 0) {
             return Err("at least one backend must have a weight above 0".into());
         }
-        Ok(Policy {
-            policy_id,
-            organization_id,
-            model,
-            backends,
-            failover_threshold,
-        })
+        Ok(Policy { policy_id, organization_id, model, backends, failover_threshold })
     }
 }
 
 impl Policy {
     /// Checks that every backend the policy names is registered.
     pub fn validate_against(&self, backends: &BTreeMap<String, BackendSpec>) -> Result<(), String> {
-        match self
-            .backends
-            .iter()
-            .find(|b| !backends.contains_key(&b.backend_id))
-        {
+        match self.backends.iter().find(|b| !backends.contains_key(&b.backend_id)) {
             Some(b) => Err(format!("unknown backend `{}`", b.backend_id)),
             None => Ok(()),
         }
@@ -134,9 +113,7 @@ mod tests {
     use super::*;
 
     fn input(json: &str) -> Result<Policy, String> {
-        serde_json::from_str::<PolicyInput>(json)
-            .map_err(|e| e.to_string())?
-            .into_policy()
+        serde_json::from_str::<PolicyInput>(json).map_err(|e| e.to_string())?.into_policy()
     }
 
     const GOOD: &str = r#"{"policy_id":"p","organization_id":"org-1","model":"m",
@@ -154,18 +131,9 @@ mod tests {
         let cases = [
             (GOOD.replace("80", "-1"), "must not be negative"),
             (GOOD.replace("80", "0").replace("20", "0"), "weight above 0"),
-            (
-                GOOD.replace(r#""policy_id":"p","#, ""),
-                "missing field `policy_id`",
-            ),
-            (
-                GOOD.replace(r#","failover_threshold":3"#, ""),
-                "missing field `failover_threshold`",
-            ),
-            (
-                GOOD.replace(r#""failover_threshold":3"#, r#""failover_threshold":0"#),
-                "at least 1",
-            ),
+            (GOOD.replace(r#""policy_id":"p","#, ""), "missing field `policy_id`"),
+            (GOOD.replace(r#","failover_threshold":3"#, ""), "missing field `failover_threshold`"),
+            (GOOD.replace(r#""failover_threshold":3"#, r#""failover_threshold":0"#), "at least 1"),
             (GOOD.replace("b2", "b1"), "listed twice"),
         ];
         for (json, want) in cases {
@@ -178,18 +146,9 @@ mod tests {
     fn unknown_backend_is_found_against_the_registry() {
         let p = input(GOOD).unwrap();
         let mut reg = BTreeMap::new();
-        reg.insert(
-            "b1".to_string(),
-            BackendSpec::new("http://127.0.0.1:1").unwrap(),
-        );
-        assert_eq!(
-            p.validate_against(&reg).unwrap_err(),
-            "unknown backend `b2`"
-        );
-        reg.insert(
-            "b2".to_string(),
-            BackendSpec::new("http://127.0.0.1:2").unwrap(),
-        );
+        reg.insert("b1".to_string(), BackendSpec::new("http://127.0.0.1:1").unwrap());
+        assert_eq!(p.validate_against(&reg).unwrap_err(), "unknown backend `b2`");
+        reg.insert("b2".to_string(), BackendSpec::new("http://127.0.0.1:2").unwrap());
         assert!(p.validate_against(&reg).is_ok());
     }
 }

@@ -60,16 +60,9 @@ mod tests {
     use std::time::SystemTime;
 
     fn store(weights: &[(&str, u32)]) -> ConfigStore {
-        let mut s = ConfigState {
-            default_route: false,
-            default_failover_threshold: 3,
-            ..Default::default()
-        };
+        let mut s = ConfigState { default_route: false, default_failover_threshold: 3, ..Default::default() };
         for (i, (id, _)) in weights.iter().enumerate() {
-            s.backends.insert(
-                id.to_string(),
-                BackendSpec::new(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap(),
-            );
+            s.backends.insert(id.to_string(), BackendSpec::new(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap());
         }
         s.policies.insert(
             ("org".into(), "m".into()),
@@ -79,10 +72,7 @@ mod tests {
                 model: "m".into(),
                 backends: weights
                     .iter()
-                    .map(|(id, w)| PolicyBackend {
-                        backend_id: id.to_string(),
-                        weight: *w,
-                    })
+                    .map(|(id, w)| PolicyBackend { backend_id: id.to_string(), weight: *w })
                     .collect(),
                 failover_threshold: 3,
             },
@@ -119,32 +109,18 @@ mod tests {
         assert_eq!(c.last().unwrap().0.id.as_ref(), "standby");
         assert_eq!(c.len(), 3);
 
-        snap.backend("a")
-            .unwrap()
-            .runtime
-            .health
-            .record_failure(1, "down");
+        snap.backend("a").unwrap().runtime.health.record_failure(1, "down");
         store
             .update(|s| {
-                s.overrides.insert(
-                    "b".into(),
-                    Override {
-                        reason: "r".into(),
-                        since: SystemTime::now(),
-                        by: "t".into(),
-                    },
-                );
+                s.overrides
+                    .insert("b".into(), Override { reason: "r".into(), since: SystemTime::now(), by: "t".into() });
                 Ok::<_, ()>(())
             })
             .unwrap();
         let snap = store.load_full();
         let c = candidates(snap.route("org", "m").unwrap(), &mut rng);
         assert_eq!(ids(&c), vec!["standby"]);
-        snap.backend("standby")
-            .unwrap()
-            .runtime
-            .health
-            .record_failure(1, "down");
+        snap.backend("standby").unwrap().runtime.health.record_failure(1, "down");
         assert!(candidates(snap.route("org", "m").unwrap(), &mut rng).is_empty());
     }
 }

@@ -10,16 +10,14 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::backends::client::AttemptError;
 
 /// Backend latency buckets, in seconds, for LLM-scale latencies up to 60 s.
-const BACKEND_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
-];
+const BACKEND_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0];
 
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -46,6 +44,13 @@ pub struct Inner {
     pub redis_errors: IntCounterVec,
     pub budget_service_failures: IntCounterVec,
     pub settlements: IntCounterVec,
+    pub buffer_size: prometheus::IntGauge,
+    pub buffer_age: prometheus::Gauge,
+    pub buffer_retries: prometheus::IntCounter,
+    pub buffer_damaged: prometheus::IntCounter,
+    pub buffer_full: prometheus::IntCounter,
+    pub buffer_write_seconds: Histogram,
+    pub usage_published: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -62,8 +67,7 @@ impl Default for Metrics {
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     register(r, c.clone());
     c
 }
@@ -135,11 +139,8 @@ impl Metrics {
             &["route", "status"],
         );
         let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "api_router_http_request_duration_seconds",
-                "Time to answer, by route template.",
-            )
-            .buckets(BACKEND_BUCKETS.to_vec()),
+            HistogramOpts::new("api_router_http_request_duration_seconds", "Time to answer, by route template.")
+                .buckets(BACKEND_BUCKETS.to_vec()),
             &["route"],
         )
         .unwrap_or_else(|e| panic!("histogram: {e}"));
@@ -183,12 +184,8 @@ impl Metrics {
             "Admission decisions taken under RATE_LIMIT_FAILURE_MODE while Redis was unavailable, by mode and outcome.",
             &["mode", "outcome"],
         );
-        let redis_errors = counter(
-            &r,
-            "api_router_redis_errors_total",
-            "Failed or timed-out Redis calls, by operation.",
-            &["op"],
-        );
+        let redis_errors =
+            counter(&r, "api_router_redis_errors_total", "Failed or timed-out Redis calls, by operation.", &["op"]);
         let budget_service_failures = counter(
             &r,
             "api_router_budget_service_failures_total",
@@ -201,20 +198,60 @@ impl Metrics {
             "Budget and quota settlements, by outcome (applied, retried, dropped).",
             &["status"],
         );
+        let buffer_size = prometheus::IntGauge::new(
+            "api_router_buffer_store_size",
+            "Usage records in the buffer store waiting for delivery to Kafka.",
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, buffer_size.clone());
+        let buffer_age = prometheus::Gauge::new(
+            "api_router_buffer_store_age_seconds",
+            "Age of the oldest usage record waiting in the buffer store (0 when empty).",
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, buffer_age.clone());
+        let buffer_retries = prometheus::IntCounter::new(
+            "api_router_buffer_store_retries_total",
+            "Times the publisher backed off and retried delivery from the buffer store.",
+        )
+        .unwrap_or_else(|e| panic!("counter: {e}"));
+        register(&r, buffer_retries.clone());
+        let buffer_damaged = prometheus::IntCounter::new(
+            "api_router_buffer_store_damaged_total",
+            "Damaged byte ranges found (and set aside) in the buffer store at start-up.",
+        )
+        .unwrap_or_else(|e| panic!("counter: {e}"));
+        register(&r, buffer_damaged.clone());
+        let buffer_full = prometheus::IntCounter::new(
+            "api_router_usage_buffer_full_total",
+            "Requests refused with 503 usage_buffer_full because the buffer store was at its cap.",
+        )
+        .unwrap_or_else(|e| panic!("counter: {e}"));
+        register(&r, buffer_full.clone());
+        let buffer_write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "api_router_buffer_store_write_seconds",
+                "Duration of one group commit to the buffer store (write, and fsync if always).",
+            )
+            .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
+        )
+        .unwrap_or_else(|e| panic!("histogram: {e}"));
+        register(&r, buffer_write_seconds.clone());
+        let usage_published = counter(
+            &r,
+            "api_router_usage_records_published_total",
+            "Usage records by outcome: success (delivered), error (delivery failed, will retry), dropped, write_error.",
+            &["status"],
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("api_router_build_info", "Build information; always 1."),
             &["version", "commit"],
         )
         .unwrap_or_else(|e| panic!("gauge: {e}"));
         register(&r, build_info.clone());
-        build_info
-            .with_label_values(&[crate::build_info::VERSION, crate::build_info::COMMIT])
-            .set(1);
+        build_info.with_label_values(&[crate::build_info::VERSION, crate::build_info::COMMIT]).set(1);
         #[cfg(target_os = "linux")]
-        register(
-            &r,
-            prometheus::process_collector::ProcessCollector::for_self(),
-        );
+        register(&r, prometheus::process_collector::ProcessCollector::for_self());
 
         Metrics(Arc::new(Inner {
             registry: r,
@@ -236,6 +273,13 @@ impl Metrics {
             redis_errors,
             budget_service_failures,
             settlements,
+            buffer_size,
+            buffer_age,
+            buffer_retries,
+            buffer_damaged,
+            buffer_full,
+            buffer_write_seconds,
+            usage_published,
         }))
     }
 
@@ -245,15 +289,11 @@ impl Metrics {
         BackendMetrics {
             requests: STATUS_CLASSES.map(|c| self.backend_requests.with_label_values(&[id, c])),
             no_answer: self.backend_requests.with_label_values(&[id, "error"]),
-            errors: AttemptError::ERROR_TYPES
-                .map(|t| self.backend_errors.with_label_values(&[id, t])),
-            failovers: AttemptError::ERROR_TYPES
-                .map(|t| self.failovers.with_label_values(&[id, t])),
+            errors: AttemptError::ERROR_TYPES.map(|t| self.backend_errors.with_label_values(&[id, t])),
+            failovers: AttemptError::ERROR_TYPES.map(|t| self.failovers.with_label_values(&[id, t])),
             duration: self.backend_duration.with_label_values(&[id]),
             to_healthy: self.health_transitions.with_label_values(&[id, "healthy"]),
-            to_unhealthy: self
-                .health_transitions
-                .with_label_values(&[id, "unhealthy"]),
+            to_unhealthy: self.health_transitions.with_label_values(&[id, "unhealthy"]),
         }
     }
 
@@ -279,10 +319,7 @@ pub struct BackendMetrics {
 
 fn error_index(e: &AttemptError) -> usize {
     let t = e.error_type();
-    AttemptError::ERROR_TYPES
-        .iter()
-        .position(|x| *x == t)
-        .unwrap_or(0)
+    AttemptError::ERROR_TYPES.iter().position(|x| *x == t).unwrap_or(0)
 }
 
 impl BackendMetrics {
@@ -303,11 +340,7 @@ impl BackendMetrics {
     }
 
     pub fn transition(&self, to: &str) {
-        if to == "healthy" {
-            self.to_healthy.inc()
-        } else {
-            self.to_unhealthy.inc()
-        }
+        if to == "healthy" { self.to_healthy.inc() } else { self.to_unhealthy.inc() }
     }
 }
 

@@ -1,11 +1,6 @@
 //! Test harness: real `api-router` and `mock-backend` processes on ports the
 //! OS picks, driven over HTTP. Every wait is a condition with a deadline.
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::disallowed_methods
-)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -36,9 +31,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn");
         let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
@@ -52,11 +45,7 @@ impl Proc {
                 }
             });
         }
-        Proc {
-            child,
-            lines,
-            exited: None,
-        }
+        Proc { child, lines, exited: None }
     }
 
     pub fn pid(&self) -> u32 {
@@ -82,11 +71,7 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
         assert!(status.success(), "kill -{sig} failed");
     }
 
@@ -141,20 +126,10 @@ impl Mock {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let proc = spawn_mock(id, "127.0.0.1:0", &args);
         let line = proc
-            .wait_for_line(Duration::from_secs(10), |l| {
-                l.starts_with("mock-backend listening on ")
-            })
+            .wait_for_line(Duration::from_secs(10), |l| l.starts_with("mock-backend listening on "))
             .expect("mock-backend did not start");
-        let addr = line
-            .trim_start_matches("mock-backend listening on ")
-            .parse()
-            .unwrap();
-        Mock {
-            id: id.to_string(),
-            addr,
-            args,
-            proc: Some(proc),
-        }
+        let addr = line.trim_start_matches("mock-backend listening on ").parse().unwrap();
+        Mock { id: id.to_string(), addr, args, proc: Some(proc) }
     }
 
     pub fn url(&self) -> String {
@@ -178,20 +153,11 @@ impl Mock {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let proc = spawn_mock(&self.id, &self.addr.to_string(), &self.args);
-            if proc
-                .wait_for_line(Duration::from_secs(5), |l| {
-                    l.starts_with("mock-backend listening on ")
-                })
-                .is_some()
-            {
+            if proc.wait_for_line(Duration::from_secs(5), |l| l.starts_with("mock-backend listening on ")).is_some() {
                 self.proc = Some(proc);
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "mock-backend could not rebind {}",
-                self.addr
-            );
+            assert!(Instant::now() < deadline, "mock-backend could not rebind {}", self.addr);
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -205,13 +171,7 @@ impl Mock {
     }
 
     pub async fn faults(&self, faults: Value) {
-        let r = send(
-            Method::POST,
-            &format!("{}/mock/faults", self.url()),
-            &[],
-            faults.to_string(),
-        )
-        .await;
+        let r = send(Method::POST, &format!("{}/mock/faults", self.url()), &[], faults.to_string()).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
 }
@@ -249,19 +209,9 @@ impl RouterBuilder {
         // Load tests here are about routing; the limits tests set their own.
         env.insert("RATE_LIMIT_DEFAULT_RPS".into(), "0".into());
         if !backends.is_empty() {
-            env.insert(
-                "BACKEND_ENDPOINTS".into(),
-                backends
-                    .iter()
-                    .map(|m| m.endpoint())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
+            env.insert("BACKEND_ENDPOINTS".into(), backends.iter().map(|m| m.endpoint()).collect::<Vec<_>>().join(","));
         }
-        RouterBuilder {
-            env,
-            data_dir: None,
-        }
+        RouterBuilder { env, data_dir: None }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -290,30 +240,19 @@ impl RouterBuilder {
         };
         let proc = spawn_router(&self.env, &data_dir);
         let addr = wait_started(&proc);
-        Router {
-            addr,
-            proc,
-            data_dir,
-            env: self.env,
-            _tmp: tmp,
-        }
+        Router { addr, proc, data_dir, env: self.env, _tmp: tmp }
     }
 }
 
 fn spawn_router(env: &HashMap<String, String>, data_dir: &Path) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_api-router"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env)
-        .env("DATA_DIR", data_dir);
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).envs(env).env("DATA_DIR", data_dir);
     Proc::spawn(cmd)
 }
 
 fn wait_started(proc: &Proc) -> SocketAddr {
     let line = proc
-        .wait_for_line(Duration::from_secs(20), |l| {
-            log_message(l).as_deref() == Some("HTTP server starting")
-        })
+        .wait_for_line(Duration::from_secs(20), |l| log_message(l).as_deref() == Some("HTTP server starting"))
         .unwrap_or_else(|| panic!("router did not start; output:\n{}", proc.lines().join("\n")));
     json_field(&line, "addr").unwrap().parse().unwrap()
 }
@@ -326,58 +265,36 @@ impl Router {
     /// Stops with SIGTERM and starts again on the same data dir and settings.
     pub fn restart(&mut self) {
         self.proc.signal("TERM");
-        let status = self
-            .proc
-            .wait_exit(Duration::from_secs(15))
-            .expect("router did not stop");
+        let status = self.proc.wait_exit(Duration::from_secs(15)).expect("router did not stop");
         assert!(status.success(), "router exited with {status}");
         self.proc = spawn_router(&self.env, &self.data_dir);
         self.addr = wait_started(&self.proc);
     }
 
     pub async fn infer(&self, key: &str, body: Value) -> Resp {
-        send(
-            Method::POST,
-            &self.url("/v1/inference"),
-            &[("x-api-key", key)],
-            body.to_string(),
-        )
-        .await
+        send(Method::POST, &self.url("/v1/inference"), &[("x-api-key", key)], body.to_string()).await
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
-        send(
-            Method::GET,
-            &self.url(path),
-            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
-            String::new(),
-        )
-        .await
+        send(Method::GET, &self.url(path), &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))], String::new()).await
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> Resp {
         send(
             Method::POST,
             &self.url(path),
-            &[
-                ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
-                ("content-type", "application/json"),
-            ],
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json")],
             body.to_string(),
         )
         .await
     }
 
     pub async fn metrics(&self) -> String {
-        send(Method::GET, &self.url("/metrics"), &[], String::new())
-            .await
-            .text()
+        send(Method::GET, &self.url("/metrics"), &[], String::new()).await.text()
     }
 
     pub async fn decisions(&self, query: &str) -> Vec<Value> {
-        let r = self
-            .admin_get(&format!("/v1/admin/routing/decisions?{query}"))
-            .await;
+        let r = self.admin_get(&format!("/v1/admin/routing/decisions?{query}")).await;
         assert_eq!(r.status, StatusCode::OK);
         r.json()["decisions"].as_array().unwrap().clone()
     }
@@ -393,10 +310,7 @@ impl Router {
                 .map(|b| b["backend_id"].as_str().unwrap().to_string())
                 .collect();
             for id in ids {
-                let h = self
-                    .admin_get(&format!("/v1/admin/routing/backends/{id}/health"))
-                    .await
-                    .json();
+                let h = self.admin_get(&format!("/v1/admin/routing/backends/{id}/health")).await.json();
                 if h["last_check"].is_null() {
                     return false;
                 }
@@ -408,9 +322,7 @@ impl Router {
     }
 
     pub async fn backend_status(&self, id: &str) -> String {
-        let r = self
-            .admin_get(&format!("/v1/admin/routing/backends/{id}/health"))
-            .await;
+        let r = self.admin_get(&format!("/v1/admin/routing/backends/{id}/health")).await;
         r.json()["status"].as_str().unwrap_or_default().to_string()
     }
 }
@@ -422,11 +334,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -440,60 +348,39 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_string())
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
     }
     /// Asserts an error response: status and `error.code`.
     pub fn assert_error(&self, status: u16, code: &str) {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
         let j = self.json();
         assert_eq!(j["error"]["code"], code, "body: {j}");
-        assert!(
-            j["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "message: {j}"
-        );
+        assert!(j["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "message: {j}");
     }
 }
 
 fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
-    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> =
-        std::sync::OnceLock::new();
+    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| Client::builder(TokioExecutor::new()).build_http())
 }
 
-pub async fn send(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Resp {
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(30),
-        client().request(b.body(Full::new(body.into())).unwrap()),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{url}: no answer in 30 s"))
-    .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(b.body(Full::new(body.into())).unwrap()))
+        .await
+        .unwrap_or_else(|_| panic!("{url}: no answer in 30 s"))
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
     let (parts, body) = resp.into_parts();
-    Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
 }
 
 pub async fn get_json(url: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
@@ -543,12 +430,7 @@ pub async fn load(
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (url, key, model, next) = (
-            url.clone(),
-            key.to_string(),
-            model.to_string(),
-            next.clone(),
-        );
+        let (url, key, model, next) = (url.clone(), key.to_string(), model.to_string(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut by_backend: HashMap<String, usize> = HashMap::new();
             let mut failures = Vec::new();
@@ -556,9 +438,7 @@ pub async fn load(
                 let body = serde_json::json!({"model": model, "payload": "hello"}).to_string();
                 let r = send(Method::POST, &url, &[("x-api-key", &key)], body).await;
                 if r.status == StatusCode::OK {
-                    *by_backend
-                        .entry(r.header("x-backend-id").unwrap_or_default())
-                        .or_default() += 1;
+                    *by_backend.entry(r.header("x-backend-id").unwrap_or_default()).or_default() += 1;
                 } else {
                     failures.push(r);
                 }
@@ -587,10 +467,7 @@ pub async fn wait_audit(router: &Router, request_id: &str, headers: &[(&str, &st
         if status == StatusCode::OK {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no audit record for {request_id}: {status} {v}"
-        );
+        assert!(Instant::now() < deadline, "no audit record for {request_id}: {status} {v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -602,19 +479,12 @@ pub struct RedisServer {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let mut r = RedisServer {
-            port: free_port(),
-            proc: None,
-        };
+        let mut r = RedisServer { port: free_port(), proc: None };
         r.spawn();
         r
     }
@@ -623,31 +493,13 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut cmd = Command::new("redis-server");
-            cmd.args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]);
+            cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
             let proc = Proc::spawn(cmd);
-            if proc
-                .wait_for_line(Duration::from_secs(5), |l| {
-                    l.contains("Ready to accept connections")
-                })
-                .is_some()
-            {
+            if proc.wait_for_line(Duration::from_secs(5), |l| l.contains("Ready to accept connections")).is_some() {
                 self.proc = Some(proc);
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -664,10 +516,7 @@ impl RedisServer {
 
     /// SIGSTOP / SIGCONT: Redis hangs without closing connections.
     pub fn pause(&self, paused: bool) {
-        self.proc
-            .as_ref()
-            .unwrap()
-            .signal(if paused { "STOP" } else { "CONT" });
+        self.proc.as_ref().unwrap().signal(if paused { "STOP" } else { "CONT" });
     }
 
     pub fn restart(&mut self) {
@@ -680,9 +529,7 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(p) = &self.proc {
             // A paused process must be continued to die cleanly.
-            let _ = Command::new("kill")
-                .args(["-CONT", &p.pid().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-CONT", &p.pid().to_string()]).status();
         }
         self.kill();
     }
@@ -693,10 +540,7 @@ impl Router {
         send(
             Method::PUT,
             &self.url(path),
-            &[
-                ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
-                ("content-type", "application/json"),
-            ],
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json")],
             body.to_string(),
         )
         .await
@@ -716,7 +560,8 @@ pub async fn burst(routers: &[&Router], key: &str, model: &str, n: usize) -> Vec
         let url = routers[i % routers.len()].url("/v1/inference");
         let (key, model, barrier) = (key.to_string(), model.to_string(), barrier.clone());
         tasks.push(tokio::spawn(async move {
-            let body = serde_json::json!({"model": model, "request_id": format!("burst-{i}-{}", fastrand::u64(..))}).to_string();
+            let body = serde_json::json!({"model": model, "request_id": format!("burst-{i}-{}", fastrand::u64(..))})
+                .to_string();
             barrier.wait().await;
             send(Method::POST, &url, &[("x-api-key", &key)], body).await
         }));

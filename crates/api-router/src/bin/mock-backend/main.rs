@@ -60,32 +60,26 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--listen" => {
-                args.listen = value()?
-                    .parse()
-                    .map_err(|_| "--listen: expected HOST:PORT".to_string())?
-            }
+            "--listen" => args.listen = value()?.parse().map_err(|_| "--listen: expected HOST:PORT".to_string())?,
             "--id" => args.id = value()?,
             "--latency-ms" => {
-                args.latency_ms = value()?
-                    .parse()
-                    .map_err(|_| "--latency-ms: expected an integer".to_string())?
+                args.latency_ms = value()?.parse().map_err(|_| "--latency-ms: expected an integer".to_string())?
             }
             "--error-rate" => {
-                args.error_rate = value()?
-                    .parse()
-                    .map_err(|_| "--error-rate: expected a number".to_string())?;
+                args.error_rate = value()?.parse().map_err(|_| "--error-rate: expected a number".to_string())?;
                 if !(0.0..=1.0).contains(&args.error_rate) {
                     return Err("--error-rate: expected a number from 0 to 1".into());
                 }
             }
             "--error-status" => {
-                args.error_status = value()?
-                    .parse()
-                    .map_err(|_| "--error-status: expected a status code".to_string())?
+                args.error_status =
+                    value()?.parse().map_err(|_| "--error-status: expected a status code".to_string())?
             }
             "-h" | "--help" => {
-                return Err("usage: mock-backend --listen ADDR --id ID [--latency-ms N] [--error-rate F] [--error-status S]".into());
+                return Err(
+                    "usage: mock-backend --listen ADDR --id ID [--latency-ms N] [--error-rate F] [--error-status S]"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -101,10 +95,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mock-backend: {e}");
@@ -148,11 +139,7 @@ async fn serve(args: Args) -> std::io::Result<()> {
 
 async fn health(State(m): State<Arc<Mock>>) -> StatusCode {
     m.health_checks.fetch_add(1, Ordering::Relaxed);
-    if m.healthy.load(Ordering::Relaxed) {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
+    if m.healthy.load(Ordering::Relaxed) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
 }
 
 #[derive(Deserialize)]
@@ -170,23 +157,16 @@ async fn inference(State(m): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) 
     let ppm = m.error_ppm.load(Ordering::Relaxed);
     if ppm > 0 && fastrand::u64(0..1_000_000) < ppm {
         m.errors.fetch_add(1, Ordering::Relaxed);
-        let status = StatusCode::from_u16(m.error_status.load(Ordering::Relaxed))
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = format!(
-            r#"{{"error":{{"code":"injected_fault","message":"mock-backend {} injected error"}}}}"#,
-            m.id
-        );
+        let status =
+            StatusCode::from_u16(m.error_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body =
+            format!(r#"{{"error":{{"code":"injected_fault","message":"mock-backend {} injected error"}}}}"#, m.id);
         return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     }
-    let from_body = serde_json::from_slice::<NativeRequest<'_>>(&body)
-        .ok()
-        .and_then(|r| r.request_id.map(|c| c.into_owned()));
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(from_body)
-        .unwrap_or_default();
+    let from_body =
+        serde_json::from_slice::<NativeRequest<'_>>(&body).ok().and_then(|r| r.request_id.map(|c| c.into_owned()));
+    let request_id =
+        headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(from_body).unwrap_or_default();
     let out = serde_json::json!({
         "backend_id": m.id,
         "request_id": request_id,
@@ -218,11 +198,7 @@ async fn faults(State(m): State<Arc<Mock>>, body: Bytes) -> Response {
     }
     if let Some(s) = f.error_status {
         if StatusCode::from_u16(s).is_err() {
-            return (
-                StatusCode::BAD_REQUEST,
-                "error_status must be an HTTP status",
-            )
-                .into_response();
+            return (StatusCode::BAD_REQUEST, "error_status must be an HTTP status").into_response();
         }
         m.error_status.store(s, Ordering::Relaxed);
     }
