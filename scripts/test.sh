@@ -18,6 +18,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# The Kafka-protocol broker for the usage tests: tansu, built once (about
+# 8 minutes) and reused. The default features have no storage engine.
+if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
+  echo "==> installing tansu 0.6.0 (once; about 8 minutes)"
+  cargo install tansu --version 0.6.0 --features dynostore,libsql --locked
+fi
+export TANSU_BIN="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
