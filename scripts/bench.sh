@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench --bench routing -- --noplot
 cargo bench --bench limits
+cargo bench --bench usage
