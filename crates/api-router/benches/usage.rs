@@ -125,6 +125,7 @@ async fn publish_rates(tansu: &str) {
     if !created.is_ok_and(|o| o.status.success()) {
         eprintln!("publish bench skipped: cannot create the topic");
         let _ = broker.kill();
+        let _ = broker.wait();
         return;
     }
     let bootstrap = format!("127.0.0.1:{port}");
