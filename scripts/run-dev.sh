@@ -14,6 +14,8 @@ DEV_DIR=${DEV_DIR:-.dev}
 IFS=, read -r PORT1 PORT2 <<<"$MOCK_PORTS"
 
 if [[ -z "${ROUTER_BIN:-}" || -z "${MOCK_BIN:-}" ]]; then
+  # protoc: the etcd client generates its gRPC code at build time.
+  scripts/deps.sh protoc:protobuf-compiler curl:curl
   cargo build --bins
   ROUTER_BIN=${ROUTER_BIN:-${CARGO_TARGET_DIR:-target}/debug/api-router}
   MOCK_BIN=${MOCK_BIN:-${CARGO_TARGET_DIR:-target}/debug/mock-backend}

@@ -8,15 +8,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
-# System packages the tests use: curl (the make-run test), redis-server (each
-# Redis test starts its own private server on a free port).
-missing=()
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> installing ${missing[*]}"
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
+# Debian packages: protoc (the etcd client's build), curl (the make-run
+# test), redis-server and etcd (tests start private servers on free ports).
+scripts/deps.sh protoc:protobuf-compiler curl:curl redis-server:redis-server etcd:etcd-server etcdctl:etcd-client
 
 # The Kafka-protocol broker for the usage tests: tansu, built once (about
 # 8 minutes) and reused. The default features have no storage engine.

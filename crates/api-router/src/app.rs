@@ -19,14 +19,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::status::{BackendRegistry, Component, NotConfigured};
+use crate::api::status::{BackendRegistry, Component};
 use crate::api::{self, AppState};
 use crate::audit::AuditStore;
 use crate::backends::client::BackendClient;
 use crate::backends::monitor;
 use crate::build_info;
 use crate::config::Settings;
-use crate::config_service::ConfigStore;
+use crate::config_service::etcd::{ConfigServiceComponent, EtcdSource};
+use crate::config_service::{ConfigStore, ConfigWriter};
 use crate::limits::budget_service::BudgetServiceComponent;
 use crate::limits::redis::{RedisComponent, RedisLimits};
 use crate::limits::{Limits, local::Ledger};
@@ -90,6 +91,23 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
             );
         }
     }
+    let etcd = match &settings.config_service {
+        None => None,
+        Some(es) => Some(
+            EtcdSource::start(
+                es.clone(),
+                settings.initial_state.clone(),
+                config.clone(),
+                metrics.clone(),
+                &settings.data_dir,
+            )
+            .await,
+        ),
+    };
+    let writer = match &etcd {
+        Some(src) => ConfigWriter::Etcd(src.clone()),
+        None => ConfigWriter::Local(config.clone()),
+    };
     let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone())
         .map_err(|e| StartupError::Audit(e.to_string()))?;
     let client = BackendClient::new(settings.backend_timeout, settings.health_check_timeout);
@@ -103,7 +121,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     let mut components: Vec<Arc<dyn Component>> = vec![
         Arc::new(RedisComponent(limits.redis().cloned())),
         Arc::new(KafkaComponent(publisher.as_ref().map(|(p, _)| p.clone()))),
-        Arc::new(NotConfigured("config_service")),
+        Arc::new(ConfigServiceComponent(etcd.clone())),
         Arc::new(BackendRegistry(config.clone())),
     ];
     if limits.service().is_some() {
@@ -114,6 +132,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         settings: settings.clone(),
         instance_id: Arc::from(settings.instance_id.as_str()),
         config: config.clone(),
+        writer,
         client: client.clone(),
         decisions: DecisionLog::new(settings.decisions_capacity),
         audit: audit.clone(),
@@ -131,6 +150,10 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     background.spawn(monitor::run(config.clone(), Arc::new(client), settings.health_check_interval, cancel.clone()));
     background.spawn(audit.clone().run_retention(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
     background.spawn(limits.clone().run_settler(cancel.clone()));
+    if let Some(src) = &etcd {
+        background.spawn(src.clone().run(cancel.clone()));
+        background.spawn(src.clone().run_cache_writer(cancel.clone()));
+    }
     if let Some((publisher, shared)) = &publisher {
         background.spawn(publisher.clone().run_health(cancel.clone()));
         background.spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone()));

@@ -105,14 +105,9 @@ pub async fn degrade(
         return Err(ApiError::InvalidRequest("`reason` must be at most 1024 characters".into()));
     }
     let over = Override { reason: reason.clone(), since: SystemTime::now(), by: "admin".into() };
-    let snapshot = state.config.update(|s| {
-        if !s.backends.contains_key(&id) {
-            return Err(unknown_backend(&id));
-        }
-        s.overrides.insert(id.clone(), over);
-        Ok(())
-    })?;
+    state.writer.set_override(&id, Some(over)).await?;
     tracing::warn!(backend_id = %id, reason = %reason, "backend marked degraded by admin");
+    let snapshot = state.config.load_full();
     let b = snapshot.backend(&id).ok_or_else(|| unknown_backend(&id))?;
     Ok(axum::Json(backend_json(b)).into_response())
 }
@@ -125,13 +120,8 @@ pub async fn mark_healthy(
 ) -> Result<Response, ApiError> {
     // The body carries nothing, but if one is sent it must be JSON.
     let _: Option<Value> = optional_json(&small_body(&headers, body).await?)?;
-    let snapshot = state.config.update(|s| {
-        if !s.backends.contains_key(&id) {
-            return Err(unknown_backend(&id));
-        }
-        s.overrides.remove(&id);
-        Ok(())
-    })?;
+    state.writer.set_override(&id, None).await?;
+    let snapshot = state.config.load_full();
     let b = snapshot.backend(&id).ok_or_else(|| unknown_backend(&id))?;
     b.runtime.health.reset();
     tracing::info!(backend_id = %id, "backend marked healthy by admin");
@@ -149,13 +139,8 @@ pub async fn upsert_policy(
         _ => ApiError::InvalidJson(e.to_string()),
     })?;
     let policy = input.into_policy().map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
-    let key = (policy.organization_id.clone(), policy.model.clone());
     let stored = policy.clone();
-    state.config.update(|s| {
-        policy.validate_against(&s.backends).map_err(|e| ApiError::InvalidRequest(format!("invalid policy: {e}")))?;
-        s.policies.insert(key, policy);
-        Ok(())
-    })?;
+    state.writer.put_policy(policy).await?;
     tracing::info!(policy_id = %stored.policy_id, organization_id = %stored.organization_id, model = %stored.model, "routing policy updated");
     Ok(axum::Json(stored).into_response())
 }
@@ -242,10 +227,7 @@ pub async fn put_limits(
         return Err(ApiError::InvalidRequest("invalid limits: expected a JSON object".into()));
     }
     let limits = OrgLimits::from_json(value).map_err(|e| ApiError::InvalidRequest(format!("invalid limits: {e}")))?;
-    state.config.update(|s| {
-        s.organizations.insert(org.clone(), limits);
-        Ok::<_, ApiError>(())
-    })?;
+    state.writer.put_org_limits(&org, limits).await?;
     tracing::info!(organization_id = %org, "organization limits updated");
     Ok(axum::Json(limits_json(&state, &org, Some(limits))).into_response())
 }

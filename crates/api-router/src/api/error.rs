@@ -59,6 +59,8 @@ pub enum ApiError {
     LimiterUnavailable,
     /// The budget service is unreachable and `BUDGET_SERVICE_FAILURE_MODE=closed`.
     BudgetServiceUnavailable,
+    /// etcd could not take (or this replica could not apply) an admin write.
+    ConfigServiceUnavailable(String),
     /// The usage buffer is at its cap (`USAGE_BUFFER_FULL_POLICY=reject`).
     UsageBufferFull,
     /// The usage record could not be written ahead, so the answer is withheld.
@@ -77,6 +79,7 @@ impl ApiError {
             | ApiError::LimiterUnavailable
             | ApiError::BudgetServiceUnavailable
             | ApiError::UsageBufferFull
+            | ApiError::ConfigServiceUnavailable(_)
             | ApiError::UsageBufferUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BudgetExceeded { .. } | ApiError::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::LimiterUnavailable => "rate_limiter_unavailable",
             ApiError::BudgetServiceUnavailable => "budget_service_unavailable",
             ApiError::UsageBufferFull => "usage_buffer_full",
+            ApiError::ConfigServiceUnavailable(_) => "config_service_unavailable",
             ApiError::UsageBufferUnavailable(_) => "usage_buffer_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -144,6 +148,7 @@ impl ApiError {
             ApiError::BudgetServiceUnavailable => {
                 "the budget service is unavailable (BUDGET_SERVICE_FAILURE_MODE=closed)".into()
             }
+            ApiError::ConfigServiceUnavailable(e) => format!("the config service (etcd) is unavailable: {e}"),
             ApiError::UsageBufferFull => "the usage buffer is full (Kafka has been unreachable); retry later".into(),
             ApiError::UsageBufferUnavailable(e) => {
                 format!("the usage record could not be stored ({e}); the request was not recorded, retry it")

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditStore;
 use crate::backends::client::BackendClient;
 use crate::config::Settings;
-use crate::config_service::ConfigStore;
+use crate::config_service::{ConfigStore, ConfigWriter};
 use crate::limits::Limits;
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
@@ -38,6 +38,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub instance_id: Arc<str>,
     pub config: Arc<ConfigStore>,
+    /// Where admin writes go (in process, or etcd).
+    pub writer: ConfigWriter,
     pub client: BackendClient,
     pub decisions: DecisionLog,
     pub audit: AuditStore,

@@ -112,6 +112,9 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         state.metrics.buffer_size.set(size as i64);
         state.metrics.buffer_age.set(crate::telemetry::age_seconds(oldest));
     }
+    if let crate::config_service::ConfigWriter::Etcd(src) = &state.writer {
+        state.metrics.config_sync_age.set(src.seconds_since_sync());
+    }
     for c in &state.components {
         state.metrics.component_health.with_label_values(&[c.name()]).set(c.status().gauge());
     }

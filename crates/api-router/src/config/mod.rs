@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_service::etcd::EtcdSettings;
 use crate::config_service::{BackendSpec, ConfigState};
 use crate::limits::{BudgetServiceSettings, FailureMode, LimitSettings, Price, RateLimit};
 use crate::routing::policy::PolicyInput;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub instance_id: String,
     pub limits: LimitSettings,
     pub usage: UsageSettings,
+    /// etcd, when `CONFIG_SERVICE_ENDPOINTS` is set.
+    pub config_service: Option<EtcdSettings>,
     /// The routing state loaded from the environment and the file.
     pub initial_state: ConfigState,
 }
@@ -131,6 +134,30 @@ impl Settings {
 
         let limits = limit_settings(&var)?;
         let usage = usage_settings(&var)?;
+        let config_service = match var("CONFIG_SERVICE_ENDPOINTS") {
+            None => None,
+            Some(v) => {
+                let endpoints: Vec<String> =
+                    v.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
+                if endpoints.is_empty() || endpoints.iter().any(|e| e.contains(' ')) {
+                    return Err(ConfigError::new(
+                        "CONFIG_SERVICE_ENDPOINTS",
+                        &v,
+                        "etcd endpoints, comma-separated, e.g. http://127.0.0.1:2379",
+                    ));
+                }
+                let prefix = var("CONFIG_SERVICE_PREFIX").unwrap_or_else(|| "/api-router".into());
+                let prefix = prefix.trim_end_matches('/').to_string();
+                if !prefix.starts_with('/') {
+                    return Err(ConfigError::new(
+                        "CONFIG_SERVICE_PREFIX",
+                        &prefix,
+                        "a key prefix starting with '/', e.g. /api-router",
+                    ));
+                }
+                Some(EtcdSettings { endpoints, prefix })
+            }
+        };
 
         let mut state = match var("ROUTER_CONFIG") {
             Some(path) => load_file(&path)?,
@@ -181,6 +208,7 @@ impl Settings {
             instance_id,
             limits,
             usage,
+            config_service,
             initial_state: state,
         })
     }

@@ -11,8 +11,12 @@
 //! Health and per-backend metric handles outlive snapshots: they live in
 //! [`BackendRuntime`]s that each rebuilt snapshot reuses by backend id.
 //!
-//! Sources: the environment and file at start-up, and admin writes. (The etcd
-//! source of a later issue feeds the same `ConfigStore::replace`.)
+//! Sources: the environment and file at start-up, then either admin writes
+//! applied in process ([`ConfigWriter::Local`]) or the etcd source
+//! ([`etcd::EtcdSource`]), which watches etcd and feeds `ConfigStore::replace`;
+//! admin writes then go to etcd ([`ConfigWriter::Etcd`]).
+
+pub mod etcd;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,6 +26,7 @@ use arc_swap::{ArcSwap, Guard};
 use hyper::Uri;
 use serde::Serialize;
 
+use crate::api::error::ApiError;
 use crate::backends::health::BackendHealth;
 use crate::limits::{OrgLimits, Price};
 use crate::routing::policy::{Policy, PolicyBackend};
@@ -260,6 +265,86 @@ impl ConfigStore {
         let snapshot = Arc::new(Snapshot::build(current.revision + 1, state, &mut runtimes));
         self.current.store(snapshot.clone());
         Ok(snapshot)
+    }
+}
+
+impl ConfigStore {
+    /// Swaps in a snapshot of `state` at `revision` (the etcd source).
+    pub fn replace(&self, state: ConfigState, revision: u64) -> Arc<Snapshot> {
+        let mut runtimes = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = Arc::new(Snapshot::build(revision, state, &mut runtimes));
+        self.current.store(snapshot.clone());
+        snapshot
+    }
+}
+
+/// Where admin writes go: applied in process, or written to etcd and applied
+/// when this replica's watch sees them (read-your-writes).
+#[derive(Clone)]
+pub enum ConfigWriter {
+    Local(Arc<ConfigStore>),
+    Etcd(Arc<etcd::EtcdSource>),
+}
+
+impl ConfigWriter {
+    /// Upserts a policy whose shape is valid; unknown backends are refused.
+    pub async fn put_policy(&self, policy: Policy) -> Result<(), ApiError> {
+        let invalid = |e: String| ApiError::InvalidRequest(format!("invalid policy: {e}"));
+        match self {
+            ConfigWriter::Local(store) => store
+                .update(|s| {
+                    policy.validate_against(&s.backends).map_err(invalid)?;
+                    s.policies.insert((policy.organization_id.clone(), policy.model.clone()), policy);
+                    Ok(())
+                })
+                .map(drop),
+            ConfigWriter::Etcd(src) => {
+                policy.validate_against(&src.store_state_backends()).map_err(invalid)?;
+                let key = format!("policies/{}/{}", policy.organization_id, policy.model);
+                let value = serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
+                src.write(&key, Some(value)).await
+            }
+        }
+    }
+
+    /// Sets (`Some`) or clears (`None`) a backend's degraded override.
+    pub async fn set_override(&self, id: &str, over: Option<Override>) -> Result<(), ApiError> {
+        let unknown = || ApiError::NotFound(format!("unknown backend {id:?}"));
+        match self {
+            ConfigWriter::Local(store) => store
+                .update(|s| {
+                    if !s.backends.contains_key(id) {
+                        return Err(unknown());
+                    }
+                    match over {
+                        Some(o) => s.overrides.insert(id.to_string(), o),
+                        None => s.overrides.remove(id),
+                    };
+                    Ok(())
+                })
+                .map(drop),
+            ConfigWriter::Etcd(src) => {
+                if !src.store_state_backends().contains_key(id) {
+                    return Err(unknown());
+                }
+                src.write(&format!("backend-overrides/{id}"), over.map(|o| etcd::override_value(&o))).await
+            }
+        }
+    }
+
+    pub async fn put_org_limits(&self, org: &str, limits: OrgLimits) -> Result<(), ApiError> {
+        match self {
+            ConfigWriter::Local(store) => store
+                .update(|s| {
+                    s.organizations.insert(org.to_string(), limits);
+                    Ok::<_, ApiError>(())
+                })
+                .map(drop),
+            ConfigWriter::Etcd(src) => {
+                let value = serde_json::to_string(&limits).map_err(|e| ApiError::Internal(e.to_string()))?;
+                src.write(&format!("organizations/{org}"), Some(value)).await
+            }
+        }
     }
 }
 

@@ -51,6 +51,11 @@ pub struct Inner {
     pub buffer_full: prometheus::IntCounter,
     pub buffer_write_seconds: Histogram,
     pub usage_published: IntCounterVec,
+    pub config_revision: prometheus::IntGauge,
+    pub config_updates: IntCounter,
+    pub config_watch_restarts: IntCounter,
+    pub config_rejected: IntCounterVec,
+    pub config_sync_age: prometheus::Gauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -243,6 +248,34 @@ impl Metrics {
             "Usage records by outcome: success (delivered), error (delivery failed, will retry), dropped, write_error.",
             &["status"],
         );
+        let config_revision =
+            prometheus::IntGauge::new("api_router_config_revision", "The etcd revision of the routing state in force.")
+                .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, config_revision.clone());
+        let config_updates = IntCounter::new(
+            "api_router_config_updates_total",
+            "Configuration snapshots applied from the config service.",
+        )
+        .unwrap_or_else(|e| panic!("counter: {e}"));
+        register(&r, config_updates.clone());
+        let config_watch_restarts = IntCounter::new(
+            "api_router_config_watch_restarts_total",
+            "Times the etcd watch was re-established (broken, or compacted and re-read).",
+        )
+        .unwrap_or_else(|e| panic!("counter: {e}"));
+        register(&r, config_watch_restarts.clone());
+        let config_rejected = counter(
+            &r,
+            "api_router_config_rejected_total",
+            "Config service entries rejected, by reason (json, invalid, unknown_backend, schema, empty).",
+            &["reason"],
+        );
+        let config_sync_age = prometheus::Gauge::new(
+            "api_router_config_last_sync_seconds",
+            "Seconds since etcd last confirmed this replica's configuration.",
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        register(&r, config_sync_age.clone());
         let build_info = IntGaugeVec::new(
             Opts::new("api_router_build_info", "Build information; always 1."),
             &["version", "commit"],
@@ -280,6 +313,11 @@ impl Metrics {
             buffer_full,
             buffer_write_seconds,
             usage_published,
+            config_revision,
+            config_updates,
+            config_watch_restarts,
+            config_rejected,
+            config_sync_age,
         }))
     }
 
