@@ -704,3 +704,130 @@ pub async fn consume(broker: &Broker, want: usize, timeout: Duration) -> Vec<(St
 pub fn distinct_keys(msgs: &[(String, Value)]) -> std::collections::HashSet<String> {
     msgs.iter().map(|(k, _)| k.clone()).collect()
 }
+
+/// A private etcd on free ports, in a temp dir.
+pub struct Etcd {
+    pub port: u16,
+    peer: u16,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut e = Etcd { port: free_port(), peer: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+        e.spawn();
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "test",
+            "--data-dir",
+            &self.dir.path().join("data").to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("test={peer}"),
+        ]);
+        let proc = Proc::spawn(cmd);
+        let ok = proc.wait_for_line(Duration::from_secs(20), |l| l.contains("ready to serve client requests"));
+        assert!(ok.is_some(), "etcd did not start:\n{}", proc.lines().join("\n"));
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs `etcdctl` against this etcd; returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl(&["put", key, value]);
+    }
+}
+
+/// A TCP proxy on a free port that can cut every connection and refuse new
+/// ones (`set_open(false)`), to break a client's watch without touching etcd.
+pub struct Proxy {
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (o, g) = (open.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let (o, g) = (o.clone(), g.clone());
+                let born = g.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let cut = async {
+                        while o.load(std::sync::atomic::Ordering::SeqCst)
+                            && g.load(std::sync::atomic::Ordering::SeqCst) == born
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, open, generation }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_open(&self, open: bool) {
+        if !open {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
