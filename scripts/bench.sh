@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 cargo bench --bench routing -- --noplot
 cargo bench --bench limits
 cargo bench --bench usage
+cargo bench --bench config
