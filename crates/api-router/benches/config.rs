@@ -42,10 +42,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
         let mut client = loop {
-            if let Ok(mut c) = etcd_client::Client::connect([client_url.as_str()], None).await {
-                if c.status().await.is_ok() {
-                    break c;
-                }
+            if let Ok(mut c) = etcd_client::Client::connect([client_url.as_str()], None).await
+                && c.status().await.is_ok()
+            {
+                break c;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
