@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 
-use api_router::config_service::{BackendSpec, ConfigState, ConfigStore};
+use api_router::config_service::{BackendKind, BackendSpec, ConfigState, ConfigStore};
 use api_router::routing::policy::{Policy, PolicyBackend};
 use api_router::routing::selector;
 use api_router::telemetry::metrics::Metrics;
@@ -38,7 +38,7 @@ fn bench(c: &mut Criterion) {
     let policy = snapshot.route("org-500", "model-3").cloned().unwrap_or_else(|| panic!("policy missing"));
 
     c.bench_function("select_candidates/3_backends", |b| {
-        b.iter(|| black_box(selector::candidates(black_box(&policy), &mut rng)))
+        b.iter(|| black_box(selector::candidates(black_box(&policy), BackendKind::Native, &mut rng)))
     });
 
     let orgs: Vec<String> = (0..1000).map(|i| format!("org-{i}")).collect();
@@ -51,7 +51,7 @@ fn bench(c: &mut Criterion) {
             // What the request path does: load the snapshot, look up the
             // policy (or default route), order the candidates.
             let policy = store.load().route(org, model).cloned();
-            black_box(policy.map(|p| selector::candidates(&p, &mut rng)))
+            black_box(policy.map(|p| selector::candidates(&p, BackendKind::Native, &mut rng)))
         })
     });
 }

@@ -32,6 +32,7 @@ fn record(i: u64) -> UsageRecord {
         decision_type: None,
         attempts: 1,
         status: 200,
+        error: None,
         latency_ms: 1.5,
         prompt_tokens: Some(12),
         completion_tokens: Some(9),

@@ -20,11 +20,20 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 
 /// The organization behind the request's `X-API-Key`.
 pub fn organization(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty())
-        .ok_or(ApiError::MissingApiKey)?;
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
+    organization_for_key(snapshot, key)
+}
+
+/// The OpenAI door also takes the key as `Authorization: Bearer <key>`, as
+/// OpenAI clients send it.
+pub fn organization_bearer_or_header(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
+    let key =
+        bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok())).filter(|k| !k.is_empty());
+    organization_for_key(snapshot, key)
+}
+
+fn organization_for_key(snapshot: &Snapshot, key: Option<&str>) -> Result<Arc<str>, ApiError> {
+    let key = key.ok_or(ApiError::MissingApiKey)?;
     let hash = hash_key(key);
     match snapshot.organization_for_key_hash(&hash) {
         Some((stored, org)) if bool::from(stored.ct_eq(&hash)) => Ok(org.clone()),

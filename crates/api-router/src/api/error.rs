@@ -167,6 +167,31 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The OpenAI error shape, `{"error": {"message", "type", "param", "code"}}`,
+    /// with the same status codes, so that SDKs raise their usual exceptions.
+    pub fn into_openai_response(self, request_id: Option<&str>) -> Response {
+        let kind = match self.status().as_u16() {
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            403 => "permission_error",
+            404 | 400 | 413 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        };
+        let body = json!({"error": {"message": self.message(), "type": kind, "param": null, "code": self.code()}});
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let ApiError::RateLimited { info, retry_after_secs } = &self {
+            response.headers_mut().insert("retry-after", HeaderValue::from(*retry_after_secs));
+            rate_limit_headers(response.headers_mut(), info);
+        }
+        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+            response.headers_mut().insert("x-request-id", id);
+        }
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Internal(detail) = &self {

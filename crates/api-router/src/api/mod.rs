@@ -6,6 +6,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod openai;
 pub mod status;
 
 use std::sync::Arc;
@@ -73,6 +74,10 @@ pub fn router(state: SharedState) -> Router {
 
     Router::new()
         .route("/v1/inference", post(inference))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
         .route("/v1/status/healthz", get(status::healthz))
         .route("/v1/status/readyz", get(status::readyz))
         .route("/metrics", get(status::metrics))

@@ -62,6 +62,31 @@ pub fn retryable_status(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
 }
 
+/// What one attempt produced.
+#[derive(Debug)]
+pub enum Answer {
+    Full(BackendResponse),
+    Stream(StreamStart),
+}
+
+impl Answer {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Full(r) => r.status,
+            Answer::Stream(s) => s.status,
+        }
+    }
+}
+
+/// A 2xx streaming answer: its head, its first bytes, and the rest to come.
+#[derive(Debug)]
+pub struct StreamStart {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub first: Bytes,
+    pub rest: hyper::body::Incoming,
+}
+
 /// A backend's complete answer.
 #[derive(Debug)]
 pub struct BackendResponse {
@@ -97,19 +122,18 @@ impl BackendClient {
         &self,
         uri: &Uri,
         headers: &[(&'static str, &str)],
+        auth: Option<&HeaderValue>,
         body: Bytes,
     ) -> Result<BackendResponse, AttemptError> {
-        self.send_with_timeout(uri, headers, body, self.timeout).await
+        self.send_with_timeout(uri, headers, auth, body, self.timeout).await
     }
 
-    /// `send` with its own timeout (for calls that are not inference).
-    pub async fn send_with_timeout(
-        &self,
+    fn post(
         uri: &Uri,
         headers: &[(&'static str, &str)],
+        auth: Option<&HeaderValue>,
         body: Bytes,
-        timeout: Duration,
-    ) -> Result<BackendResponse, AttemptError> {
+    ) -> Result<Request<Full<Bytes>>, AttemptError> {
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(uri.clone())
@@ -117,11 +141,80 @@ impl BackendClient {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let request = builder.body(Full::new(body)).map_err(|e| AttemptError::Io(e.to_string()))?;
+        if let Some(auth) = auth {
+            builder = builder.header(hyper::header::AUTHORIZATION, auth.clone());
+        }
+        builder.body(Full::new(body)).map_err(|e| AttemptError::Io(e.to_string()))
+    }
+
+    fn request_error(e: hyper_util::client::legacy::Error) -> AttemptError {
+        if e.is_connect() { AttemptError::Connect(source_text(&e)) } else { AttemptError::Io(source_text(&e)) }
+    }
+
+    /// Opens a streaming request. Within the per-attempt timeout it must
+    /// answer and, if it answers 2xx, send its first bytes: until then it can
+    /// still fail over. Any other answer is collected whole.
+    pub async fn open_stream(
+        &self,
+        uri: &Uri,
+        headers: &[(&'static str, &str)],
+        auth: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> Result<Answer, AttemptError> {
+        let request = Self::post(uri, headers, auth, body)?;
+        let open = async {
+            let response = self.client.request(request).await.map_err(Self::request_error)?;
+            let (parts, mut body) = response.into_parts();
+            if retryable_status(parts.status) {
+                return Err(AttemptError::Status(parts.status));
+            }
+            let content_type = parts.headers.get(CONTENT_TYPE).cloned();
+            if !parts.status.is_success() {
+                let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
+                return Ok(Answer::Full(BackendResponse { status: parts.status, content_type, body }));
+            }
+            // The first data frame: after it, the answer belongs to the client.
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(first) = frame.into_data() {
+                            if first.is_empty() {
+                                continue;
+                            }
+                            return Ok(Answer::Stream(StreamStart {
+                                status: parts.status,
+                                content_type,
+                                first,
+                                rest: body,
+                            }));
+                        }
+                    }
+                    Some(Err(e)) => return Err(AttemptError::Io(e.to_string())),
+                    None => {
+                        return Ok(Answer::Full(BackendResponse {
+                            status: parts.status,
+                            content_type,
+                            body: Bytes::new(),
+                        }));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(self.timeout, open).await.unwrap_or(Err(AttemptError::Timeout))
+    }
+
+    /// `send` with its own timeout (for calls that are not inference).
+    pub async fn send_with_timeout(
+        &self,
+        uri: &Uri,
+        headers: &[(&'static str, &str)],
+        auth: Option<&HeaderValue>,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<BackendResponse, AttemptError> {
+        let request = Self::post(uri, headers, auth, body)?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() { AttemptError::Connect(source_text(&e)) } else { AttemptError::Io(source_text(&e)) }
-            })?;
+            let response = self.client.request(request).await.map_err(Self::request_error)?;
             let (parts, body) = response.into_parts();
             if retryable_status(parts.status) {
                 return Err(AttemptError::Status(parts.status));
@@ -192,7 +285,7 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client = BackendClient::new(Duration::from_secs(2), Duration::from_secs(1));
         let uri: Uri = format!("http://127.0.0.1:{port}/v1/inference").parse().unwrap();
-        let err = client.send(&uri, &[], Bytes::from_static(b"{}")).await.unwrap_err();
+        let err = client.send(&uri, &[], None, Bytes::from_static(b"{}")).await.unwrap_err();
         assert_eq!(err.error_type(), "connect", "{err}");
         assert!(client.probe(&uri).await.is_err());
     }

@@ -172,7 +172,8 @@ impl Settings {
         }
         if let Some(v) = var("BACKEND_ENDPOINTS") {
             for (id, url) in pairs("BACKEND_ENDPOINTS", &v, "id=url pairs, comma-separated")? {
-                let spec = BackendSpec::new(&url).map_err(|why| ConfigError::new("BACKEND_ENDPOINTS", &v, why))?;
+                let spec =
+                    BackendSpec::parse_endpoint(&url).map_err(|why| ConfigError::new("BACKEND_ENDPOINTS", &v, why))?;
                 check_id("BACKEND_ENDPOINTS", &id)?;
                 state.backends.insert(id, spec);
             }
@@ -399,6 +400,17 @@ fn default_threshold() -> u32 {
 struct FileBackend {
     backend_id: String,
     endpoint: String,
+    #[serde(default)]
+    kind: crate::config_service::BackendKind,
+    /// The upstream credential: the name of an environment variable...
+    #[serde(default)]
+    api_key_env: Option<String>,
+    /// ... or a file holding it.
+    #[serde(default)]
+    api_key_file: Option<PathBuf>,
+    /// Model aliases: client name → backend name.
+    #[serde(default)]
+    models: BTreeMap<String, String>,
 }
 
 /// An organization's limits: `organization_id` plus the admin API's shape.
@@ -431,7 +443,20 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     };
     for b in file.backends {
         check_id("ROUTER_CONFIG", &b.backend_id)?;
-        let spec = BackendSpec::new(&b.endpoint).map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
+        let mut spec = BackendSpec::new(&b.endpoint).map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
+        spec.kind = b.kind;
+        spec.models = b.models;
+        spec.credential = match (b.api_key_env, b.api_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(format!("backend {}: api_key_env or api_key_file, not both", b.backend_id)));
+            }
+            (Some(name), None) => Some(crate::config_service::CredentialRef::Env(name)),
+            (None, Some(path)) => Some(crate::config_service::CredentialRef::File(path)),
+            (None, None) => None,
+        };
+        if let Some(Err(why)) = spec.credential.as_ref().map(|c| c.resolve()) {
+            return Err(err(format!("backend {}: a readable credential ({why})", b.backend_id)));
+        }
         state.backends.insert(b.backend_id, spec);
     }
     for k in file.api_keys {

@@ -59,6 +59,13 @@ enum Entry {
 #[derive(Deserialize)]
 struct BackendValue {
     endpoint: String,
+    #[serde(default)]
+    kind: super::BackendKind,
+    /// Credentials are referenced, never stored in etcd.
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -284,7 +291,10 @@ impl EtcdSource {
                     return Err(reject("schema", "invalid backend id"));
                 }
                 let v: BackendValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                let spec = BackendSpec::new(&v.endpoint).map_err(|e| reject("invalid", e))?;
+                let mut spec = BackendSpec::new(&v.endpoint).map_err(|e| reject("invalid", e))?;
+                spec.kind = v.kind;
+                spec.models = v.models;
+                spec.credential = v.api_key_env.map(super::CredentialRef::Env);
                 Ok(Entry::Backend(name.to_string(), spec))
             }
             "backend-overrides" => {

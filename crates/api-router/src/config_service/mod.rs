@@ -32,20 +32,79 @@ use crate::limits::{OrgLimits, Price};
 use crate::routing::policy::{Policy, PolicyBackend};
 use crate::telemetry::metrics::{BackendMetrics, Metrics};
 
+/// What protocol a backend speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// `POST {endpoint}/v1/inference`: serves the native door.
+    #[default]
+    Native,
+    /// OpenAI-compatible (`/v1/chat/completions`, ...): serves the OpenAI door.
+    Openai,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Native => "native",
+            BackendKind::Openai => "openai",
+        }
+    }
+}
+
+/// Where a backend's upstream credential is read from. The secret itself is
+/// never part of the configuration state, the admin API or the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialRef {
+    Env(String),
+    File(std::path::PathBuf),
+}
+
+impl CredentialRef {
+    /// Reads the secret (trimmed).
+    pub fn resolve(&self) -> Result<String, String> {
+        let secret = match self {
+            CredentialRef::Env(name) => {
+                std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
+            }
+            CredentialRef::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            }
+        };
+        let secret = secret.trim().to_string();
+        if secret.is_empty() { Err("the credential is empty".into()) } else { Ok(secret) }
+    }
+}
+
 /// A registered backend, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:8001`.
     pub endpoint: String,
+    pub kind: BackendKind,
+    pub credential: Option<CredentialRef>,
+    /// Model aliases: the name clients use → the backend's own name.
+    pub models: BTreeMap<String, String>,
 }
 
 impl BackendSpec {
+    /// A native backend at `url`.
     pub fn new(url: &str) -> Result<Self, String> {
         let endpoint = url.trim().trim_end_matches('/').to_string();
         let uri: Uri = endpoint.parse().map_err(|_| format!("an http:// URL, got {url:?}"))?;
         match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(_)) => Ok(Self { endpoint }),
+            (Some("http"), Some(_)) => {
+                Ok(Self { endpoint, kind: BackendKind::Native, credential: None, models: BTreeMap::new() })
+            }
             _ => Err(format!("an http:// URL with a host, got {url:?}")),
+        }
+    }
+
+    /// `http://...` (native) or `openai+http://...` (OpenAI-compatible).
+    pub fn parse_endpoint(s: &str) -> Result<Self, String> {
+        match s.trim().strip_prefix("openai+") {
+            Some(url) => Ok(Self { kind: BackendKind::Openai, ..Self::new(url)? }),
+            None => Self::new(s),
         }
     }
 }
@@ -87,13 +146,22 @@ pub struct BackendRuntime {
 pub struct Backend {
     pub id: Arc<str>,
     pub endpoint: String,
+    pub kind: BackendKind,
     pub inference_uri: Uri,
     pub health_uri: Uri,
+    /// `Authorization: Bearer <secret>` for the upstream, marked sensitive.
+    pub auth: Option<hyper::header::HeaderValue>,
+    pub models: BTreeMap<String, String>,
     pub degraded: Option<Override>,
     pub runtime: Arc<BackendRuntime>,
 }
 
 impl Backend {
+    /// The URI of `path` on this backend (OpenAI paths).
+    pub fn uri_for(&self, path: &str) -> Uri {
+        uri(&self.endpoint, path)
+    }
+
     /// Routable: not degraded by an admin and not marked unhealthy.
     #[inline]
     pub fn is_routable(&self) -> bool {
@@ -163,11 +231,25 @@ impl Snapshot {
         let mut backends = HashMap::with_capacity(state.backends.len());
         let mut backend_list = Vec::with_capacity(state.backends.len());
         for (id, spec) in &state.backends {
+            let auth = spec.credential.as_ref().and_then(|c| match c.resolve() {
+                Ok(secret) => {
+                    let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {secret}")).ok()?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                Err(e) => {
+                    tracing::error!(backend_id = %id, error = %e, "backend credential unavailable; calling without it");
+                    None
+                }
+            });
             let backend = Arc::new(Backend {
                 id: Arc::from(id.as_str()),
                 endpoint: spec.endpoint.clone(),
+                kind: spec.kind,
                 inference_uri: uri(&spec.endpoint, "/v1/inference"),
                 health_uri: uri(&spec.endpoint, "/health"),
+                auth,
+                models: spec.models.clone(),
                 degraded: state.overrides.get(id).cloned(),
                 runtime: runtimes.get(id),
             });
@@ -202,7 +284,7 @@ impl Snapshot {
     }
 }
 
-fn uri(base: &str, path: &str) -> Uri {
+pub fn uri(base: &str, path: &str) -> Uri {
     // BackendSpec::new checked that `base` is an absolute http URL without a
     // trailing slash, and `path` is a constant absolute path, so this parses.
     format!("{base}{path}").parse().unwrap_or_default()

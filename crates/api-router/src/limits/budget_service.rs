@@ -127,8 +127,10 @@ impl BudgetService {
             "estimated_cost": plan.cost_micros as f64 / MICROS,
             "estimated_tokens": plan.tokens,
         });
-        let answer =
-            self.client.send_with_timeout(&self.reserve_uri, &[], body.to_string().into(), self.settings.timeout).await;
+        let answer = self
+            .client
+            .send_with_timeout(&self.reserve_uri, &[], None, body.to_string().into(), self.settings.timeout)
+            .await;
         let answer = match answer {
             Ok(a) if a.status.is_success() => a,
             Ok(a) => {
@@ -169,7 +171,10 @@ impl BudgetService {
             "actual_cost": actual.map(|(c, _)| c as f64 / MICROS).unwrap_or(0.0),
             "actual_tokens": actual.map(|(_, t)| t).unwrap_or(0),
         });
-        match self.client.send_with_timeout(&self.settle_uri, &[], body.to_string().into(), self.settings.timeout).await
+        match self
+            .client
+            .send_with_timeout(&self.settle_uri, &[], None, body.to_string().into(), self.settings.timeout)
+            .await
         {
             Ok(a) if a.status.is_success() => Ok(()),
             Ok(a) => Err(format!("budget service settle answered {}", a.status.as_u16())),

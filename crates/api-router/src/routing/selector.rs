@@ -8,16 +8,17 @@
 
 use std::sync::Arc;
 
-use crate::config_service::{Backend, RoutePolicy};
+use crate::config_service::{Backend, BackendKind, RoutePolicy};
 
 /// Small enough to stay on the stack for typical policies.
 pub type Candidates = Vec<(Arc<Backend>, u32)>;
 
-pub fn candidates(policy: &RoutePolicy, rng: &mut fastrand::Rng) -> Candidates {
+/// Only backends of `kind` (the door's) are candidates.
+pub fn candidates(policy: &RoutePolicy, kind: BackendKind, rng: &mut fastrand::Rng) -> Candidates {
     let mut out: Candidates = Vec::with_capacity(policy.members.len());
     let mut total: u64 = 0;
     for (backend, weight) in &policy.members {
-        if *weight > 0 && backend.is_routable() {
+        if *weight > 0 && backend.kind == kind && backend.is_routable() {
             total += u64::from(*weight);
             out.push((backend.clone(), *weight));
         }
@@ -43,7 +44,7 @@ pub fn candidates(policy: &RoutePolicy, rng: &mut fastrand::Rng) -> Candidates {
         total -= u64::from(out[i].1);
     }
     for (backend, weight) in &policy.members {
-        if *weight == 0 && backend.is_routable() {
+        if *weight == 0 && backend.kind == kind && backend.is_routable() {
             out.push((backend.clone(), 0));
         }
     }
@@ -92,7 +93,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         let mut first: HashMap<String, u32> = HashMap::new();
         for _ in 0..10_000 {
-            let c = candidates(policy, &mut rng);
+            let c = candidates(policy, BackendKind::Native, &mut rng);
             assert_eq!(c.len(), 2, "every backend once");
             *first.entry(c[0].0.id.to_string()).or_default() += 1;
         }
@@ -105,7 +106,7 @@ mod tests {
         let store = store(&[("standby", 0), ("a", 1), ("b", 1)]);
         let mut rng = fastrand::Rng::with_seed(1);
         let snap = store.load_full();
-        let c = candidates(snap.route("org", "m").unwrap(), &mut rng);
+        let c = candidates(snap.route("org", "m").unwrap(), BackendKind::Native, &mut rng);
         assert_eq!(c.last().unwrap().0.id.as_ref(), "standby");
         assert_eq!(c.len(), 3);
 
@@ -118,9 +119,9 @@ mod tests {
             })
             .unwrap();
         let snap = store.load_full();
-        let c = candidates(snap.route("org", "m").unwrap(), &mut rng);
+        let c = candidates(snap.route("org", "m").unwrap(), BackendKind::Native, &mut rng);
         assert_eq!(ids(&c), vec!["standby"]);
         snap.backend("standby").unwrap().runtime.health.record_failure(1, "down");
-        assert!(candidates(snap.route("org", "m").unwrap(), &mut rng).is_empty());
+        assert!(candidates(snap.route("org", "m").unwrap(), BackendKind::Native, &mut rng).is_empty());
     }
 }

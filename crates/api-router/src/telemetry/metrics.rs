@@ -56,6 +56,7 @@ pub struct Inner {
     pub config_watch_restarts: IntCounter,
     pub config_rejected: IntCounterVec,
     pub config_sync_age: prometheus::Gauge,
+    pub tokens: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -276,6 +277,12 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("gauge: {e}"));
         register(&r, config_sync_age.clone());
+        let tokens = counter(
+            &r,
+            "api_router_tokens_total",
+            "Tokens reported by backends (both doors, streamed or not), by type (prompt, completion).",
+            &["type"],
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("api_router_build_info", "Build information; always 1."),
             &["version", "commit"],
@@ -318,6 +325,7 @@ impl Metrics {
             config_watch_restarts,
             config_rejected,
             config_sync_age,
+            tokens,
         }))
     }
 

@@ -41,8 +41,12 @@ pub struct UsageRecord {
     /// The decision type of the last attempt.
     pub decision_type: Option<DecisionType>,
     pub attempts: u32,
-    /// The HTTP status the client received.
+    /// The HTTP status the client received (499: the client left a stream;
+    /// 502: a stream broke midway after a 200 head).
     pub status: u16,
+    /// Why the request did not succeed, if it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub latency_ms: f64,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,

@@ -5,22 +5,28 @@
 //! 1. **Request id.** A valid `request_id` from the body, or a generated UUID.
 //!    Everything below runs in a tracing span carrying it.
 //! 2. **Body limit.** 413 before reading more than `MAX_BODY_BYTES`.
-//! 3. **Authenticate.** `X-API-Key` → organization (hash lookup, constant-time
-//!    compare) against the current snapshot.
-//! 4. **Parse.** The native body becomes an [`InferenceRequest`].
+//! 3. **Authenticate.** `X-API-Key` (or `Authorization: Bearer` on the OpenAI
+//!    door) → organization (hash lookup, constant-time compare).
+//! 4. **Parse.** The native body, or an OpenAI body ([`crate::api::openai`]),
+//!    becomes one [`InferenceRequest`]. Both doors share everything below.
 //! 5. **Admit.** Rate limit, budget and quota in one check (one Redis round
 //!    trip when Redis is configured): 429 or 402, or a reservation to settle.
 //! 6. **Route.** The snapshot's policy for (organization, model), or the
 //!    default route → an ordered candidate list (weighted pick, then failover
 //!    order), leaving out degraded and unhealthy backends.
-//! 7. **Dispatch with failover.** Try candidates in order on the pooled client.
-//!    Each attempt feeds passive health, metrics and the decision log.
+//! 7. **Dispatch with failover.** Try candidates of the door's backend kind in
+//!    order on the pooled client. Each attempt feeds passive health, metrics
+//!    and the decision log. A stream fails over only before its first byte.
 //! 8. **Settle.** The reservation is settled to the reported usage on success,
 //!    released otherwise; the settler task applies it off the request path.
 //! 9. **Record.** The usage record is written ahead to the durable buffer
 //!    (group commit) before the client is answered; the publisher sends it to
 //!    Kafka later. The audit record goes to its batched writer without waiting.
 //!    The response gets `X-Request-Id`, `X-Backend-Id` and `RateLimit-*`.
+//!    A stream is answered as it arrives, so steps 8 and 9 run when it ends,
+//!    breaks or the client leaves ([`stream`]), on the task tracker.
+
+pub mod stream;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -33,17 +39,52 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::api::AppState;
 use crate::api::auth;
 use crate::api::error::{ApiError, rate_limit_headers};
+use crate::api::{AppState, SharedState};
 use crate::audit::{AuditAttempt, AuditRecord};
-use crate::backends::client::{AttemptError, BackendResponse};
+use crate::backends::client::{Answer, AttemptError, BackendResponse, StreamStart};
 use crate::backends::health::Transition;
-use crate::config_service::RoutePolicy;
-use crate::limits::{AdmitRequest, Usage};
+use crate::config_service::{Backend, BackendKind, RoutePolicy};
+use crate::limits::gcra::RateInfo;
+use crate::limits::{AdmitRequest, Price, Reservation, Usage};
 use crate::routing::decisions::{DecisionType, RoutingDecision};
 use crate::routing::selector;
 use crate::usage::{self, UsageRecord};
+
+/// Which door a request came through: what it is, and what kind of backend
+/// can serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Native,
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Door {
+    pub fn backend_kind(self) -> BackendKind {
+        if self == Door::Native { BackendKind::Native } else { BackendKind::Openai }
+    }
+
+    /// The upstream path on an OpenAI-compatible backend.
+    pub fn openai_path(self) -> &'static str {
+        match self {
+            Door::Chat => "/v1/chat/completions",
+            Door::Completions => "/v1/completions",
+            Door::Embeddings => "/v1/embeddings",
+            Door::Native => "/v1/inference",
+        }
+    }
+
+    /// Errors in the door's own shape.
+    pub fn error(self, e: ApiError, request_id: Option<&str>) -> Response {
+        match self {
+            Door::Native => e.into_response_with_id(request_id),
+            _ => e.into_openai_response(request_id),
+        }
+    }
+}
 
 /// One inference request, whatever door it came through.
 #[derive(Debug, Clone)]
@@ -53,6 +94,9 @@ pub struct InferenceRequest {
     pub model: Arc<str>,
     /// The body forwarded to the backend, as received.
     pub body: Bytes,
+    pub door: Door,
+    /// `"stream": true` on the OpenAI door.
+    pub stream: bool,
 }
 
 /// The longest accepted `request_id`.
@@ -65,7 +109,7 @@ pub fn valid_request_id(id: &str) -> bool {
 }
 
 /// `POST /v1/inference`.
-pub async fn inference(state: &AppState, headers: HeaderMap, body: Body) -> Response {
+pub async fn inference(state: &SharedState, headers: HeaderMap, body: Body) -> Response {
     // Step 2: the body, within the limit.
     let bytes = match read_body(body, &headers, state.settings.max_body_bytes).await {
         Ok(b) => b,
@@ -135,13 +179,14 @@ pub fn parse_native(body: Bytes, organization_id: Arc<str>) -> Result<InferenceR
         }
     };
     drop(parsed);
-    Ok(InferenceRequest { request_id, organization_id, model, body })
+    Ok(InferenceRequest { request_id, organization_id, model, body, door: Door::Native, stream: false })
 }
 
 /// Steps 5 to 9, for a parsed request of either door.
-pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
+pub async fn process(state: &SharedState, request: InferenceRequest) -> Response {
     let started_at = SystemTime::now();
     let started = Instant::now();
+    let door = request.door;
     // One snapshot read for everything this request needs from it. Hold the
     // policy, not the snapshot guard, across awaits.
     let (org_limits, price, policy) = {
@@ -155,7 +200,7 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
 
     // A full usage buffer refuses work it could not record.
     if let Err(e) = state.usage.check_capacity() {
-        return e.into_response_with_id(Some(&request.request_id));
+        return door.error(e, Some(&request.request_id));
     }
 
     // Step 5: rate limit, budget and quota, in one check. Denials are audited.
@@ -169,10 +214,10 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
     let admission = match state.limits.admit(&admit).await {
         Ok(a) => a,
         Err(e) => {
-            let record =
+            let outcome =
                 Outcome { status: e.status().as_u16(), backend_id: None, error: Some(e.message()), usage: None };
-            audit(state, &request, started_at, started, record, Vec::new());
-            return e.into_response_with_id(Some(&request.request_id));
+            audit(state, &request, started_at, started, outcome, Vec::new());
+            return door.error(e, Some(&request.request_id));
         }
     };
 
@@ -182,55 +227,157 @@ pub async fn process(state: &AppState, request: InferenceRequest) -> Response {
         Some(policy) => dispatch(state, &request, &policy, &mut attempts).await,
         None => Err(ApiError::ModelNotFound(request.model.to_string())),
     };
-
-    // Step 8: settle the reservation to what was used, or release it.
-    let usage = match &result {
-        Ok((answer, _)) if answer.status.is_success() => parse_usage(&answer.body),
-        _ => None,
+    let finish = Finish {
+        state: state.clone(),
+        request,
+        started_at,
+        started,
+        price,
+        reservation: admission.reservation,
+        rate: admission.rate,
+        attempts,
     };
-    if let Some(reservation) = admission.reservation {
+    match result {
+        Ok((Answer::Stream(s), backend)) => finish.stream(s, backend),
+        Ok((Answer::Full(answer), backend)) => finish.full(Ok((answer, backend))).await,
+        Err(e) => finish.full(Err(e)).await,
+    }
+}
+
+/// Everything steps 8 and 9 need, for a complete answer now or a stream later.
+pub struct Finish {
+    state: SharedState,
+    request: InferenceRequest,
+    started_at: SystemTime,
+    started: Instant,
+    price: Option<Price>,
+    reservation: Option<Reservation>,
+    rate: Option<RateInfo>,
+    attempts: Vec<AuditAttempt>,
+}
+
+impl Finish {
+    /// Steps 8 and 9 for a complete answer (or an error).
+    async fn full(mut self, result: Result<(BackendResponse, Arc<str>), ApiError>) -> Response {
+        let usage = match &result {
+            Ok((answer, _)) if answer.status.is_success() => parse_usage(&answer.body),
+            _ => None,
+        };
         let success = matches!(&result, Ok((answer, _)) if answer.status.is_success());
-        state.limits.finish(reservation, success.then_some(usage));
+        let (status, backend_id, error) = match &result {
+            Ok((answer, backend)) => (answer.status.as_u16(), Some(backend.clone()), None),
+            Err(e) => (e.status().as_u16(), None, Some(e.message())),
+        };
+        if let Err(e) = self.record(status, backend_id.clone(), error.clone(), usage, success).await {
+            return self.request.door.error(e, Some(&self.request.request_id));
+        }
+        let door = self.request.door;
+        let mut response = match result {
+            Ok((answer, backend)) => respond(answer, &self.request.request_id, &backend),
+            Err(e) => door.error(e, Some(&self.request.request_id)),
+        };
+        if let Some(info) = self.rate.take() {
+            rate_limit_headers(response.headers_mut(), &info);
+        }
+        response
     }
 
-    // Step 9: write the usage record ahead (it is on disk before the client
-    // is answered), audit, answer.
-    let (status, backend_id, error) = match &result {
-        Ok((answer, backend)) => (answer.status.as_u16(), Some(backend.clone()), None),
-        Err(e) => (e.status().as_u16(), None, Some(e.message())),
-    };
-    let record = UsageRecord {
-        schema_version: usage::SCHEMA_VERSION,
-        request_id: request.request_id.clone(),
-        organization_id: request.organization_id.clone(),
-        model: request.model.clone(),
-        backend_id: backend_id.clone(),
-        decision_type: attempts.last().map(|a| a.decision_type),
-        attempts: attempts.len() as u32,
-        status,
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-        prompt_tokens: usage.map(|u| u.prompt_tokens),
-        completion_tokens: usage.map(|u| u.completion_tokens),
-        total_tokens: usage.map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens)),
-        cost: (price.is_some() || state.limits.settings().default_request_cost > 0.0)
-            .then(|| state.limits.cost(price, usage)),
-        timestamp: SystemTime::now(),
-        router_instance_id: state.instance_id.clone(),
-    };
-    if let Err(e) = state.usage.record(&record).await {
-        let outcome = Outcome { status: e.status().as_u16(), backend_id, error: Some(e.message()), usage };
-        audit(state, &request, started_at, started, outcome, attempts);
-        return e.into_response_with_id(Some(&request.request_id));
+    /// Settles, writes the usage record ahead, and audits. `Err` when the
+    /// usage record could not be stored: then the answer must not be sent.
+    async fn record(
+        &mut self,
+        status: u16,
+        backend_id: Option<Arc<str>>,
+        error: Option<String>,
+        usage: Option<Usage>,
+        success: bool,
+    ) -> Result<(), ApiError> {
+        let state = self.state.clone();
+        // Step 8: settle to what was used, or release.
+        if let Some(reservation) = self.reservation.take() {
+            state.limits.finish(reservation, success.then_some(usage));
+        }
+        if let Some(u) = usage {
+            state.metrics.tokens.with_label_values(&["prompt"]).inc_by(u.prompt_tokens);
+            state.metrics.tokens.with_label_values(&["completion"]).inc_by(u.completion_tokens);
+        }
+        // Step 9: the usage record ahead, then the audit record.
+        let attempts = std::mem::take(&mut self.attempts);
+        let request = &self.request;
+        let record = UsageRecord {
+            schema_version: usage::SCHEMA_VERSION,
+            request_id: request.request_id.clone(),
+            organization_id: request.organization_id.clone(),
+            model: request.model.clone(),
+            backend_id: backend_id.clone(),
+            decision_type: attempts.last().map(|a| a.decision_type),
+            attempts: attempts.len() as u32,
+            status,
+            error: error.clone(),
+            latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            prompt_tokens: usage.map(|u| u.prompt_tokens),
+            completion_tokens: usage.map(|u| u.completion_tokens),
+            total_tokens: usage.map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens)),
+            cost: (self.price.is_some() || state.limits.settings().default_request_cost > 0.0)
+                .then(|| state.limits.cost(self.price, usage)),
+            timestamp: SystemTime::now(),
+            router_instance_id: state.instance_id.clone(),
+        };
+        if let Err(e) = state.usage.record(&record).await {
+            let outcome = Outcome { status: e.status().as_u16(), backend_id, error: Some(e.message()), usage };
+            audit(&state, request, self.started_at, self.started, outcome, attempts);
+            return Err(e);
+        }
+        audit(&state, request, self.started_at, self.started, Outcome { status, backend_id, error, usage }, attempts);
+        Ok(())
     }
-    audit(state, &request, started_at, started, Outcome { status, backend_id, error, usage }, attempts);
-    let mut response = match result {
-        Ok((answer, backend)) => respond(answer, &request.request_id, &backend),
-        Err(e) => e.into_response_with_id(Some(&request.request_id)),
-    };
-    if let Some(info) = admission.rate {
-        rate_limit_headers(response.headers_mut(), &info);
+
+    /// A stream: answer now with the first bytes; steps 8 and 9 run when it
+    /// ends, breaks, or the client leaves.
+    fn stream(mut self, s: StreamStart, backend: Arc<str>) -> Response {
+        let mut builder = Response::builder()
+            .status(s.status)
+            .header(
+                header::CONTENT_TYPE,
+                s.content_type.unwrap_or_else(|| HeaderValue::from_static("text/event-stream")),
+            )
+            .header(header::CACHE_CONTROL, "no-cache");
+        if let Ok(v) = HeaderValue::from_str(&self.request.request_id) {
+            builder = builder.header("x-request-id", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&backend) {
+            builder = builder.header("x-backend-id", v);
+        }
+        let rate = self.rate.take();
+        let body = stream::MeteredBody::new(s.first, s.rest, self, backend);
+        let mut response = builder
+            .body(Body::new(body))
+            .unwrap_or_else(|e| ApiError::Internal(format!("cannot build the stream response: {e}")).into_response());
+        if let Some(info) = rate {
+            rate_limit_headers(response.headers_mut(), &info);
+        }
+        response
     }
-    response
+
+    /// Called once by the stream body when it ends, breaks or is dropped.
+    fn stream_done(self, backend: Arc<str>, usage: Option<Usage>, end: stream::End) {
+        let state = self.state.clone();
+        let (status, error) = match &end {
+            stream::End::Complete => (200, None),
+            stream::End::Broken(e) => (502, Some(format!("stream broken midway: {e}"))),
+            stream::End::ClientGone => (499, Some("client disconnected; upstream request cancelled".to_string())),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(request_id = %self.request.request_id, backend_id = %backend, error = %e, "stream did not complete");
+        }
+        // Off the request path, and tracked: it completes even though the
+        // client is gone, and shutdown waits for it.
+        let mut finish = self;
+        state.tasks.spawn(async move {
+            let success = matches!(end, stream::End::Complete) || usage.is_some();
+            let _ = finish.record(status, Some(backend), error, usage, success).await;
+        });
+    }
 }
 
 /// The `usage` object of a backend's JSON answer, if it has one.
@@ -243,6 +390,25 @@ pub fn parse_usage(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
+/// The body sent to one backend: as received, or (OpenAI backends) with the
+/// model name mapped and stream usage requested.
+fn upstream_body(request: &InferenceRequest, backend: &Backend) -> Bytes {
+    let mapped = backend.models.get(&*request.model);
+    if request.door == Door::Native || (mapped.is_none() && !request.stream) {
+        return request.body.clone();
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+        return request.body.clone();
+    };
+    if let Some(m) = mapped {
+        v["model"] = serde_json::Value::from(m.as_str());
+    }
+    if request.stream {
+        v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
+    }
+    serde_json::to_vec(&v).map(Bytes::from).unwrap_or_else(|_| request.body.clone())
+}
+
 /// Steps 6 and 7: candidates in order; each attempt feeds passive health,
 /// metrics, the decision log and `attempts`.
 async fn dispatch(
@@ -250,8 +416,8 @@ async fn dispatch(
     request: &InferenceRequest,
     policy: &RoutePolicy,
     attempts: &mut Vec<AuditAttempt>,
-) -> Result<(BackendResponse, Arc<str>), ApiError> {
-    let candidates = selector::candidates(policy, &mut fastrand::Rng::new());
+) -> Result<(Answer, Arc<str>), ApiError> {
+    let candidates = selector::candidates(policy, request.door.backend_kind(), &mut fastrand::Rng::new());
     let decision = |backend_id: Option<Arc<str>>,
                     t: DecisionType,
                     reason: String,
@@ -274,7 +440,11 @@ async fn dispatch(
     };
 
     if candidates.is_empty() {
-        let reason = format!("no routable backend in policy {}", policy.policy.policy_id);
+        let reason = format!(
+            "no routable {} backend in policy {}",
+            request.door.backend_kind().as_str(),
+            policy.policy.policy_id
+        );
         tracing::warn!(model = %request.model, policy_id = %policy.policy.policy_id, "no healthy backend");
         decision(None, DecisionType::NoHealthyBackend, reason, None, None, 0.0);
         return Err(ApiError::NoHealthyBackend);
@@ -291,12 +461,23 @@ async fn dispatch(
         };
         let attempt_started_at = SystemTime::now();
         let t0 = Instant::now();
-        let result = state.client.send(&backend.inference_uri, &headers, request.body.clone()).await;
+        let uri = if request.door == Door::Native {
+            backend.inference_uri.clone()
+        } else {
+            backend.uri_for(request.door.openai_path())
+        };
+        let body = upstream_body(request, backend);
+        let auth = backend.auth.as_ref();
+        let result = if request.stream {
+            state.client.open_stream(&uri, &headers, auth, body).await
+        } else {
+            state.client.send(&uri, &headers, auth, body).await.map(Answer::Full)
+        };
         let elapsed = t0.elapsed();
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         let rt = &backend.runtime;
         let (status, error) = match &result {
-            Ok(r) => (Some(r.status.as_u16()), None),
+            Ok(a) => (Some(a.status().as_u16()), None),
             Err(e @ AttemptError::Status(s)) => (Some(s.as_u16()), Some(e)),
             Err(e) => (None, Some(e)),
         };
