@@ -37,6 +37,8 @@ pub enum End {
 pub struct UsageScanner {
     partial: Vec<u8>,
     pub usage: Option<Usage>,
+    /// `data:` events seen, other than `[DONE]`.
+    pub events: u64,
 }
 
 /// The longest SSE line kept while waiting for its end.
@@ -64,6 +66,9 @@ impl UsageScanner {
 
     fn line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else { return };
+        if data.trim_ascii() != b"[DONE]" {
+            self.events += 1;
+        }
         // Only lines that can hold usage are parsed.
         if !data.windows(7).any(|w| w == b"\"usage\"") {
             return;
@@ -89,7 +94,17 @@ impl MeteredBody {
     fn end(&mut self, end: End) {
         self.rest = None;
         if let Some((finish, backend)) = self.finish.take() {
-            finish.stream_done(backend, self.scanner.usage, end);
+            // A stream cut short carries no usage chunk: count what reached
+            // the client, one token per event (an estimate, and marked so by
+            // the error on the record).
+            let usage = self.scanner.usage.or_else(|| {
+                (!matches!(end, End::Complete) && self.scanner.events > 0).then_some(Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: self.scanner.events,
+                    total_tokens: self.scanner.events,
+                })
+            });
+            finish.stream_done(backend, usage, end);
         }
     }
 }

@@ -141,6 +141,11 @@ impl Mock {
         format!("{}={}", self.id, self.url())
     }
 
+    /// `id=openai+url`: an OpenAI-compatible backend.
+    pub fn openai_endpoint(&self) -> String {
+        format!("{}=openai+{}", self.id, self.url())
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill();
@@ -212,6 +217,13 @@ impl RouterBuilder {
             env.insert("BACKEND_ENDPOINTS".into(), backends.iter().map(|m| m.endpoint()).collect::<Vec<_>>().join(","));
         }
         RouterBuilder { env, data_dir: None }
+    }
+
+    /// The backends as OpenAI-compatible ones.
+    pub fn openai(mut self, backends: &[&Mock]) -> Self {
+        let v = backends.iter().map(|m| m.openai_endpoint()).collect::<Vec<_>>().join(",");
+        self.env.insert("BACKEND_ENDPOINTS".into(), v);
+        self
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
