@@ -6,3 +6,4 @@ cargo bench --bench routing -- --noplot
 cargo bench --bench limits
 cargo bench --bench usage
 cargo bench --bench config
+cargo bench --bench streaming

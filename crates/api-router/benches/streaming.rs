@@ -1,0 +1,138 @@
+//! Time to first token (TTFT) through the router minus TTFT direct, at 200
+//! concurrent streams, in the same run. Starts the real `mock-backend` and
+//! `api-router` binaries (release build) on free ports.
+//! Run with `cargo bench --bench streaming` (part of `make bench`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const CONCURRENCY: usize = 200;
+const ROUNDS: usize = 5;
+
+/// Spawns a process and returns it with the first stdout line matching `pred`.
+fn spawn(mut cmd: Command, pred: impl Fn(&str) -> bool) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let line =
+        lines.by_ref().map_while(Result::ok).find(|l| pred(l)).unwrap_or_else(|| panic!("process did not start"));
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (child, line)
+}
+
+async fn ttft(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    auth: bool,
+) -> Duration {
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut req = hyper::Request::post(url);
+    if auth {
+        req = req.header("authorization", "Bearer bench-key");
+    }
+    let req = req.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let resp = client.request(req).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(resp.status().is_success(), "status {}", resp.status());
+    let mut body = resp.into_body();
+    loop {
+        match body.frame().await {
+            Some(Ok(f)) if f.data_ref().is_some_and(|d| !d.is_empty()) => break,
+            Some(Ok(_)) => continue,
+            other => panic!("stream ended before its first chunk: {other:?}"),
+        }
+    }
+    let first = t0.elapsed();
+    while body.frame().await.is_some() {}
+    first
+}
+
+async fn run(url: &str, auth: bool) -> Vec<Duration> {
+    let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(CONCURRENCY).build_http();
+    let mut all = Vec::with_capacity(CONCURRENCY * ROUNDS);
+    for _ in 0..ROUNDS {
+        let tasks: Vec<_> = (0..CONCURRENCY)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.to_string());
+                tokio::spawn(async move { ttft(&client, &url, auth).await })
+            })
+            .collect();
+        for t in tasks {
+            all.push(t.await.unwrap_or_default());
+        }
+    }
+    all.sort();
+    all
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let (mut mock, line) = spawn(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_mock-backend"));
+            c.args(["--listen", "127.0.0.1:0", "--id", "backend-1"]);
+            c
+        },
+        |l| l.starts_with("mock-backend listening on "),
+    );
+    let mock_addr = line.trim_start_matches("mock-backend listening on ").to_string();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (mut router, line) = spawn(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_api-router"));
+            c.env_clear()
+                .env("HTTP_ADDR", "127.0.0.1:0")
+                .env("BACKEND_ENDPOINTS", format!("backend-1=openai+http://{mock_addr}"))
+                .env("API_KEYS", "bench-key=org-bench")
+                .env("RATE_LIMIT_DEFAULT_RPS", "0")
+                .env("RUST_LOG", "warn,api_router::app=info")
+                .env("DATA_DIR", dir.path());
+            c
+        },
+        |l| l.contains("HTTP server starting"),
+    );
+    let router_addr = serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|v| v["addr"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no address in {line}"));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(async {
+        // 5 chunks, 20 ms apart: the first chunk is the measured one.
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let faults = hyper::Request::post(format!("http://{mock_addr}/mock/faults"))
+            .body(Full::new(Bytes::from_static(br#"{"stream_chunks": 5, "stream_delay_ms": 20}"#)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        client.request(faults).await.unwrap_or_else(|e| panic!("{e}"));
+        // Warm both paths' connection pools.
+        run(&format!("http://{mock_addr}/v1/chat/completions"), false).await;
+        run(&format!("http://{router_addr}/v1/chat/completions"), true).await;
+        let direct = run(&format!("http://{mock_addr}/v1/chat/completions"), false).await;
+        let routed = run(&format!("http://{router_addr}/v1/chat/completions"), true).await;
+        println!("time to first token, {CONCURRENCY} concurrent streams x {ROUNDS} rounds:");
+        println!("  direct      median {:.3} ms  p99 {:.3} ms", pct(&direct, 0.5), pct(&direct, 0.99));
+        println!("  via router  median {:.3} ms  p99 {:.3} ms", pct(&routed, 0.5), pct(&routed, 0.99));
+        println!(
+            "  router adds median {:.3} ms  p99 {:.3} ms",
+            pct(&routed, 0.5) - pct(&direct, 0.5),
+            pct(&routed, 0.99) - pct(&direct, 0.99)
+        );
+    });
+    let _ = router.kill();
+    let _ = router.wait();
+    let _ = mock.kill();
+    let _ = mock.wait();
+}
