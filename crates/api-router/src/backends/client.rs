@@ -168,11 +168,10 @@ impl BackendClient {
             if retryable_status(parts.status) {
                 return Err(AttemptError::Status(parts.status));
             }
-            let content_type = parts.headers.get(CONTENT_TYPE).cloned();
             if !parts.status.is_success() {
-                let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
-                return Ok(Answer::Full(BackendResponse { status: parts.status, content_type, body }));
+                return collect(parts, body).await.map(Answer::Full);
             }
+            let content_type = parts.headers.get(CONTENT_TYPE).cloned();
             // The first data frame: after it, the answer belongs to the client.
             loop {
                 match body.frame().await {
@@ -219,8 +218,7 @@ impl BackendClient {
             if retryable_status(parts.status) {
                 return Err(AttemptError::Status(parts.status));
             }
-            let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
-            Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
+            collect(parts, body).await
         };
         tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
     }
@@ -231,8 +229,7 @@ impl BackendClient {
         let exchange = async {
             let response = self.probes.request(request).await.map_err(|e| AttemptError::Connect(source_text(&e)))?;
             let (parts, body) = response.into_parts();
-            let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
-            Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
+            collect(parts, body).await
         };
         tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
     }
@@ -251,6 +248,15 @@ impl BackendClient {
             .await
             .unwrap_or_else(|_| Err("health check timed out".to_string()))
     }
+}
+
+/// Reads a whole answer.
+async fn collect(
+    parts: hyper::http::response::Parts,
+    body: hyper::body::Incoming,
+) -> Result<BackendResponse, AttemptError> {
+    let body = body.collect().await.map_err(|e| AttemptError::Io(e.to_string()))?.to_bytes();
+    Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
 }
 
 /// The innermost cause, which is what an operator needs ("Connection refused").

@@ -73,7 +73,14 @@ impl Default for Metrics {
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+/// Registers a collector built by `made` and returns it.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, made: prometheus::Result<C>) -> C {
+    // Building fails only for an invalid name or label set, which is a
+    // programming error caught by the tests.
+    let c = made.unwrap_or_else(|e| panic!("metric definition: {e}"));
     register(r, c.clone());
     c
 }
@@ -101,16 +108,17 @@ impl Metrics {
             "Failed attempts, by backend and error type.",
             &["backend_id", "error_type"],
         );
-        let backend_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "api_router_backend_request_duration_seconds",
-                "Duration of each attempt at a backend, in seconds.",
-            )
-            .buckets(BACKEND_BUCKETS.to_vec()),
-            &["backend_id"],
-        )
-        .unwrap_or_else(|e| panic!("histogram: {e}"));
-        register(&r, backend_duration.clone());
+        let backend_duration = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "api_router_backend_request_duration_seconds",
+                    "Duration of each attempt at a backend, in seconds.",
+                )
+                .buckets(BACKEND_BUCKETS.to_vec()),
+                &["backend_id"],
+            ),
+        );
         let failovers = counter(
             &r,
             "router_failover_total",
@@ -123,15 +131,16 @@ impl Metrics {
             "Backend health changes, by backend and new state.",
             &["backend_id", "to"],
         );
-        let health_status = IntGaugeVec::new(
-            Opts::new(
-                "router_backend_health_status",
-                "Backend health: 1 = healthy, 0 = unhealthy, 2 = degraded by an admin.",
+        let health_status = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "router_backend_health_status",
+                    "Backend health: 1 = healthy, 0 = unhealthy, 2 = degraded by an admin.",
+                ),
+                &["backend_id"],
             ),
-            &["backend_id"],
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, health_status.clone());
+        );
         let decisions = counter(
             &r,
             "api_router_routing_decisions_total",
@@ -144,22 +153,24 @@ impl Metrics {
             "HTTP requests served, by route template and status code.",
             &["route", "status"],
         );
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new("api_router_http_request_duration_seconds", "Time to answer, by route template.")
-                .buckets(BACKEND_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .unwrap_or_else(|e| panic!("histogram: {e}"));
-        register(&r, http_duration.clone());
-        let component_health = IntGaugeVec::new(
-            Opts::new(
-                "api_router_component_health",
-                "Readiness components: 1 = healthy, 0 = unhealthy, -1 = not configured.",
+        let http_duration = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new("api_router_http_request_duration_seconds", "Time to answer, by route template.")
+                    .buckets(BACKEND_BUCKETS.to_vec()),
+                &["route"],
             ),
-            &["component"],
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, component_health.clone());
+        );
+        let component_health = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "api_router_component_health",
+                    "Readiness components: 1 = healthy, 0 = unhealthy, -1 = not configured.",
+                ),
+                &["component"],
+            ),
+        );
         let audit_records = counter(
             &r,
             "api_router_audit_records_total",
@@ -204,91 +215,101 @@ impl Metrics {
             "Budget and quota settlements, by outcome (applied, retried, dropped).",
             &["status"],
         );
-        let buffer_size = prometheus::IntGauge::new(
-            "api_router_buffer_store_size",
-            "Usage records in the buffer store waiting for delivery to Kafka.",
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, buffer_size.clone());
-        let buffer_age = prometheus::Gauge::new(
-            "api_router_buffer_store_age_seconds",
-            "Age of the oldest usage record waiting in the buffer store (0 when empty).",
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, buffer_age.clone());
-        let buffer_retries = prometheus::IntCounter::new(
-            "api_router_buffer_store_retries_total",
-            "Times the publisher backed off and retried delivery from the buffer store.",
-        )
-        .unwrap_or_else(|e| panic!("counter: {e}"));
-        register(&r, buffer_retries.clone());
-        let buffer_damaged = prometheus::IntCounter::new(
-            "api_router_buffer_store_damaged_total",
-            "Damaged byte ranges found (and set aside) in the buffer store at start-up.",
-        )
-        .unwrap_or_else(|e| panic!("counter: {e}"));
-        register(&r, buffer_damaged.clone());
-        let buffer_full = prometheus::IntCounter::new(
-            "api_router_usage_buffer_full_total",
-            "Requests refused with 503 usage_buffer_full because the buffer store was at its cap.",
-        )
-        .unwrap_or_else(|e| panic!("counter: {e}"));
-        register(&r, buffer_full.clone());
-        let buffer_write_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "api_router_buffer_store_write_seconds",
-                "Duration of one group commit to the buffer store (write, and fsync if always).",
-            )
-            .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
-        )
-        .unwrap_or_else(|e| panic!("histogram: {e}"));
-        register(&r, buffer_write_seconds.clone());
+        let buffer_size = reg(
+            &r,
+            prometheus::IntGauge::new(
+                "api_router_buffer_store_size",
+                "Usage records in the buffer store waiting for delivery to Kafka.",
+            ),
+        );
+        let buffer_age = reg(
+            &r,
+            prometheus::Gauge::new(
+                "api_router_buffer_store_age_seconds",
+                "Age of the oldest usage record waiting in the buffer store (0 when empty).",
+            ),
+        );
+        let buffer_retries = reg(
+            &r,
+            prometheus::IntCounter::new(
+                "api_router_buffer_store_retries_total",
+                "Times the publisher backed off and retried delivery from the buffer store.",
+            ),
+        );
+        let buffer_damaged = reg(
+            &r,
+            prometheus::IntCounter::new(
+                "api_router_buffer_store_damaged_total",
+                "Damaged byte ranges found (and set aside) in the buffer store at start-up.",
+            ),
+        );
+        let buffer_full = reg(
+            &r,
+            prometheus::IntCounter::new(
+                "api_router_usage_buffer_full_total",
+                "Requests refused with 503 usage_buffer_full because the buffer store was at its cap.",
+            ),
+        );
+        let buffer_write_seconds = reg(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "api_router_buffer_store_write_seconds",
+                    "Duration of one group commit to the buffer store (write, and fsync if always).",
+                )
+                .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
+            ),
+        );
         let usage_published = counter(
             &r,
             "api_router_usage_records_published_total",
             "Usage records by outcome: success (delivered), error (delivery failed, will retry), dropped, write_error.",
             &["status"],
         );
-        let config_revision =
-            prometheus::IntGauge::new("api_router_config_revision", "The etcd revision of the routing state in force.")
-                .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, config_revision.clone());
-        let config_updates = IntCounter::new(
-            "api_router_config_updates_total",
-            "Configuration snapshots applied from the config service.",
-        )
-        .unwrap_or_else(|e| panic!("counter: {e}"));
-        register(&r, config_updates.clone());
-        let config_watch_restarts = IntCounter::new(
-            "api_router_config_watch_restarts_total",
-            "Times the etcd watch was re-established (broken, or compacted and re-read).",
-        )
-        .unwrap_or_else(|e| panic!("counter: {e}"));
-        register(&r, config_watch_restarts.clone());
+        let config_revision = reg(
+            &r,
+            prometheus::IntGauge::new("api_router_config_revision", "The etcd revision of the routing state in force."),
+        );
+        let config_updates = reg(
+            &r,
+            IntCounter::new(
+                "api_router_config_updates_total",
+                "Configuration snapshots applied from the config service.",
+            ),
+        );
+        let config_watch_restarts = reg(
+            &r,
+            IntCounter::new(
+                "api_router_config_watch_restarts_total",
+                "Times the etcd watch was re-established (broken, or compacted and re-read).",
+            ),
+        );
         let config_rejected = counter(
             &r,
             "api_router_config_rejected_total",
             "Config service entries rejected, by reason (json, invalid, unknown_backend, schema, empty).",
             &["reason"],
         );
-        let config_sync_age = prometheus::Gauge::new(
-            "api_router_config_last_sync_seconds",
-            "Seconds since etcd last confirmed this replica's configuration.",
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, config_sync_age.clone());
+        let config_sync_age = reg(
+            &r,
+            prometheus::Gauge::new(
+                "api_router_config_last_sync_seconds",
+                "Seconds since etcd last confirmed this replica's configuration.",
+            ),
+        );
         let tokens = counter(
             &r,
             "api_router_tokens_total",
             "Tokens reported by backends (both doors, streamed or not), by type (prompt, completion).",
             &["type"],
         );
-        let build_info = IntGaugeVec::new(
-            Opts::new("api_router_build_info", "Build information; always 1."),
-            &["version", "commit"],
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        register(&r, build_info.clone());
+        let build_info = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("api_router_build_info", "Build information; always 1."),
+                &["version", "commit"],
+            ),
+        );
         build_info.with_label_values(&[crate::build_info::VERSION, crate::build_info::COMMIT]).set(1);
         #[cfg(target_os = "linux")]
         register(&r, prometheus::process_collector::ProcessCollector::for_self());
