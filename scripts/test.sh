@@ -9,8 +9,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 # Debian packages: protoc (the etcd client's build), curl (the make-run
-# test), redis-server and etcd (tests start private servers on free ports).
-scripts/deps.sh protoc:protobuf-compiler curl:curl redis-server:redis-server etcd:etcd-server etcdctl:etcd-client
+# test), redis-server, etcd and prometheus (tests start private servers on
+# free ports; promtool checks the alert rules), python3 with venv (the SDK tests).
+scripts/deps.sh protoc:protobuf-compiler curl:curl redis-server:redis-server etcd:etcd-server etcdctl:etcd-client \
+  promtool:prometheus python3:python3
 
 # The Kafka-protocol broker for the usage tests: tansu, built once (about
 # 8 minutes) and reused. The default features have no storage engine.
@@ -24,7 +26,7 @@ export TANSU_BIN="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tans
 VENV=.venv-test
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
   echo "==> installing the openai Python package into $VENV"
-  python3 -m venv "$VENV"
+  python3 -m venv "$VENV" || { scripts/deps.sh __venv__:python3-venv && python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.50,<3"
 fi
 export OPENAI_TEST_PYTHON="$PWD/$VENV/bin/python"

@@ -313,6 +313,21 @@ impl Metrics {
         build_info.with_label_values(&[crate::build_info::VERSION, crate::build_info::COMMIT]).set(1);
         #[cfg(target_os = "linux")]
         register(&r, prometheus::process_collector::ProcessCollector::for_self());
+        // Series with a fixed set of labels exist from the start, at 0, so
+        // that queries and alerts see them before the first event.
+        let fixed: [(&IntCounterVec, &[&str]); 6] = [
+            (&usage_published, &["success", "error", "dropped", "write_error"]),
+            (&settlements, &["applied", "retried", "dropped"]),
+            (&audit_records, &["written", "dropped", "error"]),
+            (&tokens, &["prompt", "completion"]),
+            (&config_rejected, &["json", "invalid", "unknown_backend", "schema", "empty"]),
+            (&budget_service_failures, &["open", "closed"]),
+        ];
+        for (vec, values) in fixed {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
 
         Metrics(Arc::new(Inner {
             registry: r,

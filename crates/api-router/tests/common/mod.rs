@@ -843,3 +843,11 @@ impl Proxy {
         self.open.store(open, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// GET and parse JSON; `None` if nothing answers (a server still starting).
+pub async fn try_get_json(url: &str) -> Option<Value> {
+    let req = Request::builder().uri(url).body(Full::new(Bytes::new())).ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req)).await.ok()?.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&body).ok()
+}
