@@ -73,6 +73,12 @@ async fn readiness_is_503_without_backends() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["status"], "degraded");
     assert_eq!(r.json()["components"]["backend_registry"], "unhealthy");
+    // The probe form: only the named components decide the code.
+    let only = send(Method::GET, &router.url("/v1/status/readyz?only=redis,kafka"), &[], "").await;
+    assert_eq!(only.status, 200);
+    assert_eq!(only.json()["components"]["backend_registry"], "unhealthy", "the body still shows every component");
+    let only = send(Method::GET, &router.url("/v1/status/readyz?only=backend_registry"), &[], "").await;
+    assert_eq!(only.status, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -77,9 +77,24 @@ pub async fn healthz() -> Response {
     axum::Json(json!({"status": "healthy", "timestamp": rfc3339(SystemTime::now())})).into_response()
 }
 
-pub async fn readyz(State(state): State<SharedState>) -> Response {
+/// `GET /v1/status/readyz`, exactly as the runbook shows. With
+/// `?only=backend_registry` (comma-separated names), only those components
+/// decide the status code; the body still reports all of them. The Helm chart's
+/// readiness probe uses this, so that a shared dependency going down does not
+/// take every replica out of service at once.
+pub async fn readyz(
+    State(state): State<SharedState>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
     let statuses: Vec<_> = state.components.iter().map(|c| (c.name(), c.status())).collect();
-    let ready = is_ready(&statuses);
+    let ready = match query.get("only") {
+        None => is_ready(&statuses),
+        Some(only) => {
+            let names: Vec<&str> = only.split(',').map(str::trim).collect();
+            let judged: Vec<_> = statuses.iter().filter(|(n, _)| names.contains(n)).copied().collect();
+            is_ready(&judged)
+        }
+    };
     let components: Map<String, Value> =
         statuses.iter().map(|(n, s)| (n.to_string(), Value::from(s.as_str()))).collect();
     let body = json!({
