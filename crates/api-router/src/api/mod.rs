@@ -81,6 +81,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/status/healthz", get(status::healthz))
         .route("/v1/status/readyz", get(status::readyz))
         .route("/metrics", get(status::metrics))
+        .route("/openapi.json", get(status::openapi))
         .route("/v1/audit/requests/{request_id}", get(audit::lookup))
         .merge(admin)
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })

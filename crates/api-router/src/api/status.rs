@@ -136,6 +136,18 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
 }
 
+/// `GET /openapi.json`: `docs/openapi.yaml`, embedded at build time and
+/// converted to JSON once.
+pub async fn openapi() -> Response {
+    static JSON: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let body = JSON.get_or_init(|| {
+        serde_yaml::from_str::<Value>(include_str!("../../../../docs/openapi.yaml"))
+            .and_then(|v| serde_json::to_vec(&v).map_err(serde::ser::Error::custom))
+            .unwrap_or_else(|e| format!(r#"{{"error":"openapi.yaml does not parse: {e}"}}"#).into_bytes())
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
