@@ -12,7 +12,7 @@ fi
 # test), redis-server, etcd and prometheus (tests start private servers on
 # free ports; promtool checks the alert rules), python3 with venv (the SDK tests).
 scripts/deps.sh protoc:protobuf-compiler curl:curl redis-server:redis-server etcd:etcd-server etcdctl:etcd-client \
-  promtool:prometheus python3:python3
+  promtool:prometheus python3:python3 jq:jq
 
 # The Kafka-protocol broker for the usage tests: tansu, built once (about
 # 8 minutes) and reused. The default features have no storage engine.

@@ -119,6 +119,13 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         };
         state.metrics.health_status.with_label_values(&[&*b.id]).set(value);
     }
+    // Per-organization denial counters exist, at 0, for every known
+    // organization, so that a query or a grep finds them before any denial.
+    for org in snapshot.organizations() {
+        for family in [&state.metrics.rate_limit_denials, &state.metrics.budget_denials, &state.metrics.quota_denials] {
+            family.with_label_values(&[org]);
+        }
+    }
     if let Some((_, shared)) = &state.publisher {
         let (size, oldest) = {
             let b = shared.lock();

@@ -213,6 +213,11 @@ impl Snapshot {
         self.state.prices.get(model).copied()
     }
 
+    /// Every known organization: those with an API key or limits.
+    pub fn organizations(&self) -> std::collections::BTreeSet<&str> {
+        self.state.organizations.keys().map(String::as_str).chain(self.api_keys.values().map(|o| &**o)).collect()
+    }
+
     /// An organization is known if it has an API key or limits.
     pub fn knows_organization(&self, org: &str) -> bool {
         self.state.organizations.contains_key(org) || self.api_keys.values().any(|o| &**o == org)
