@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench build clean
+.PHONY: run test lint fmt bench build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -18,6 +18,13 @@ fmt:
 
 bench:
 	bash scripts/bench.sh
+
+# The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
+stack:
+	bash scripts/stack.sh
+
+stack-down:
+	bash scripts/stack-down.sh
 
 build:
 	cargo build --bins
