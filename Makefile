@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench build clean stack stack-down
+.PHONY: run test lint fmt bench bench-http build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -18,6 +18,10 @@ fmt:
 
 bench:
 	bash scripts/bench.sh
+
+# Router vs direct vs nginx under oha, pinned with taskset (docs/benchmarks-http.md).
+bench-http:
+	bash scripts/bench-http.sh
 
 # The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
 stack:
