@@ -19,22 +19,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::status::{BackendRegistry, Component};
+use crate::api::status::{BackendRegistry, Component, Optional};
 use crate::api::{self, AppState};
 use crate::audit::AuditStore;
 use crate::backends::client::BackendClient;
 use crate::backends::monitor;
 use crate::build_info;
 use crate::config::Settings;
-use crate::config_service::etcd::{ConfigServiceComponent, EtcdSource};
+use crate::config_service::etcd::EtcdSource;
 use crate::config_service::{ConfigStore, ConfigWriter};
 use crate::limits::budget_service::BudgetServiceComponent;
-use crate::limits::redis::{RedisComponent, RedisLimits};
+use crate::limits::redis::RedisLimits;
 use crate::limits::{Limits, local::Ledger};
 use crate::routing::decisions::DecisionLog;
 use crate::telemetry::metrics::Metrics;
 use crate::usage::UsageSink;
-use crate::usage::publisher::{KafkaComponent, Publisher};
+use crate::usage::publisher::Publisher;
 
 /// What stops the service from starting.
 #[derive(Debug)]
@@ -119,9 +119,9 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     let addr = listener.local_addr().map_err(|e| StartupError::Bind(e.to_string()))?;
 
     let mut components: Vec<Arc<dyn Component>> = vec![
-        Arc::new(RedisComponent(limits.redis().cloned())),
-        Arc::new(KafkaComponent(publisher.as_ref().map(|(p, _)| p.clone()))),
-        Arc::new(ConfigServiceComponent(etcd.clone())),
+        Arc::new(Optional("redis", limits.redis().cloned())),
+        Arc::new(Optional("kafka", publisher.as_ref().map(|(p, _)| p.clone()))),
+        Arc::new(Optional("config_service", etcd.clone())),
         Arc::new(BackendRegistry(config.clone())),
     ];
     if limits.service().is_some() {

@@ -44,15 +44,25 @@ pub trait Component: Send + Sync {
     fn status(&self) -> ComponentStatus;
 }
 
-/// A component this deployment does not use.
-pub struct NotConfigured(pub &'static str);
+/// A dependency that knows whether it is reachable.
+pub trait Healthy: Send + Sync {
+    fn is_healthy(&self) -> bool;
+}
 
-impl Component for NotConfigured {
+/// An optional dependency (`redis`, `kafka`, `config_service`): not
+/// configured without one, else healthy or unhealthy as it reports.
+pub struct Optional<T>(pub &'static str, pub Option<std::sync::Arc<T>>);
+
+impl<T: Healthy> Component for Optional<T> {
     fn name(&self) -> &'static str {
         self.0
     }
     fn status(&self) -> ComponentStatus {
-        ComponentStatus::NotConfigured
+        match &self.1 {
+            None => ComponentStatus::NotConfigured,
+            Some(d) if d.is_healthy() => ComponentStatus::Healthy,
+            Some(_) => ComponentStatus::Unhealthy,
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BackendSpec, ConfigState, ConfigStore, Override};
 use crate::api::error::ApiError;
-use crate::api::status::{Component, ComponentStatus};
+use crate::api::status::Healthy;
 use crate::limits::OrgLimits;
 use crate::routing::policy::{Policy, PolicyInput};
 use crate::telemetry::metrics::Metrics;
@@ -625,22 +625,6 @@ enum WatchEnd {
     Broken(String),
 }
 
-/// The readiness component `config_service`.
-pub struct ConfigServiceComponent(pub Option<Arc<EtcdSource>>);
-
-impl Component for ConfigServiceComponent {
-    fn name(&self) -> &'static str {
-        "config_service"
-    }
-    fn status(&self) -> ComponentStatus {
-        match &self.0 {
-            None => ComponentStatus::NotConfigured,
-            Some(s) if s.is_healthy() => ComponentStatus::Healthy,
-            Some(_) => ComponentStatus::Unhealthy,
-        }
-    }
-}
-
 /// The JSON stored at `backend-overrides/{id}`.
 pub fn override_value(o: &Override) -> String {
     serde_json::json!({
@@ -650,4 +634,10 @@ pub fn override_value(o: &Override) -> String {
         "since": crate::telemetry::rfc3339(o.since),
     })
     .to_string()
+}
+
+impl Healthy for EtcdSource {
+    fn is_healthy(&self) -> bool {
+        EtcdSource::is_healthy(self)
+    }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::gcra::RateInfo;
 use super::{Decision, Held, Keys, Plan};
-use crate::api::status::{Component, ComponentStatus};
+use crate::api::status::Healthy;
 use crate::telemetry::metrics::Metrics;
 
 /// How long a reservation may stay unsettled before Redis forgets it (its
@@ -274,18 +274,8 @@ impl RedisLimits {
     }
 }
 
-/// The readiness component `redis`.
-pub struct RedisComponent(pub Option<std::sync::Arc<RedisLimits>>);
-
-impl Component for RedisComponent {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-    fn status(&self) -> ComponentStatus {
-        match &self.0 {
-            None => ComponentStatus::NotConfigured,
-            Some(r) if r.is_healthy() => ComponentStatus::Healthy,
-            Some(_) => ComponentStatus::Unhealthy,
-        }
+impl Healthy for RedisLimits {
+    fn is_healthy(&self) -> bool {
+        RedisLimits::is_healthy(self)
     }
 }

@@ -18,7 +18,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::api::status::{Component, ComponentStatus};
+use crate::api::status::Healthy;
 
 const BATCH: usize = 2000;
 const HEALTH_EVERY: Duration = Duration::from_secs(2);
@@ -246,18 +246,8 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(fastrand::u64(ms / 10..=ms.max(1)))
 }
 
-/// The readiness component `kafka`.
-pub struct KafkaComponent(pub Option<Arc<Publisher>>);
-
-impl Component for KafkaComponent {
-    fn name(&self) -> &'static str {
-        "kafka"
-    }
-    fn status(&self) -> ComponentStatus {
-        match &self.0 {
-            None => ComponentStatus::NotConfigured,
-            Some(p) if p.is_healthy() => ComponentStatus::Healthy,
-            Some(_) => ComponentStatus::Unhealthy,
-        }
+impl Healthy for Publisher {
+    fn is_healthy(&self) -> bool {
+        Publisher::is_healthy(self)
     }
 }
