@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench bench-http build clean stack stack-down
+.PHONY: run test lint fmt bench bench-http bench-quick build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -22,6 +22,10 @@ bench:
 # Router vs direct vs nginx under oha, pinned with taskset (docs/benchmarks-http.md).
 bench-http:
 	bash scripts/bench-http.sh
+
+# The same, 2 s per point: about a minute.
+bench-quick:
+	bash scripts/bench-http.sh 2
 
 # The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
 stack:

@@ -82,7 +82,33 @@ env -i PATH="$PATH" HTTP_ADDR=127.0.0.1:$ROUTER_PORT BACKEND_ENDPOINTS=backend-1
   HEALTH_CHECK_INTERVAL_MS=60000 taskset -c 0 "$BIN/api-router" >"$TMP/router.log" 2>&1 & ROUTER_PID=$!; pids+=($ROUTER_PID)
 wait_port $ROUTER_PORT
 measure router_minimal "http://127.0.0.1:$ROUTER_PORT/v1/inference"
+# Peak RSS with 1,000 concurrent connections.
+run "http://127.0.0.1:$ROUTER_PORT/v1/inference" -c 1000 >/dev/null
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$ROUTER_PID/status)
+kill $ROUTER_PID; wait $ROUTER_PID 2>/dev/null || true
+
+# Instructions per request, from callgrind (stable on a noisy machine): the
+# router's total with N requests minus its total with none, divided by N.
+scripts/deps.sh valgrind:valgrind callgrind_annotate:valgrind
+instructions() { # requests
+  local port; port=$(free_port)
+  rm -rf "$TMP/cg-data"
+  env -i PATH="$PATH" HTTP_ADDR=127.0.0.1:$port BACKEND_ENDPOINTS=backend-1=http://127.0.0.1:$MOCK_PORT \
+    API_KEYS=bench-key=org-bench RATE_LIMIT_DEFAULT_RPS=0 RUST_LOG=warn DATA_DIR="$TMP/cg-data" \
+    HEALTH_CHECK_INTERVAL_MS=600000 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$1" \
+    "$BIN/api-router" >"$TMP/cg.log" 2>&1 & local pid=$!
+  for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  if [ "$1" -gt 0 ]; then
+    taskset -c 1 "$OHA" -n "$1" -c 4 --no-tui -m POST -H "X-API-Key: bench-key" -d "$BODY" \
+      "http://127.0.0.1:$port/v1/inference" >/dev/null
+  fi
+  kill -TERM $pid; wait $pid 2>/dev/null || true
+  callgrind_annotate "$TMP/cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+}
+CG_N=2000
+CG_BASE=$(instructions 0)
+CG_RUN=$(instructions $CG_N)
+IPR=$(( (CG_RUN - CG_BASE) / CG_N ))
 
 OUT=docs/benchmarks-http.md
 {
@@ -109,6 +135,7 @@ OUT=docs/benchmarks-http.md
   read -r _ _ _ nginx_max _ <<<"${RESULT[nginx,max]}"
   read -r _ _ _ router_max _ <<<"${RESULT[router_minimal,max]}"
   echo "Max throughput on one core: router $router_max rps, nginx $nginx_max rps, ratio $(python3 -c "print(f'{$router_max / $nginx_max:.2f}')")."
-  echo "Router peak RSS during the runs: $((RSS_KB / 1024)) MB."
+  echo "Router peak RSS, after a closed-loop run with 1,000 concurrent connections: $((RSS_KB / 1024)) MB."
+  echo "Instructions per request (callgrind, router-minimal, $CG_N requests over 4 connections, minus start-up and shutdown): $IPR."
 } >"$OUT"
 cat "$OUT"

@@ -29,6 +29,7 @@ const BY_TIME: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by
 /// The most records written in one transaction.
 const MAX_BATCH: usize = 1024;
 const CHANNEL_CAPACITY: usize = 65_536;
+const AUDIT_CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditAttempt {
@@ -95,7 +96,11 @@ impl AuditStore {
     /// Opens (or creates) `dir/audit.redb` and starts the writer thread.
     pub fn open(dir: &Path, metrics: Metrics) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
-        let db = Arc::new(Database::create(dir.join("audit.redb")).map_err(storage)?);
+        // redb caches up to 1 GiB by default; the audit store is written far
+        // more than it is read, so a small cache keeps the router's memory flat.
+        let db = Arc::new(
+            redb::Builder::new().set_cache_size(AUDIT_CACHE_BYTES).create(dir.join("audit.redb")).map_err(storage)?,
+        );
         {
             let txn = db.begin_write().map_err(storage)?;
             txn.open_table(RECORDS).map_err(storage)?;
