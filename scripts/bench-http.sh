@@ -99,8 +99,11 @@ instructions() { # requests
     "$BIN/api-router" >"$TMP/cg.log" 2>&1 & local pid=$!
   for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   if [ "$1" -gt 0 ]; then
-    taskset -c 1 "$OHA" -n "$1" -c 4 --no-tui -m POST -H "X-API-Key: bench-key" -d "$BODY" \
-      "http://127.0.0.1:$port/v1/inference" >/dev/null
+    taskset -c 1 "$OHA" -n "$1" -c 4 --no-tui --output-format json -m POST -H "X-API-Key: bench-key" \
+      -d "$BODY" "http://127.0.0.1:$port/v1/inference" >"$TMP/cg-oha.json"
+    # Only a run where every answer was 2xx counts.
+    python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["statusCodeDistribution"]; sys.exit(any(not k.startswith("2") for k in c))' \
+      "$TMP/cg-oha.json" || { echo "callgrind run had non-2xx answers" >&2; kill -9 $pid; exit 1; }
   fi
   kill -TERM $pid; wait $pid 2>/dev/null || true
   callgrind_annotate "$TMP/cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
