@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http_body_util::BodyExt;
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn python() -> String {
     std::env::var("OPENAI_TEST_PYTHON").unwrap_or_else(|_| {
@@ -96,10 +96,9 @@ async fn sdk_raises_typed_errors_for_401_429_and_402() {
         .env("ROUTER_CONFIG", config.to_str().unwrap())
         .env("API_KEYS", &format!("{KEY_A}=org-a,{KEY_B}=org-b,key-org-c=org-c"))
         .start();
-    let limits = |l: Value| l;
     for (org, l) in [
-        ("org-b", limits(json!({"rate_limit": {"requests_per_second": 0.001, "burst": 1}}))),
-        ("org-c", limits(json!({"budget": {"amount": 0.5, "period": "daily"}}))),
+        ("org-b", json!({"rate_limit": {"requests_per_second": 0.001, "burst": 1}})),
+        ("org-c", json!({"budget": {"amount": 0.5, "period": "daily"}})),
     ] {
         assert_eq!(router.admin_put(&format!("/v1/admin/organizations/{org}/limits"), l).await.status, 200);
     }

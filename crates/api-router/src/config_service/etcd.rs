@@ -404,10 +404,6 @@ impl EtcdSource {
         };
         let revision = cache.revision;
         self.lock().0 = cache.kvs;
-        {
-            let mut acc = self.lock();
-            acc.1 = 0;
-        }
         self.apply(revision, true);
         self.last_sync_ms.store(0, Ordering::Relaxed);
         tracing::info!(revision, "serving the cached configuration");

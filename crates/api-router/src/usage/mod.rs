@@ -100,6 +100,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether the buffer holds its cap of undelivered records.
+    fn is_full(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) >= self.settings.max_records
+    }
+
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -170,13 +175,11 @@ impl UsageSink {
     /// Refuses new requests while the buffer is at its cap (policy `reject`).
     pub fn check_capacity(&self) -> Result<(), ApiError> {
         let Some((shared, _)) = &self.inner else { return Ok(()) };
-        let pending = shared.pending.load(Ordering::Relaxed);
-        if pending < shared.settings.max_records || shared.settings.full_policy == FullPolicy::Bypass {
+        if !shared.is_full() || shared.settings.full_policy == FullPolicy::Bypass {
             return Ok(());
         }
         shared.metrics.buffer_full.inc();
         tracing::warn!(
-            pending,
             cap = shared.settings.max_records,
             "usage buffer full: refusing the request (USAGE_BUFFER_FULL_POLICY=reject)"
         );
@@ -186,9 +189,7 @@ impl UsageSink {
     /// Writes the record ahead; returns once it is in the buffer's file.
     pub async fn record(&self, record: &UsageRecord) -> Result<(), ApiError> {
         let Some((shared, tx)) = &self.inner else { return Ok(()) };
-        if shared.settings.full_policy == FullPolicy::Bypass
-            && shared.pending.load(Ordering::Relaxed) >= shared.settings.max_records
-        {
+        if shared.settings.full_policy == FullPolicy::Bypass && shared.is_full() {
             shared.metrics.usage_published.with_label_values(&["dropped"]).inc();
             tracing::error!(request_id = %record.request_id, "usage buffer full: record dropped (USAGE_BUFFER_FULL_POLICY=bypass)");
             return Ok(());
