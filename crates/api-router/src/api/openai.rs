@@ -101,7 +101,7 @@ pub fn parse(
                 pipeline::MAX_REQUEST_ID_LEN
             )));
         }
-        None => Arc::from(uuid::Uuid::new_v4().to_string().as_str()),
+        None => crate::pipeline::new_request_id(),
     };
     Ok(InferenceRequest { request_id, organization_id, model, body, door, stream })
 }
