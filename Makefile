@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench bench-http bench-quick build clean stack stack-down
+.PHONY: run test lint fmt bench bench-http bench-quick bench-soak build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -16,16 +16,21 @@ lint:
 fmt:
 	cargo fmt --all
 
+# Every benchmark, about 10 minutes: writes docs/benchmarks.md and the plot.
 bench:
 	bash scripts/bench.sh
 
-# Router vs direct vs nginx under oha, pinned with taskset (docs/benchmarks-http.md).
+# Only the HTTP harness: router (minimal, all features) vs direct vs nginx under oha.
 bench-http:
-	bash scripts/bench-http.sh
+	bash scripts/bench-http.sh 8
 
-# The same, 2 s per point: about a minute.
+# The HTTP harness at 2 s per point, without callgrind: about a minute; prints only.
 bench-quick:
-	bash scripts/bench-http.sh 2
+	bash scripts/bench-http.sh 2 --quick
+
+# 10 minutes at 1,000 requests/s with all features: p99 and RSS per minute.
+bench-soak:
+	bash scripts/bench-soak.sh 10 1000
 
 # The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
 stack:

@@ -1,62 +1,61 @@
 #!/usr/bin/env bash
-# The HTTP harness (first part): the router's overhead against direct calls and
-# nginx, measured side by side in one run with oha in open loop at fixed rates
-# (--latency-correction) and closed loop for maximum throughput. Writes
-# docs/benchmarks-http.md. Pinning: the server under test (nginx or the router)
-# on core 0; oha and mock-backend on core 1.
+# The HTTP harness: the router's overhead and throughput against direct calls
+# to the mock and against nginx, measured side by side in one run.
 #
-# Usage: scripts/bench-http.sh [SECONDS_PER_RUN]   (default 10)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SECS=${1:-10}
+#   oha open loop at 1,000, 2,000 and 5,000 requests/s with --latency-correction,
+#   oha closed loop (64 connections) for maximum throughput,
+#   peak RSS after a closed-loop run with 1,000 connections,
+#   instructions per request under callgrind (stable on a noisy machine).
+#
+# Configurations: direct, nginx (proxy_pass, upstream keepalive, 1 worker),
+# router_minimal (API key auth and routing), router_all (Redis rate limit and
+# budget, Kafka usage with the write-ahead buffer, audit, etcd policies).
+#
+# Usage: scripts/bench-http.sh SECONDS_PER_RUN [--quick]
+#   Writes the results section of docs/benchmarks.md and
+#   docs/benchmarks-latency.png; --quick prints the table only and skips
+#   callgrind (make bench-quick).
+source "$(dirname "$0")/bench-lib.sh"
+SECS=${1:-8}
+QUICK=$([ "${2:-}" = --quick ] && echo 1 || echo 0)
 RATES=(1000 2000 5000)
+CONFIGS=(direct nginx router_minimal router_all)
+declare -A RESULT RSS IPR
 
-command -v oha >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/oha" ] || cargo install oha --locked
-OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
-scripts/deps.sh nginx:nginx-light taskset:util-linux python3:python3
-cargo build --release --bins
-BIN=${CARGO_TARGET_DIR:-target}/release
-TMP=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-
-MOCK_PORT=$(free_port); NGINX_PORT=$(free_port); ROUTER_PORT=$(free_port)
-taskset -c 1 "$BIN/mock-backend" --listen 127.0.0.1:$MOCK_PORT --id backend-1 >"$TMP/mock.log" 2>&1 & pids+=($!)
-wait_port $MOCK_PORT
-
-BODY='{"model":"gpt-4o","payload":"hello"}'
-# One oha run: prints "p50 p99 p999 rps non2xx" (ms).
-run() { # url extra-oha-args...
-  local url=$1; shift
-  taskset -c 1 "$OHA" -z "${SECS}s" --no-tui --output-format json -m POST \
-    -H "X-API-Key: bench-key" -H "Content-Type: application/json" -d "$BODY" "$@" "$url" >"$TMP/out.json"
-  python3 - "$TMP/out.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-p = d.get("latencyPercentiles", {})
-codes = d.get("statusCodeDistribution", {})
-bad = sum(v for k, v in codes.items() if not k.startswith("2"))
-ms = lambda k: (p.get(k) or 0) * 1000
-print(f'{ms("p50"):.3f} {ms("p99"):.3f} {ms("p99.9"):.3f} {d["summary"]["requestsPerSec"]:.0f} {bad}')
-PY
-}
-
-declare -A RESULT
 measure() { # name url
   local name=$1 url=$2
   for rate in "${RATES[@]}"; do
-    RESULT[$name,$rate]=$(run "$url" -q "$rate" --latency-correction)
+    RESULT[$name,$rate]=$(oha_run "$url" -z "${SECS}s" -q "$rate" --latency-correction)
     echo "$name @ $rate/s: ${RESULT[$name,$rate]}"
   done
-  RESULT[$name,max]=$(run "$url" -c 64)
+  RESULT[$name,max]=$(oha_run "$url" -z "${SECS}s" -c 64)
   echo "$name max: ${RESULT[$name,max]}"
 }
 
+# Instructions per request under callgrind: the router's total with N requests
+# minus its total idling for as long, divided by N. Only an all-2xx run counts.
+instructions() { # mode
+  local mode=$1 n=2000 totals=() CG_SECONDS=0
+  for requests in $n 0; do
+    start_router "$mode" valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$mode.$requests"
+    if [ "$requests" = 0 ]; then
+      sleep "$CG_SECONDS"
+    else
+      local t0=$SECONDS
+      read -r _ _ _ _ bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 4)"
+      [ "$bad" = 0 ] || { echo "callgrind run ($mode) had $bad non-2xx answers" >&2; exit 1; }
+      CG_SECONDS=$((SECONDS - t0 + 1))
+    fi
+    stop_router
+    totals+=("$(callgrind_annotate "$TMP/cg.$mode.$requests" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')")
+  done
+  echo $(((totals[0] - totals[1]) / n))
+}
+
+start_mock
 measure direct "http://127.0.0.1:$MOCK_PORT/v1/inference"
 
+NGINX_PORT=$(free_port)
 cat >"$TMP/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -72,73 +71,98 @@ http {
   }
 }
 NGINX
-taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" & NGINX_PID=$!; pids+=($NGINX_PID)
+taskset -c $SERVER_CORE nginx -c "$TMP/nginx.conf" -p "$TMP" & NGINX_PID=$!; pids+=($NGINX_PID)
 wait_port $NGINX_PORT
 measure nginx "http://127.0.0.1:$NGINX_PORT/v1/inference"
 kill $NGINX_PID; wait $NGINX_PID 2>/dev/null || true
 
-env -i PATH="$PATH" HTTP_ADDR=127.0.0.1:$ROUTER_PORT BACKEND_ENDPOINTS=backend-1=http://127.0.0.1:$MOCK_PORT \
-  API_KEYS=bench-key=org-bench RATE_LIMIT_DEFAULT_RPS=0 RUST_LOG=warn DATA_DIR="$TMP/router" \
-  HEALTH_CHECK_INTERVAL_MS=60000 taskset -c 0 "$BIN/api-router" >"$TMP/router.log" 2>&1 & ROUTER_PID=$!; pids+=($ROUTER_PID)
-wait_port $ROUTER_PORT
-measure router_minimal "http://127.0.0.1:$ROUTER_PORT/v1/inference"
-# Peak RSS with 1,000 concurrent connections.
-run "http://127.0.0.1:$ROUTER_PORT/v1/inference" -c 1000 >/dev/null
-RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$ROUTER_PID/status)
-kill $ROUTER_PID; wait $ROUTER_PID 2>/dev/null || true
+start_services
+for mode in minimal all; do
+  start_router $mode
+  measure router_$mode "$ROUTER_URL"
+  read -r _ _ _ _ bad <<<"$(oha_run "$ROUTER_URL" -z "${SECS}s" -c 1000)"
+  [ "$bad" = 0 ] || echo "router_$mode: $bad non-2xx answers at 1,000 connections" >&2
+  RSS[$mode]=$(rss_mb "$ROUTER_PID" VmHWM)
+  [ $mode = all ] && FALLBACKS=$(redis_fallbacks)
+  stop_router
+done
+if [ "$QUICK" = 0 ]; then
+  scripts/deps.sh valgrind:valgrind
+  for mode in minimal all; do IPR[$mode]=$(instructions $mode); done
+fi
 
-# Instructions per request, from callgrind (stable on a noisy machine): the
-# router's total with N requests minus its total with none, divided by N.
-scripts/deps.sh valgrind:valgrind callgrind_annotate:valgrind
-instructions() { # requests
-  local port; port=$(free_port)
-  rm -rf "$TMP/cg-data"
-  env -i PATH="$PATH" HTTP_ADDR=127.0.0.1:$port BACKEND_ENDPOINTS=backend-1=http://127.0.0.1:$MOCK_PORT \
-    API_KEYS=bench-key=org-bench RATE_LIMIT_DEFAULT_RPS=0 RUST_LOG=warn DATA_DIR="$TMP/cg-data" \
-    HEALTH_CHECK_INTERVAL_MS=600000 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$1" \
-    "$BIN/api-router" >"$TMP/cg.log" 2>&1 & local pid=$!
-  for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-  if [ "$1" -gt 0 ]; then
-    taskset -c 1 "$OHA" -n "$1" -c 4 --no-tui --output-format json -m POST -H "X-API-Key: bench-key" \
-      -d "$BODY" "http://127.0.0.1:$port/v1/inference" >"$TMP/cg-oha.json"
-    # Only a run where every answer was 2xx counts.
-    python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["statusCodeDistribution"]; sys.exit(any(not k.startswith("2") for k in c))' \
-      "$TMP/cg-oha.json" || { echo "callgrind run had non-2xx answers" >&2; kill -9 $pid; exit 1; }
-  fi
-  kill -TERM $pid; wait $pid 2>/dev/null || true
-  callgrind_annotate "$TMP/cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
-}
-CG_N=2000
-CG_BASE=$(instructions 0)
-CG_RUN=$(instructions $CG_N)
-IPR=$(( (CG_RUN - CG_BASE) / CG_N ))
-
-OUT=docs/benchmarks-http.md
-{
-  echo "# HTTP benchmarks: router vs direct vs nginx"
+# The results: a markdown section and the latency plot.
+ms_diff() { python3 -c "print(f'{$1 - $2:.3f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+section() {
+  echo "Generated by \`scripts/bench-http.sh $SECS\` (\`make bench\`) on $(date -u +%Y-%m-%dT%H:%MZ)."
   echo
-  echo "Generated by \`scripts/bench-http.sh $SECS\` on $(date -u +%Y-%m-%dT%H:%MZ)."
-  echo "Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores."
-  echo "Pinning: nginx or the router on core 0 (\`taskset -c 0\`); oha and mock-backend on core 1."
-  echo "Load: \`oha -z ${SECS}s -q RATE --latency-correction\` (open loop) and \`oha -z ${SECS}s -c 64\` (closed loop, max)."
-  echo "Every run's status codes are checked: a non-2xx answer marks the run FAILED."
+  echo "- Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)."
+  echo "- Pinning: $PINNING."
+  echo "- Load: \`oha -z ${SECS}s -q RATE --latency-correction\` (open loop), \`oha -z ${SECS}s -c 64\` (closed loop: max), \`oha -z ${SECS}s -c 1000\` (then the router's VmHWM)."
+  echo "- Every run's status codes are checked: any non-2xx answer or connection error marks it FAILED."
+  echo "- Instructions: \`valgrind --tool=callgrind\`, 2,000 requests over 4 connections, minus an idle run of the same length."
+  echo "- router_all: Redis (rate limit, budget and quota in one script; REDIS_TIMEOUT_MS=250), Kafka via tansu (write-ahead buffer, USAGE_BUFFER_FSYNC=interval), audit, policy and limits from etcd; requests admitted without Redis in all its runs: $FALLBACKS."
   echo
   echo "| config | rate | p50 ms | p99 ms | p99.9 ms | achieved rps | non-2xx | p99 overhead vs direct ms |"
   echo "|---|---|---|---|---|---|---|---|"
-  for name in direct nginx router_minimal; do
+  for name in "${CONFIGS[@]}"; do
     for rate in "${RATES[@]}" max; do
       read -r p50 p99 p999 rps bad <<<"${RESULT[$name,$rate]}"
       read -r _ dp99 _ _ _ <<<"${RESULT[direct,$rate]}"
-      over=$(python3 -c "print(f'{$p99 - $dp99:.3f}')")
-      status=$([ "$bad" = 0 ] && echo 0 || echo "$bad FAILED")
-      echo "| $name | $rate | $p50 | $p99 | $p999 | $rps | $status | $over |"
+      echo "| $name | $rate | $p50 | $p99 | $p999 | $rps | $([ "$bad" = 0 ] && echo 0 || echo "$bad FAILED") | $(ms_diff "$p99" "$dp99") |"
     done
   done
   echo
   read -r _ _ _ nginx_max _ <<<"${RESULT[nginx,max]}"
-  read -r _ _ _ router_max _ <<<"${RESULT[router_minimal,max]}"
-  echo "Max throughput on one core: router $router_max rps, nginx $nginx_max rps, ratio $(python3 -c "print(f'{$router_max / $nginx_max:.2f}')")."
-  echo "Router peak RSS, after a closed-loop run with 1,000 concurrent connections: $((RSS_KB / 1024)) MB."
-  echo "Instructions per request (callgrind, router-minimal, $CG_N requests over 4 connections, minus start-up and shutdown): $IPR."
-} >"$OUT"
-cat "$OUT"
+  read -r _ ngp99 _ _ _ <<<"${RESULT[nginx,2000]}"
+  read -r _ dp99 _ _ _ <<<"${RESULT[direct,2000]}"
+  local nginx_over; nginx_over=$(ms_diff "$ngp99" "$dp99")
+  echo "| figure | router_minimal | router_all | nginx | targets (minimal; all) |"
+  echo "|---|---|---|---|---|"
+  local row_over="| p99 overhead at 2,000 rps, ms |" row_max="| max throughput, rps (× nginx) |"
+  local row_rss="| peak RSS at 1,000 connections, MB |" row_ipr="| instructions per request |"
+  for mode in minimal all; do
+    read -r _ p99 _ _ _ <<<"${RESULT[router_$mode,2000]}"
+    read -r _ _ _ max _ <<<"${RESULT[router_$mode,max]}"
+    row_over+=" $(ms_diff "$p99" "$dp99") |"
+    row_max+=" $max ($(ratio "$max" "$nginx_max")×) |"
+    row_rss+=" ${RSS[$mode]} |"
+    row_ipr+=" ${IPR[$mode]:-not measured (quick)} |"
+  done
+  echo "$row_over $nginx_over | ≤ nginx + 0.100 ($(python3 -c "print(f'{$nginx_over + 0.1:.3f}')")); < 0.500 |"
+  echo "$row_max $nginx_max | ≥ 1.0×; ≥ 0.7× |"
+  echo "$row_rss | < 64 |"
+  echo "$row_ipr | a regression shows here |"
+  echo
+  echo "![p50 and p99 latency against offered rate](benchmarks-latency.png)"
+}
+
+plot() { # png
+  for name in "${CONFIGS[@]}"; do
+    for rate in "${RATES[@]}"; do
+      read -r p50 p99 _ _ _ <<<"${RESULT[$name,$rate]}"
+      echo "$rate $p50 $p99"
+    done >"$TMP/plot.$name"
+  done
+  gnuplot <<GP
+set terminal pngcairo size 1100,440 font "sans,10" noenhanced
+set output "$1"
+set multiplot layout 1,2 title "Latency against offered rate (oha open loop, latency-corrected; $SECS s per point)"
+set xlabel "requests/s"; set ylabel "ms"; set logscale y; set grid; set key bottom right
+set xtics ("1000" 1000, "2000" 2000, "5000" 5000)
+set title "p50"
+plot for [n in "${CONFIGS[*]}"] "$TMP/plot.".n using 1:2 with linespoints title n
+set title "p99"
+plot for [n in "${CONFIGS[*]}"] "$TMP/plot.".n using 1:3 with linespoints title n
+unset multiplot
+GP
+}
+
+section >"$TMP/section.md"
+cat "$TMP/section.md"
+if [ "$QUICK" = 0 ]; then
+  plot docs/benchmarks-latency.png
+  scripts/bench-section.py docs/benchmarks.md http <"$TMP/section.md"
+  echo "wrote docs/benchmarks.md (section http) and docs/benchmarks-latency.png"
+fi

@@ -108,7 +108,7 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         Some(src) => ConfigWriter::Etcd(src.clone()),
         None => ConfigWriter::Local(config.clone()),
     };
-    let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone())
+    let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone(), settings.audit_commit_interval)
         .map_err(|e| StartupError::Audit(e.to_string()))?;
     let client = BackendClient::new(settings.backend_timeout, settings.health_check_timeout);
     let limits = start_limits(&settings, &client, &metrics).await?;

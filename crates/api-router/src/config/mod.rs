@@ -63,6 +63,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub audit_retention: Duration,
+    /// How long the audit writer gathers records before one commit.
+    pub audit_commit_interval: Duration,
     pub decisions_capacity: usize,
     pub instance_id: String,
     pub limits: LimitSettings,
@@ -104,6 +106,7 @@ impl Settings {
             Duration::from_secs(positive_u64("SHUTDOWN_TIMEOUT_SECS", var("SHUTDOWN_TIMEOUT_SECS"), 10)?);
         let audit_retention =
             Duration::from_secs(positive_u64("AUDIT_RETENTION_HOURS", var("AUDIT_RETENTION_HOURS"), 7 * 24)? * 3600);
+        let audit_commit_interval = ms("AUDIT_COMMIT_INTERVAL_MS", 10)?;
         let decisions_capacity = positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
         let log_format = match var("LOG_FORMAT").as_deref().map(str::trim) {
             None | Some("json") => LogFormat::Json,
@@ -205,6 +208,7 @@ impl Settings {
             shutdown_timeout,
             log_format,
             audit_retention,
+            audit_commit_interval,
             decisions_capacity,
             instance_id,
             limits,
@@ -509,6 +513,15 @@ mod tests {
         assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
         assert!(s.admin_token.is_none());
         assert!(s.initial_state.default_route);
+        assert_eq!(s.audit_commit_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn audit_commit_interval_must_be_a_positive_number_of_milliseconds() {
+        assert_eq!(settings(&[("AUDIT_COMMIT_INTERVAL_MS", "250")]).unwrap().audit_commit_interval.as_millis(), 250);
+        let e = settings(&[("AUDIT_COMMIT_INTERVAL_MS", "0")]).unwrap_err();
+        assert_eq!(e.setting, "AUDIT_COMMIT_INTERVAL_MS");
+        assert!(settings(&[("AUDIT_COMMIT_INTERVAL_MS", "10ms")]).is_err());
     }
 
     #[test]
