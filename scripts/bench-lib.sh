@@ -108,7 +108,7 @@ start_router() {
   wait_port "$port"
   # Ready: every configured dependency answered (readyz is 200 only then).
   for _ in $(seq 1 300); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$port/v1/status/readyz" && return 0
+    curl -fs -o /dev/null "http://127.0.0.1:$port/v1/status/readyz" && return 0
     sleep 0.1
   done
   echo "router ($mode) never became ready; see $TMP/router-$mode.log" >&2

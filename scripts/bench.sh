@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
-run() { echo "\$ $*" | tee -a "$OUT"; "$@" 2>&1 | grep -v -E '^\s*(Compiling|Finished|Running|Warning|Gnuplot)' | tee -a "$OUT"; }
+run() { echo "\$ $*" | tee -a "$OUT"; "$@" 2>&1 | grep -v -E '^\s*(Compiling|Finished|Running|Warning|Gnuplot|Benchmarking)' | tee -a "$OUT"; }
 scripts/deps.sh protoc:protobuf-compiler redis-server:redis-server etcd:etcd-server
 run cargo bench --bench routing -- --noplot --warm-up-time 1 --measurement-time 3
 run cargo bench --bench limits

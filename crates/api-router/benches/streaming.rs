@@ -1,6 +1,8 @@
 //! Time to first token (TTFT) through the router minus TTFT direct, at 200
 //! concurrent streams, in the same run. Starts the real `mock-backend` and
-//! `api-router` binaries (release build) on free ports.
+//! `api-router` binaries (release build) on free ports, pinned as in the HTTP
+//! harness (router on core 0; mock and this load generator on core 1), and
+//! alternates direct and routed rounds after a warm-up round of each.
 //! Run with `cargo bench --bench streaming` (part of `make bench`).
 
 use std::io::{BufRead, BufReader};
@@ -54,22 +56,21 @@ async fn ttft(
     first
 }
 
-async fn run(url: &str, auth: bool) -> Vec<Duration> {
-    let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(CONCURRENCY).build_http();
-    let mut all = Vec::with_capacity(CONCURRENCY * ROUNDS);
-    for _ in 0..ROUNDS {
-        let tasks: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let (client, url) = (client.clone(), url.to_string());
-                tokio::spawn(async move { ttft(&client, &url, auth).await })
-            })
-            .collect();
-        for t in tasks {
-            all.push(t.await.unwrap_or_default());
-        }
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// One round: CONCURRENCY streams started at once; their TTFTs.
+async fn round(client: &HttpClient, url: &str, auth: bool) -> Vec<Duration> {
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move { ttft(&client, &url, auth).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(CONCURRENCY);
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| panic!("{e}")));
     }
-    all.sort();
-    all
+    out
 }
 
 fn pct(v: &[Duration], p: f64) -> f64 {
@@ -82,8 +83,10 @@ fn main() {
     }
     let (mut mock, line) = spawn(
         {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_mock-backend"));
-            c.args(["--listen", "127.0.0.1:0", "--id", "backend-1"]);
+            // Pinned as in scripts/bench-http.sh: the router on core 0, the
+            // mock and this load generator on core 1.
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1", env!("CARGO_BIN_EXE_mock-backend"), "--listen", "127.0.0.1:0", "--id", "backend-1"]);
             c
         },
         |l| l.starts_with("mock-backend listening on "),
@@ -92,8 +95,10 @@ fn main() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (mut router, line) = spawn(
         {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_api-router"));
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", env!("CARGO_BIN_EXE_api-router")]);
             c.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("HTTP_ADDR", "127.0.0.1:0")
                 .env("BACKEND_ENDPOINTS", format!("backend-1=openai+http://{mock_addr}"))
                 .env("API_KEYS", "bench-key=org-bench")
@@ -109,7 +114,10 @@ fn main() {
         .and_then(|v| v["addr"].as_str().map(str::to_string))
         .unwrap_or_else(|| panic!("no address in {line}"));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    // The load generator: one thread, and this process pinned to core 1.
+    let _ =
+        Command::new("taskset").args(["-p", "-c", "1", &std::process::id().to_string()]).stdout(Stdio::null()).status();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
         // 5 chunks, 20 ms apart: the first chunk is the measured one.
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -117,11 +125,29 @@ fn main() {
             .body(Full::new(Bytes::from_static(br#"{"stream_chunks": 5, "stream_delay_ms": 20}"#)))
             .unwrap_or_else(|e| panic!("{e}"));
         client.request(faults).await.unwrap_or_else(|e| panic!("{e}"));
-        // Warm both paths' connection pools.
-        run(&format!("http://{mock_addr}/v1/chat/completions"), false).await;
-        run(&format!("http://{router_addr}/v1/chat/completions"), true).await;
-        let direct = run(&format!("http://{mock_addr}/v1/chat/completions"), false).await;
-        let routed = run(&format!("http://{router_addr}/v1/chat/completions"), true).await;
+        // One client per path, kept from the warm-up on, so that both paths
+        // measure with their connections already open; rounds alternate, so
+        // that drift on the shared machine hits both alike.
+        let paths = [
+            (format!("http://{mock_addr}/v1/chat/completions"), false),
+            (format!("http://{router_addr}/v1/chat/completions"), true),
+        ];
+        let clients: Vec<HttpClient> = paths
+            .iter()
+            .map(|_| Client::builder(TokioExecutor::new()).pool_max_idle_per_host(CONCURRENCY).build_http())
+            .collect();
+        let (mut direct, mut routed) = (Vec::new(), Vec::new());
+        for r in 0..=ROUNDS {
+            for (i, (url, auth)) in paths.iter().enumerate() {
+                let ttfts = round(&clients[i], url, *auth).await;
+                // Round 0 is the warm-up.
+                if r > 0 {
+                    if i == 0 { direct.extend(ttfts) } else { routed.extend(ttfts) }
+                }
+            }
+        }
+        direct.sort();
+        routed.sort();
         println!("time to first token, {CONCURRENCY} concurrent streams x {ROUNDS} rounds:");
         println!("  direct      median {:.3} ms  p99 {:.3} ms", pct(&direct, 0.5), pct(&direct, 0.99));
         println!("  via router  median {:.3} ms  p99 {:.3} ms", pct(&routed, 0.5), pct(&routed, 0.99));

@@ -8,8 +8,10 @@
 //! copy-on-write of the tree's path, checksums, fsync), so one commit per
 //! window rather than per record is what keeps the audit store's CPU cost per
 //! request small under load. Commits run on one dedicated thread at a lower
-//! CPU priority (nice 10): where the router shares a core, a commit yields to
-//! the request path instead of delaying it. A lookup, and shutdown,
+//! CPU priority (nice 10) while it keeps up: where the router shares a core,
+//! a commit yields to the request path instead of delaying it. When a full
+//! batch or more is waiting, it commits at normal priority, so a saturated
+//! router cannot starve it. A lookup, and shutdown,
 //! send a flush marker through the same channel: everything queued before it
 //! is committed first, so a lookup always sees the requests answered before
 //! it. A crash (not a shutdown) can lose the last window's records.
@@ -240,18 +242,35 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// A batch for the commit thread, and where to report how it went.
-type CommitJob = (Vec<AuditRecord>, oneshot::Sender<Result<(), AuditError>>);
+/// A batch for the commit thread, whether records are piling up behind it,
+/// and where to report how it went.
+struct CommitJob {
+    batch: Vec<AuditRecord>,
+    behind: bool,
+    done: oneshot::Sender<Result<(), AuditError>>,
+}
 
-/// The commit thread: one transaction per batch, at a lower CPU priority than
-/// the request path. Ends when the writer task is gone.
+/// The commit thread's nice value while it keeps up: a commit then yields to
+/// the request path on a shared core. While records pile up (a full batch or
+/// more waiting) it commits at normal priority, so that a saturated router
+/// cannot starve it and grow the queue without bound.
+const NICE_WHEN_KEEPING_UP: i32 = 10;
+
+/// The commit thread: one transaction per batch. Ends when the writer task is gone.
 fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
-    // On Linux a thread id names just this thread to setpriority(2).
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
-        tracing::warn!(error = %e, "could not lower the audit commit thread's priority");
-    }
-    while let Ok((batch, done)) = jobs.recv() {
-        let _ = done.send(write_batch(&db, &batch));
+    let mut nice = 0;
+    while let Ok(job) = jobs.recv() {
+        let want = if job.behind { 0 } else { NICE_WHEN_KEEPING_UP };
+        if want != nice {
+            // On Linux a thread id names just this thread to setpriority(2).
+            match rustix::process::setpriority_process(Some(rustix::thread::gettid()), want) {
+                Ok(()) => nice = want,
+                Err(e) => {
+                    tracing::debug!(error = %e, nice = want, "could not change the audit commit thread's priority")
+                }
+            }
+        }
+        let _ = job.done.send(write_batch(&db, &job.batch));
     }
 }
 
@@ -291,7 +310,8 @@ async fn writer(
         if !batch.is_empty() {
             let n = batch.len() as u64;
             let (done, result) = oneshot::channel();
-            let result = match jobs.send((batch, done)) {
+            let behind = batch.len() >= MAX_BATCH || rx.len() >= MAX_BATCH;
+            let result = match jobs.send(CommitJob { batch, behind, done }) {
                 Ok(()) => result.await.unwrap_or_else(|_| Err(storage("the commit thread stopped"))),
                 Err(_) => Err(storage("the commit thread stopped")),
             };
