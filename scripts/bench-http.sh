@@ -135,8 +135,10 @@ section() {
   echo "$row_max $nginx_max | ≥ 1.0×; ≥ 0.7× |"
   echo "$row_rss | < 64 |"
   echo "$row_ipr | a regression shows here |"
-  echo
-  echo "![p50 and p99 latency against offered rate](benchmarks-latency.png)"
+  if [ "$QUICK" = 0 ]; then
+    echo
+    echo "![p50 and p99 latency against offered rate](benchmarks-latency.png)"
+  fi
 }
 
 plot() { # png
