@@ -9,7 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
-run() { echo "\$ $*" | tee -a "$OUT"; "$@" 2>&1 | grep -v -E '^\s*(Compiling|Finished|Running|Warning|Gnuplot|Benchmarking)' | tee -a "$OUT"; }
+# Runs a command, keeping its output (less cargo's and criterion's progress
+# lines) for the generated section; a failing command fails the whole run.
+run() {
+  echo "\$ $*" | tee -a "$OUT"
+  "$@" 2>&1 | { grep -v -E '^\s*(Compiling|Finished|Running|Warning|Gnuplot|Benchmarking)' || true; } | tee -a "$OUT"
+}
 scripts/deps.sh protoc:protobuf-compiler redis-server:redis-server etcd:etcd-server
 run cargo bench --bench routing -- --noplot --warm-up-time 1 --measurement-time 3
 run cargo bench --bench limits

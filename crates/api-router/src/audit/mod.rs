@@ -286,8 +286,8 @@ async fn writer(
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batch: Vec<AuditRecord> = Vec::new();
-        let window = tokio::time::sleep(window);
-        tokio::pin!(window);
+        let deadline = tokio::time::sleep(window);
+        tokio::pin!(deadline);
         let mut next = Some(first);
         loop {
             match next.take() {
@@ -304,7 +304,7 @@ async fn writer(
                     Some(msg) => Some(msg),
                     None => break,
                 },
-                _ = &mut window => break,
+                _ = &mut deadline => break,
             };
         }
         if !batch.is_empty() {
