@@ -252,6 +252,17 @@ async fn stream_that_is_not_a_boolean_is_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_options_that_are_not_an_object_are_400() {
+    let m1 = Mock::start("backend-1", &[]);
+    let router = openai_router(&[&m1]);
+    let body = json!({"model": "gpt-4o", "stream": true, "stream_options": "usage", "messages": []}).to_string();
+    let r = post_openai(&router, "/v1/chat/completions", body).await;
+    assert_openai_error(&r, 400, "invalid_request", "invalid_request_error");
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("stream_options"));
+    assert_eq!(m1.requests().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_model_is_404() {
     let m1 = Mock::start("backend-1", &[]);
     let router = RouterBuilder::new(&[]).openai(&[&m1]).env("DEFAULT_ROUTE", "false").start();

@@ -61,7 +61,7 @@ pub fn parse(
     organization_id: Arc<str>,
     headers: &HeaderMap,
 ) -> Result<InferenceRequest, ApiError> {
-    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let mut v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let Value::Object(obj) = &v else {
         return Err(ApiError::InvalidRequest("the body must be a JSON object".into()));
     };
@@ -93,6 +93,9 @@ pub fn parse(
     if stream && door == Door::Embeddings {
         return Err(ApiError::InvalidRequest("embeddings cannot be streamed".into()));
     }
+    if !matches!(obj.get("stream_options"), None | Some(Value::Null | Value::Object(_))) {
+        return Err(ApiError::InvalidRequest("`stream_options` must be an object".into()));
+    }
     let request_id = match headers.get("x-request-id").and_then(|h| h.to_str().ok()) {
         Some(id) if pipeline::valid_request_id(id) => Arc::from(id),
         Some(_) => {
@@ -102,6 +105,14 @@ pub fn parse(
             )));
         }
         None => crate::pipeline::new_request_id(),
+    };
+    // A stream asks every backend for its usage (in the final chunk): added
+    // once here, from this parse, rather than per attempt.
+    let body = if stream && v["stream_options"]["include_usage"] != Value::Bool(true) {
+        v["stream_options"]["include_usage"] = Value::Bool(true);
+        serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body)
+    } else {
+        body
     };
     Ok(InferenceRequest { request_id, organization_id, model, body, door, stream })
 }

@@ -92,7 +92,8 @@ pub struct InferenceRequest {
     pub request_id: Arc<str>,
     pub organization_id: Arc<str>,
     pub model: Arc<str>,
-    /// The body forwarded to the backend, as received.
+    /// The body forwarded to the backend: as received, or (a stream on the
+    /// OpenAI door) with `stream_options.include_usage` set.
     pub body: Bytes,
     pub door: Door,
     /// `"stream": true` on the OpenAI door.
@@ -398,22 +399,17 @@ pub fn parse_usage(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
-/// The body sent to one backend: as received, or (OpenAI backends) with the
-/// model name mapped and stream usage requested.
+/// The body sent to one backend: the request's, or (OpenAI backends that map
+/// model names) with the model name mapped.
 fn upstream_body(request: &InferenceRequest, backend: &Backend) -> Bytes {
-    let mapped = backend.models.get(&*request.model);
-    if request.door == Door::Native || (mapped.is_none() && !request.stream) {
-        return request.body.clone();
-    }
+    let mapped = match backend.models.get(&*request.model) {
+        Some(m) if request.door != Door::Native => m,
+        _ => return request.body.clone(),
+    };
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
         return request.body.clone();
     };
-    if let Some(m) = mapped {
-        v["model"] = serde_json::Value::from(m.as_str());
-    }
-    if request.stream {
-        v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
-    }
+    v["model"] = serde_json::Value::from(mapped.as_str());
     serde_json::to_vec(&v).map(Bytes::from).unwrap_or_else(|_| request.body.clone())
 }
 
