@@ -104,7 +104,7 @@ pub fn parse(
                 pipeline::MAX_REQUEST_ID_LEN
             )));
         }
-        None => crate::pipeline::new_request_id(),
+        None => pipeline::new_request_id(),
     };
     // A stream asks every backend for its usage (in the final chunk): added
     // once here, from this parse, rather than per attempt.
