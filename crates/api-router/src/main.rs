@@ -1,8 +1,14 @@
 //! The `api-router` binary: read settings, start logging, run the service.
+//!
+//! - [`settings`]: environment variables and the YAML file, validated;
+//! - [`app`]: start-up and the ordered shutdown of the HTTP server and the core.
+
+mod app;
+mod settings;
 
 use std::process::ExitCode;
 
-use api_router::config::Settings;
+use settings::{LogFormat, Settings};
 
 fn main() -> ExitCode {
     let settings = match Settings::from_env() {
@@ -12,7 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    api_router::telemetry::init_logging(settings.log_format);
+    init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -20,12 +26,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(api_router::app::run(settings)) {
+    match runtime.block_on(app::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "api-router failed");
             eprintln!("api-router: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Installs the global `tracing` subscriber: JSON lines (default) or text, to
+/// stdout, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => builder.init(),
     }
 }

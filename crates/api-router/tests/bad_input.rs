@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
-use common::*;
 use hyper::Method;
 use serde_json::{Value, json};
+use test_support::*;
 
 struct Fixture {
     m1: Mock,

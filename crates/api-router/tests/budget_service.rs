@@ -4,16 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use common::*;
 use serde_json::{Value, json};
+use test_support::*;
 
 #[derive(Default)]
 struct Stub {

@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use hyper::Method;
 use serde_json::{Value, json};
+use test_support::*;
 
 /// A file config with org-a's price: mock usage (12 prompt + 9 completion
 /// tokens) at 1.0 and 2.0 per 1k tokens costs 0.03, reserved as 0.03.

@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::json;
+use test_support::*;
 
 fn python() -> String {
     std::env::var("OPENAI_TEST_PYTHON").unwrap_or_else(|_| {

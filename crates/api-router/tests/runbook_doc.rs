@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use test_support::*;
 
 /// The fenced bash blocks of a Markdown text, in order.
 fn bash_blocks(md: &str) -> Vec<String> {

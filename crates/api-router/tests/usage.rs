@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
+use test_support::*;
 
 fn with_kafka(b: RouterBuilder, broker: &Broker) -> RouterBuilder {
     b.env("KAFKA_BROKERS", &broker.bootstrap())

@@ -1,0 +1,557 @@
+//! `mock-backend`: a fake inference backend for demos, tests and benchmarks,
+//! as a library (started in process by tests, or served without sockets
+//! through [`app`]) and as a binary ([`main`]).
+//!
+//! ```text
+//! mock-backend --listen 127.0.0.1:8001 --id backend-1 [--latency-ms N] [--error-rate F] [--error-status S]
+//!              [--tls-cert FILE --tls-key FILE [--client-ca FILE] [--no-h2]]
+//! ```
+//!
+//! - `GET /health`: 200, or 503 while the `healthy` fault is false.
+//! - `POST /v1/inference`: JSON with this backend's id, the request id (from
+//!   `X-Request-Id` or the body), a fake output and token usage.
+//! - `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
+//!   `GET /v1/models`: OpenAI-compatible, with `"stream": true` answered as SSE
+//!   chunks (usage in a final chunk when `stream_options.include_usage`).
+//! - `POST /mock/faults`: `{"latency_ms", "error_rate", "error_status", "healthy",
+//!   "stream_chunks", "stream_delay_ms", "cut_stream_after"}`, each optional,
+//!   changes behaviour at run time (`cut_stream_after: N` breaks each stream
+//!   after N chunks; 0 turns it off).
+//! - `GET /mock/stats`: `{"requests": N, "errors": N, "health_checks": N,
+//!   "disconnects": N, "last_version": "HTTP/2.0", ...}` (`disconnects`:
+//!   streams whose client went away).
+//!
+//! With `--tls-cert` and `--tls-key` it serves HTTPS (offering `h2` and
+//! `http/1.1` by ALPN unless `--no-h2`); with `--client-ca` it requires a
+//! client certificate signed by that CA. Plain HTTP serves HTTP/1.1 (and
+//! HTTP/2 with prior knowledge). Every accepted socket has `TCP_NODELAY`.
+//!
+//! On start it prints `mock-backend listening on ADDR` (with `--listen
+//! 127.0.0.1:0`, the port the OS chose). State is atomics; no locks on the
+//! request path but the last model name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, Version, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+/// The mock's run-time state and counters.
+pub struct Mock {
+    id: String,
+    latency_ms: AtomicU64,
+    /// Error rate in millionths.
+    error_ppm: AtomicU64,
+    error_status: AtomicU16,
+    healthy: AtomicBool,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    health_checks: AtomicU64,
+    stream_chunks: AtomicU64,
+    stream_delay_ms: AtomicU64,
+    cut_stream_after: AtomicU64,
+    disconnects: AtomicU64,
+    tls_failures: AtomicU64,
+    /// The model name of the last OpenAI request, as received.
+    last_model: std::sync::Mutex<String>,
+    /// The HTTP version of the last request.
+    last_version: std::sync::Mutex<&'static str>,
+}
+
+/// How to start a mock.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub id: String,
+    pub latency_ms: u64,
+    pub error_rate: f64,
+    pub error_status: u16,
+    pub tls: Option<TlsOptions>,
+}
+
+impl Options {
+    /// A healthy, instant mock on a port the OS picks.
+    pub fn new(id: &str) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            id: id.to_string(),
+            latency_ms: 0,
+            error_rate: 0.0,
+            error_status: 500,
+            tls: None,
+        }
+    }
+}
+
+/// Serving HTTPS: the certificate chain and key (PEM), and optionally the CA
+/// that client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    /// Offer `h2` by ALPN.
+    pub h2: bool,
+}
+
+impl Mock {
+    pub fn new(options: &Options) -> Arc<Self> {
+        Arc::new(Mock {
+            id: options.id.clone(),
+            latency_ms: AtomicU64::new(options.latency_ms),
+            error_ppm: AtomicU64::new((options.error_rate * 1e6) as u64),
+            error_status: AtomicU16::new(options.error_status),
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            health_checks: AtomicU64::new(0),
+            stream_chunks: AtomicU64::new(5),
+            stream_delay_ms: AtomicU64::new(0),
+            cut_stream_after: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
+            last_model: std::sync::Mutex::new(String::new()),
+            last_version: std::sync::Mutex::new(""),
+        })
+    }
+
+    /// Inference requests received (not health checks).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// The mock's routes over `mock`'s state: serve it, or call it in process.
+pub fn app(mock: Arc<Mock>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/inference", post(inference))
+        .route("/v1/chat/completions", post(|s, b| openai(s, b, Kind::Chat)))
+        .route("/v1/completions", post(|s, b| openai(s, b, Kind::Completions)))
+        .route("/v1/embeddings", post(|s, b| openai(s, b, Kind::Embeddings)))
+        .route("/v1/models", get(models))
+        .route("/mock/faults", post(faults))
+        .route("/mock/stats", get(stats))
+        .layer(middleware::from_fn_with_state(mock.clone(), note_version))
+        .with_state(mock)
+}
+
+async fn note_version(State(m): State<Arc<Mock>>, request: Request, next: Next) -> Response {
+    let version = match request.version() {
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    *m.last_version.lock().unwrap_or_else(|p| p.into_inner()) = version;
+    next.run(request).await
+}
+
+/// A mock serving on its own task; stopped when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub mock: Arc<Mock>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a mock on the current runtime.
+pub async fn start(options: Options) -> std::io::Result<Server> {
+    let mock = Mock::new(&options);
+    let listener = TcpListener::bind(options.listen).await?;
+    let addr = listener.local_addr()?;
+    let acceptor = options.tls.as_ref().map(tls_acceptor).transpose()?;
+    let task = tokio::spawn(accept_loop(listener, acceptor, mock.clone()));
+    Ok(Server { addr, mock, task })
+}
+
+fn invalid(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+}
+
+fn tls_acceptor(tls: &TlsOptions) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&tls.cert_file).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(invalid)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(invalid)?;
+    let builder = match &tls.client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(invalid)? {
+                roots.add(cert.map_err(invalid)?).map_err(invalid)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(invalid)?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(invalid)?;
+    config.alpn_protocols =
+        if tls.h2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAcceptor>, mock: Arc<Mock>) {
+    let app = app(mock.clone());
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (app, acceptor, mock) = (app.clone(), acceptor.clone(), mock.clone());
+        tokio::spawn(async move {
+            let service = TowerToHyperService::new(app);
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match acceptor {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                }
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                    Err(_) => {
+                        mock.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            }
+        });
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut options = Options { listen: SocketAddr::from(([127, 0, 0, 1], 8001)), ..Options::new("backend-1") };
+    let (mut cert, mut key, mut client_ca, mut h2) = (None, None, None, true);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => options.listen = value()?.parse().map_err(|_| "--listen: expected HOST:PORT".to_string())?,
+            "--id" => options.id = value()?,
+            "--latency-ms" => {
+                options.latency_ms = value()?.parse().map_err(|_| "--latency-ms: expected an integer".to_string())?
+            }
+            "--error-rate" => {
+                options.error_rate = value()?.parse().map_err(|_| "--error-rate: expected a number".to_string())?;
+                if !(0.0..=1.0).contains(&options.error_rate) {
+                    return Err("--error-rate: expected a number from 0 to 1".into());
+                }
+            }
+            "--error-status" => {
+                options.error_status =
+                    value()?.parse().map_err(|_| "--error-status: expected a status code".to_string())?
+            }
+            "--tls-cert" => cert = Some(PathBuf::from(value()?)),
+            "--tls-key" => key = Some(PathBuf::from(value()?)),
+            "--client-ca" => client_ca = Some(PathBuf::from(value()?)),
+            "--no-h2" => h2 = false,
+            "-h" | "--help" => {
+                return Err("usage: mock-backend --listen ADDR --id ID [--latency-ms N] [--error-rate F] \
+                     [--error-status S] [--tls-cert FILE --tls-key FILE [--client-ca FILE] [--no-h2]]"
+                    .into());
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    options.tls = match (cert, key) {
+        (Some(cert_file), Some(key_file)) => Some(TlsOptions { cert_file, key_file, client_ca_file: client_ca, h2 }),
+        (None, None) if client_ca.is_none() => None,
+        _ => return Err("--tls-cert and --tls-key go together (and --client-ca needs them)".into()),
+    };
+    Ok(options)
+}
+
+/// The binary: parse the flags, serve until SIGINT or SIGTERM.
+pub fn main() -> ExitCode {
+    let options = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mock-backend: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mock-backend: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let server = start(options).await?;
+        println!("mock-backend listening on {}", server.addr);
+        shutdown_signal().await;
+        drop(server);
+        Ok::<_, std::io::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mock-backend: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn health(State(m): State<Arc<Mock>>) -> StatusCode {
+    m.health_checks.fetch_add(1, Ordering::Relaxed);
+    if m.healthy.load(Ordering::Relaxed) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+#[derive(Deserialize)]
+struct NativeRequest<'a> {
+    #[serde(borrow, default)]
+    request_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Latency, then maybe an injected error (in the OpenAI error shape, which
+/// also serves the native door).
+async fn common(m: &Mock) -> Option<Response> {
+    m.requests.fetch_add(1, Ordering::Relaxed);
+    let latency = m.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let ppm = m.error_ppm.load(Ordering::Relaxed);
+    if ppm > 0 && fastrand::u64(0..1_000_000) < ppm {
+        m.errors.fetch_add(1, Ordering::Relaxed);
+        let status =
+            StatusCode::from_u16(m.error_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = format!(
+            r#"{{"error":{{"code":"injected_fault","message":"mock-backend {} injected error","type":"invalid_request_error","param":null}}}}"#,
+            m.id
+        );
+        return Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response());
+    }
+    None
+}
+
+async fn inference(State(m): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(fault) = common(&m).await {
+        return fault;
+    }
+    let from_body =
+        serde_json::from_slice::<NativeRequest<'_>>(&body).ok().and_then(|r| r.request_id.map(|c| c.into_owned()));
+    let request_id =
+        headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(from_body).unwrap_or_default();
+    let out = serde_json::json!({
+        "backend_id": m.id,
+        "request_id": request_id,
+        "output": "This is a fake completion from mock-backend.",
+        "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+    });
+    axum::Json(out).into_response()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+async fn models(State(m): State<Arc<Mock>>) -> Response {
+    axum::Json(serde_json::json!({"object": "list", "data": [{"id": format!("{}-model", m.id), "object": "model", "created": 0, "owned_by": "mock"}]}))
+        .into_response()
+}
+
+async fn openai(State(m): State<Arc<Mock>>, body: Bytes, kind: Kind) -> Response {
+    if let Some(fault) = common(&m).await {
+        return fault;
+    }
+    let req: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = serde_json::json!({"error": {"message": format!("invalid JSON: {e}"), "type": "invalid_request_error", "param": null, "code": null}});
+            return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+        }
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_string();
+    *m.last_model.lock().unwrap_or_else(|p| p.into_inner()) = model.clone();
+    let id = format!("mock-{}", fastrand::u64(..));
+    if kind == Kind::Embeddings {
+        let n = req["input"].as_array().map(|a| a.len()).unwrap_or(1);
+        let data: Vec<_> = (0..n)
+            .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}))
+            .collect();
+        return axum::Json(serde_json::json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 5, "total_tokens": 5}}))
+            .into_response();
+    }
+    let text = format!("Hello from {}.", m.id);
+    if req["stream"].as_bool() != Some(true) {
+        let choice = if kind == Kind::Chat {
+            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+        } else {
+            serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
+        };
+        let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        return axum::Json(serde_json::json!({
+            "id": id, "object": object, "created": 0, "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+        }))
+        .into_response();
+    }
+    let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
+    let chunks = m.stream_chunks.load(Ordering::Relaxed).max(1);
+    let delay = Duration::from_millis(m.stream_delay_ms.load(Ordering::Relaxed));
+    let cut = m.cut_stream_after.load(Ordering::Relaxed);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let mock = m.clone();
+    tokio::spawn(async move {
+        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        for i in 0..chunks {
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if cut > 0 && i >= cut {
+                let _ = tx.send(Err(std::io::Error::other("injected stream cut"))).await;
+                return;
+            }
+            let piece = format!("tok{i} ");
+            let finish = if i + 1 == chunks { serde_json::json!("stop") } else { serde_json::Value::Null };
+            let choice = if kind == Kind::Chat {
+                serde_json::json!({"index": 0, "delta": {"content": piece}, "finish_reason": finish})
+            } else {
+                serde_json::json!({"index": 0, "text": piece, "finish_reason": finish})
+            };
+            let event =
+                serde_json::json!({"id": id, "object": object, "created": 0, "model": model, "choices": [choice]});
+            if tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await.is_err() {
+                mock.disconnects.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if include_usage {
+            let usage = serde_json::json!({"id": id, "object": object, "created": 0, "model": model, "choices": [],
+                "usage": {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
+        }
+        if tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await.is_err() {
+            mock.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut response = axum::body::Body::new(ChannelBody(rx)).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    response
+}
+
+/// A response body fed by a channel: each message is one frame, an error
+/// aborts the response (the connection is closed mid-body).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Faults {
+    latency_ms: Option<u64>,
+    error_rate: Option<f64>,
+    error_status: Option<u16>,
+    healthy: Option<bool>,
+    stream_chunks: Option<u64>,
+    stream_delay_ms: Option<u64>,
+    cut_stream_after: Option<u64>,
+}
+
+async fn faults(State(m): State<Arc<Mock>>, body: Bytes) -> Response {
+    let f: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("invalid faults: {e}")).into_response(),
+    };
+    if let Some(rate) = f.error_rate {
+        if !(0.0..=1.0).contains(&rate) {
+            return (StatusCode::BAD_REQUEST, "error_rate must be from 0 to 1").into_response();
+        }
+        m.error_ppm.store((rate * 1e6) as u64, Ordering::Relaxed);
+    }
+    if let Some(s) = f.error_status {
+        if StatusCode::from_u16(s).is_err() {
+            return (StatusCode::BAD_REQUEST, "error_status must be an HTTP status").into_response();
+        }
+        m.error_status.store(s, Ordering::Relaxed);
+    }
+    if let Some(l) = f.latency_ms {
+        m.latency_ms.store(l, Ordering::Relaxed);
+    }
+    if let Some(h) = f.healthy {
+        m.healthy.store(h, Ordering::Relaxed);
+    }
+    if let Some(n) = f.stream_chunks {
+        m.stream_chunks.store(n, Ordering::Relaxed);
+    }
+    if let Some(d) = f.stream_delay_ms {
+        m.stream_delay_ms.store(d, Ordering::Relaxed);
+    }
+    if let Some(c) = f.cut_stream_after {
+        m.cut_stream_after.store(c, Ordering::Relaxed);
+    }
+    stats(State(m)).await
+}
+
+async fn stats(State(m): State<Arc<Mock>>) -> Response {
+    axum::Json(serde_json::json!({
+        "backend_id": m.id,
+        "requests": m.requests.load(Ordering::Relaxed),
+        "errors": m.errors.load(Ordering::Relaxed),
+        "health_checks": m.health_checks.load(Ordering::Relaxed),
+        "latency_ms": m.latency_ms.load(Ordering::Relaxed),
+        "error_rate": m.error_ppm.load(Ordering::Relaxed) as f64 / 1e6,
+        "error_status": m.error_status.load(Ordering::Relaxed),
+        "healthy": m.healthy.load(Ordering::Relaxed),
+        "stream_chunks": m.stream_chunks.load(Ordering::Relaxed),
+        "stream_delay_ms": m.stream_delay_ms.load(Ordering::Relaxed),
+        "cut_stream_after": m.cut_stream_after.load(Ordering::Relaxed),
+        "disconnects": m.disconnects.load(Ordering::Relaxed),
+        "tls_failures": m.tls_failures.load(Ordering::Relaxed),
+        "last_version": *m.last_version.lock().unwrap_or_else(|p| p.into_inner()),
+        "last_model": m.last_model.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    }))
+    .into_response()
+}

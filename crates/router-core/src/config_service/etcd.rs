@@ -1,0 +1,658 @@
+//! The etcd source: routing state shared by every replica, watched for changes.
+//!
+//! Start-up reads the whole prefix at one revision, builds a snapshot, swaps it
+//! in, and watches from the next revision. Each watch response is applied as
+//! one new snapshot, in revision order; an event at or below the applied
+//! revision is ignored, so an older revision never overwrites a newer one.
+//!
+//! When the watch breaks it reconnects with backoff and resumes from the last
+//! applied revision. If that revision was compacted, it re-reads everything
+//! and watches again: every change is applied eventually, none skipped.
+//!
+//! Invalid entries (bad JSON, an invalid policy, a key outside the schema, an
+//! empty value) are rejected: logged with the key and the reason, counted in
+//! `api_router_config_rejected_total`, and the last good value stays.
+//!
+//! Every applied state is also written to `DATA_DIR/config-cache.json` (write,
+//! fsync, rename) with its revision. If etcd is unreachable at start-up, the
+//! router serves from that cache, reports `config_service: unhealthy`, and
+//! keeps trying; once etcd answers it re-reads everything.
+//!
+//! Admin writes go to etcd; the call returns once this replica has applied
+//! the write's revision (read-your-writes). Other replicas follow by watch.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use router_providers::Kind;
+use router_providers::credential::CredentialRef;
+use router_providers::transport::tls::TlsSpec;
+
+use super::UpdateError;
+use super::{BackendSpec, ConfigState, ConfigStore, Override};
+use crate::limits::OrgLimits;
+use crate::metrics::Metrics;
+use crate::readiness::Healthy;
+use crate::routing::policy::{Policy, PolicyInput};
+use crate::util::{Backoff, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    /// Without a trailing slash, e.g. `/api-router`.
+    pub prefix: String,
+}
+
+/// One accepted entry of the key space.
+#[derive(Debug, Clone)]
+enum Entry {
+    Policy(Policy),
+    Backend(String, BackendSpec),
+    Override(String, Option<Override>),
+    Organization(String, OrgLimits),
+    ApiKey([u8; 32], String),
+}
+
+#[derive(Deserialize)]
+struct BackendValue {
+    /// `url` or `kind+url`.
+    endpoint: String,
+    /// Overrides a `kind+` prefix of the endpoint.
+    #[serde(default)]
+    kind: Option<Kind>,
+    /// Credentials are referenced, never stored in etcd.
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    api_key_file: Option<PathBuf>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+    #[serde(default)]
+    tls: TlsSpec,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OverrideValue {
+    #[serde(default = "yes")]
+    degraded: bool,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    by: String,
+    #[serde(default)]
+    since: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Cache {
+    revision: i64,
+    kvs: BTreeMap<String, String>,
+}
+
+/// Why an entry was rejected; one `reason` label each.
+#[derive(Debug)]
+struct Rejection {
+    reason: &'static str,
+    detail: String,
+}
+
+fn reject(reason: &'static str, detail: impl Into<String>) -> Rejection {
+    Rejection { reason, detail: detail.into() }
+}
+
+pub struct EtcdSource {
+    settings: EtcdSettings,
+    base: ConfigState,
+    store: Arc<ConfigStore>,
+    metrics: Metrics,
+    cache_path: PathBuf,
+    client: tokio::sync::Mutex<Option<Client>>,
+    /// Raw values of accepted entries, by key; and the applied revision.
+    accepted: Mutex<(BTreeMap<String, String>, i64)>,
+    healthy: AtomicBool,
+    applied: watch::Sender<i64>,
+    cache_tx: watch::Sender<Option<Arc<Cache>>>,
+    last_sync_ms: AtomicU64,
+}
+
+impl EtcdSource {
+    /// Connects and syncs, or falls back to the cache. Never fails on etcd
+    /// being down: the background task keeps trying.
+    pub async fn start(
+        settings: EtcdSettings,
+        base: ConfigState,
+        store: Arc<ConfigStore>,
+        metrics: Metrics,
+        data_dir: &Path,
+    ) -> Arc<Self> {
+        let (applied, _) = watch::channel(0);
+        let (cache_tx, _) = watch::channel(None);
+        let source = Arc::new(Self {
+            settings,
+            base,
+            store,
+            metrics,
+            cache_path: data_dir.join("config-cache.json"),
+            client: tokio::sync::Mutex::new(None),
+            accepted: Mutex::new((BTreeMap::new(), 0)),
+            healthy: AtomicBool::new(false),
+            applied,
+            cache_tx,
+            last_sync_ms: AtomicU64::new(0),
+        });
+        match source.full_sync().await {
+            Ok(rev) => {
+                tracing::info!(revision = rev, prefix = %source.settings.prefix, "config service synced from etcd")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config service (etcd) unreachable at start-up; serving from the cache");
+                source.load_cache();
+            }
+        }
+        source
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn applied_revision(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// Seconds since etcd last confirmed our state (a read, an event, or a
+    /// watch progress report).
+    pub fn seconds_since_sync(&self) -> f64 {
+        crate::util::age_seconds(Some(self.last_sync_ms.load(Ordering::Relaxed)).filter(|t| *t > 0))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, String>, i64)> {
+        self.accepted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let c = Client::connect(&self.settings.endpoints, Some(options)).await.map_err(|e| e.to_string())?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_client(&self) {
+        *self.client.lock().await = None;
+    }
+
+    fn key_prefix(&self) -> String {
+        format!("{}/", self.settings.prefix)
+    }
+
+    /// Reads the whole prefix at one revision and replaces the state with it.
+    async fn full_sync(&self) -> Result<i64, String> {
+        let mut client = self.client().await?;
+        let resp = match client.get(self.key_prefix(), Some(GetOptions::new().with_prefix())).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget_client().await;
+                return Err(e.to_string());
+            }
+        };
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut kvs: Vec<(String, String)> = resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap_or("").to_string(), String::from_utf8_lossy(kv.value()).into_owned()))
+            .collect();
+        // Backends first, so policies are checked against them.
+        kvs.sort_by_key(|(k, _)| !k.starts_with(&format!("{}backends/", self.key_prefix())));
+        {
+            let mut acc = self.lock();
+            let mut fresh = BTreeMap::new();
+            for (key, value) in kvs {
+                match self.accept(&fresh, &key, &value) {
+                    Ok(_) => {
+                        fresh.insert(key, value);
+                    }
+                    Err(r) => {
+                        // The last good value (from before the resync) stays.
+                        self.rejected(&key, &r);
+                        if let Some(old) = acc.0.get(&key) {
+                            fresh.insert(key, old.clone());
+                        }
+                    }
+                }
+            }
+            acc.0 = fresh;
+        }
+        self.apply(revision, true);
+        self.healthy.store(true, Ordering::Relaxed);
+        Ok(revision)
+    }
+
+    fn rejected(&self, key: &str, r: &Rejection) {
+        self.metrics.config_rejected.with_label_values(&[r.reason]).inc();
+        tracing::warn!(key = %key, reason = r.reason, detail = %r.detail, "config entry rejected; the last good value stays");
+    }
+
+    /// The kind of a key under the prefix, if it is in the schema.
+    fn kind<'k>(&self, key: &'k str) -> Result<(&'k str, &'k str), Rejection> {
+        let rest = key.strip_prefix(&self.key_prefix()).ok_or_else(|| reject("schema", "outside the prefix"))?;
+        match rest.split_once('/') {
+            Some((kind @ ("policies" | "backends" | "backend-overrides" | "organizations" | "api-keys"), name))
+                if !name.is_empty() =>
+            {
+                Ok((kind, name))
+            }
+            _ => Err(reject("schema", "key outside the schema")),
+        }
+    }
+
+    /// Validates one entry, and a policy's backends against the accepted
+    /// state it would join.
+    fn accept(&self, accepted: &BTreeMap<String, String>, key: &str, value: &str) -> Result<Entry, Rejection> {
+        let entry = self.parse(key, value)?;
+        match &entry {
+            Entry::Policy(p) => {
+                p.validate_against(&self.compose_backends(accepted)).map_err(|e| reject("unknown_backend", e))?
+            }
+            // Files are read here, once, not each time the state is composed.
+            Entry::Backend(_, spec) => spec.tls.validate().map_err(|e| reject("tls", e.to_string()))?,
+            _ => {}
+        }
+        Ok(entry)
+    }
+
+    /// Parses one entry: the key's shape and the value's JSON.
+    fn parse(&self, key: &str, value: &str) -> Result<Entry, Rejection> {
+        let (kind, name) = self.kind(key)?;
+        if value.trim().is_empty() {
+            return Err(reject("empty", "empty value"));
+        }
+        let json = || serde_json::from_str::<serde_json::Value>(value).map_err(|e| reject("json", e.to_string()));
+        match kind {
+            "policies" => {
+                let (org, model) =
+                    name.split_once('/').ok_or_else(|| reject("schema", "expected policies/{org}/{model}"))?;
+                let input: PolicyInput =
+                    serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+                let policy = input.into_policy().map_err(|e| reject("invalid", e))?;
+                if policy.organization_id != org || policy.model != model {
+                    return Err(reject("invalid", "organization_id and model must match the key"));
+                }
+                Ok(Entry::Policy(policy))
+            }
+            "backends" => {
+                if !crate::util::valid_id(name) {
+                    return Err(reject("schema", "invalid backend id"));
+                }
+                let v: BackendValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+                let mut spec = BackendSpec::parse_endpoint(&v.endpoint).map_err(|e| reject("invalid", e))?;
+                if let Some(kind) = v.kind {
+                    spec.kind = kind;
+                }
+                spec.models = v.models;
+                spec.credential = match (v.api_key_env, v.api_key_file) {
+                    (Some(_), Some(_)) => return Err(reject("invalid", "api_key_env or api_key_file, not both")),
+                    (Some(name), None) => Some(CredentialRef::Env(name)),
+                    (None, Some(path)) => Some(CredentialRef::File(path)),
+                    (None, None) => None,
+                };
+                spec.tls = v.tls;
+                Ok(Entry::Backend(name.to_string(), spec))
+            }
+            "backend-overrides" => {
+                let v: OverrideValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+                let since =
+                    v.since.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()).unwrap_or_else(SystemTime::now);
+                let o = v.degraded.then_some(Override { reason: v.reason, since, by: v.by });
+                Ok(Entry::Override(name.to_string(), o))
+            }
+            "organizations" => {
+                if !crate::util::valid_id(name) {
+                    return Err(reject("schema", "invalid organization id"));
+                }
+                let limits = OrgLimits::from_json(json()?).map_err(|e| reject("invalid", e))?;
+                Ok(Entry::Organization(name.to_string(), limits))
+            }
+            "api-keys" => {
+                let hash: [u8; 32] = hex::decode(name)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| reject("schema", "expected api-keys/{sha256 hex}"))?;
+                let org = match serde_json::from_str::<serde_json::Value>(value) {
+                    Ok(serde_json::Value::Object(o)) => {
+                        o.get("organization_id").and_then(|v| v.as_str()).unwrap_or_default().to_string()
+                    }
+                    Ok(serde_json::Value::String(s)) => s,
+                    _ => value.trim().to_string(),
+                };
+                if !crate::util::valid_id(&org) {
+                    return Err(reject("invalid", "invalid organization id"));
+                }
+                Ok(Entry::ApiKey(hash, org))
+            }
+            _ => Err(reject("schema", "key outside the schema")),
+        }
+    }
+
+    fn compose_backends(&self, accepted: &BTreeMap<String, String>) -> BTreeMap<String, BackendSpec> {
+        let mut backends = self.base.backends.clone();
+        let prefix = format!("{}backends/", self.key_prefix());
+        for (k, v) in accepted.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
+            if let Ok(Entry::Backend(id, spec)) = self.parse(k, v) {
+                backends.insert(id, spec);
+            }
+        }
+        backends
+    }
+
+    /// The base state with every accepted entry applied.
+    fn compose(&self, accepted: &BTreeMap<String, String>) -> ConfigState {
+        let mut state = self.base.clone();
+        state.backends = self.compose_backends(accepted);
+        for (k, v) in accepted {
+            // Accepted entries parse; a policy whose backend was deleted
+            // since routes to the backends that remain.
+            match self.parse(k, v) {
+                Ok(Entry::Policy(p)) => {
+                    state.policies.insert((p.organization_id.clone(), p.model.clone()), p);
+                }
+                Ok(Entry::Override(id, Some(o))) => {
+                    state.overrides.insert(id, o);
+                }
+                Ok(Entry::Organization(org, l)) => {
+                    state.organizations.insert(org, l);
+                }
+                Ok(Entry::ApiKey(h, org)) => {
+                    state.api_keys.insert(h, org);
+                }
+                Ok(Entry::Backend(..) | Entry::Override(_, None)) | Err(_) => {}
+            }
+        }
+        state
+    }
+
+    /// Builds and swaps in the snapshot of the accepted state at `revision`.
+    fn apply(&self, revision: i64, full: bool) {
+        let (state, cache) = {
+            let mut acc = self.lock();
+            if !full && revision <= acc.1 {
+                return;
+            }
+            acc.1 = revision;
+            (self.compose(&acc.0), Arc::new(Cache { revision, kvs: acc.0.clone() }))
+        };
+        self.store.replace(state, revision.max(0) as u64);
+        self.metrics.config_revision.set(revision);
+        self.metrics.config_updates.inc();
+        self.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+        let _ = self.cache_tx.send(Some(cache));
+        self.applied.send_replace(revision);
+        tracing::info!(revision, "config snapshot applied");
+    }
+
+    fn load_cache(&self) {
+        let cache: Cache = match std::fs::read(&self.cache_path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, path = %self.cache_path.display(), "config cache is unreadable; starting from the local configuration");
+                    return;
+                }
+            },
+            Err(_) => {
+                tracing::warn!(path = %self.cache_path.display(), "no config cache; starting from the local configuration");
+                return;
+            }
+        };
+        let revision = cache.revision;
+        self.lock().0 = cache.kvs;
+        self.apply(revision, true);
+        self.last_sync_ms.store(0, Ordering::Relaxed);
+        tracing::info!(revision, "serving the cached configuration");
+    }
+
+    /// Writes the latest applied state to the cache file, off the watch path.
+    pub async fn run_cache_writer(self: Arc<Self>, cancel: CancellationToken) {
+        let mut rx = self.cache_tx.subscribe();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let Some(cache) = rx.borrow_and_update().clone() else { continue };
+            let path = self.cache_path.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let bytes = serde_json::to_vec(&*cache).map_err(|e| e.to_string())?;
+                crate::util::write_atomically(&path, &bytes)
+            })
+            .await;
+            if let Ok(Err(e)) | Err(e) = result.map_err(|e| e.to_string()) {
+                tracing::error!(error = %e, "cannot write the config cache");
+            }
+        }
+    }
+
+    /// Watches until cancelled, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut need_full = !self.is_healthy();
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            if need_full {
+                match self.full_sync().await {
+                    Ok(rev) => {
+                        tracing::info!(revision = rev, "config service re-synced from etcd");
+                        need_full = false;
+                    }
+                    Err(e) => {
+                        self.set_unhealthy(&e);
+                        if !self.sleep(&cancel, &mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            match self.watch(&cancel, &mut backoff).await {
+                WatchEnd::Cancelled => return,
+                WatchEnd::Compacted => {
+                    tracing::warn!(revision = self.lock().1, "watch revision was compacted; re-reading everything");
+                    need_full = true;
+                }
+                WatchEnd::Broken(e) => {
+                    self.set_unhealthy(&e);
+                    self.forget_client().await;
+                    if !self.sleep(&cancel, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+            self.metrics.config_watch_restarts.inc();
+        }
+    }
+
+    fn set_unhealthy(&self, e: &str) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %e, "config service (etcd) unreachable; serving the last applied configuration");
+        }
+    }
+
+    async fn sleep(&self, cancel: &CancellationToken, backoff: &mut Backoff) -> bool {
+        let d = backoff.next_delay();
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn watch(&self, cancel: &CancellationToken, backoff: &mut Backoff) -> WatchEnd {
+        let mut client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return WatchEnd::Broken(e),
+        };
+        let from = self.lock().1 + 1;
+        let options = WatchOptions::new().with_prefix().with_start_revision(from).with_progress_notify();
+        let mut stream = match client.watch(self.key_prefix(), Some(options)).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Broken(e.to_string()),
+        };
+        let mut progress = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                _ = progress.tick() => {
+                    // Ask etcd to confirm the watch is current; the answer
+                    // arrives as a response without events.
+                    if let Err(e) = stream.request_progress().await {
+                        return WatchEnd::Broken(e.to_string());
+                    }
+                    continue;
+                }
+                m = stream.message() => m,
+            };
+            let resp = match message {
+                Ok(Some(r)) => r,
+                Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
+                Err(e) => return WatchEnd::Broken(e.to_string()),
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return WatchEnd::Compacted;
+                }
+                return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason()));
+            }
+            if !self.healthy.swap(true, Ordering::Relaxed) {
+                tracing::info!("config service (etcd) watch established");
+            }
+            backoff.reset();
+            self.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+            if resp.events().is_empty() {
+                continue;
+            }
+            let mut revision = self.lock().1;
+            let mut changed = false;
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if kv.mod_revision() <= self.lock().1 {
+                    continue;
+                }
+                revision = revision.max(kv.mod_revision());
+                let key = kv.key_str().unwrap_or("").to_string();
+                let mut acc = self.lock();
+                match ev.event_type() {
+                    EventType::Put => {
+                        let value = String::from_utf8_lossy(kv.value()).into_owned();
+                        match self.accept(&acc.0, &key, &value) {
+                            Ok(_) => {
+                                acc.0.insert(key, value);
+                                changed = true;
+                            }
+                            Err(r) => self.rejected(&key, &r),
+                        }
+                    }
+                    EventType::Delete => match self.kind(&key) {
+                        Ok(_) => {
+                            let removed_override = key.starts_with(&format!("{}backend-overrides/", self.key_prefix()));
+                            if acc.0.remove(&key).is_some() {
+                                changed = true;
+                                if removed_override {
+                                    drop(acc);
+                                    self.reset_health(&key);
+                                }
+                            }
+                        }
+                        Err(r) => self.rejected(&key, &r),
+                    },
+                }
+            }
+            if changed {
+                self.apply(revision, false);
+            } else {
+                // Nothing accepted: the revision still moves forward.
+                self.lock().1 = revision;
+                self.applied.send_replace(revision);
+            }
+        }
+    }
+
+    /// The backends of the state in force.
+    pub fn store_state_backends(&self) -> BTreeMap<String, BackendSpec> {
+        self.store.load().state.backends.clone()
+    }
+
+    /// Marking healthy clears the failure counters on every replica.
+    fn reset_health(&self, key: &str) {
+        let id = key.rsplit('/').next().unwrap_or_default();
+        if let Some(b) = self.store.load().backend(id) {
+            b.runtime.health.reset();
+        }
+    }
+
+    /// Writes `key` (or deletes it with `None`) and waits until this replica
+    /// has applied the write.
+    pub async fn write(&self, key: &str, value: Option<String>) -> Result<(), UpdateError> {
+        let key = format!("{}{key}", self.key_prefix());
+        let unavailable = UpdateError::Unavailable;
+        let mut client = self.client().await.map_err(unavailable)?;
+        let revision = match value {
+            Some(v) => client.put(key, v, None).await.map(|r| r.header().map(|h| h.revision())),
+            None => client.delete(key, None).await.map(|r| r.header().map(|h| h.revision())),
+        };
+        let revision = match revision {
+            Ok(r) => r.unwrap_or(0),
+            Err(e) => {
+                self.forget_client().await;
+                return Err(unavailable(e.to_string()));
+            }
+        };
+        let mut rx = self.applied.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|applied| *applied >= revision)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(unavailable(format!("written at revision {revision} but not yet applied by this replica"))),
+        }
+    }
+}
+
+enum WatchEnd {
+    Cancelled,
+    Compacted,
+    Broken(String),
+}
+
+/// The JSON stored at `backend-overrides/{id}`.
+pub fn override_value(o: &Override) -> String {
+    serde_json::json!({
+        "degraded": true,
+        "reason": o.reason,
+        "by": o.by,
+        "since": crate::util::rfc3339(o.since),
+    })
+    .to_string()
+}
+
+impl Healthy for EtcdSource {
+    fn is_healthy(&self) -> bool {
+        EtcdSource::is_healthy(self)
+    }
+}

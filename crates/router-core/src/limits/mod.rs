@@ -1,0 +1,685 @@
+//! Limits: per-organization rate limits (429), budgets and quotas (402).
+//!
+//! One admission check per request, before routing:
+//! - **Rate limit**: GCRA per organization, `RATE_LIMIT_DEFAULT_RPS` with a burst
+//!   of `RATE_LIMIT_BURST_SIZE`, or the organization's override.
+//! - **Budget and quota**: the estimated cost and tokens are *reserved*
+//!   atomically before dispatch, *settled* to the actual amount after a
+//!   successful answer, and *released* if the request fails. Reservations are
+//!   keyed by `request_id`, so a repeated reserve or settle never double-counts.
+//!
+//! Where the shared state lives:
+//! - with `REDIS_URL`: in Redis, one Lua script per admission (rate limit,
+//!   budget and quota together: one round trip) and one per settlement;
+//! - with `BUDGET_SERVICE_URL`: budgets and quotas are asked of that service;
+//! - otherwise: in this process ([`gcra::LocalLimiter`], [`local::Ledger`]).
+//!
+//! Redis down (a call that fails or takes longer than `REDIS_TIMEOUT_MS`):
+//! `RATE_LIMIT_FAILURE_MODE` decides. `local` (default) falls back to the
+//! in-process limiter, `open` admits, `closed` refuses with 503. Budgets and
+//! quotas cannot be checked without the shared ledger, so under `local` and
+//! `open` they are not enforced (counted in
+//! `api_router_limits_degraded_total`). Settlements that cannot reach the
+//! ledger are queued and retried by the settler task until they land.
+
+pub mod budget_service;
+pub mod gcra;
+pub mod local;
+pub mod period;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+use self::gcra::{Gcra, RateInfo};
+use self::period::Period;
+
+/// One micro-unit of currency: amounts are integers of these.
+pub const MICROS: f64 = 1_000_000.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Currency units per period.
+    pub amount: f64,
+    pub period: Period,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    pub period: Period,
+}
+
+/// An organization's limits. Absent parts fall back to the defaults (rate
+/// limit) or are not enforced (budget, quota).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+impl OrgLimits {
+    /// Parses and validates the admin/file JSON shape. Numbers are read as
+    /// JSON numbers first so that negative and zero values get a clear message.
+    pub fn from_json(value: serde_json::Value) -> Result<Self, String> {
+        fn positive(v: &serde_json::Value, path: &str, whole: bool) -> Result<(), String> {
+            match v.as_f64() {
+                Some(n) if n > 0.0 && n.is_finite() => {}
+                Some(n) => return Err(format!("`{path}` must be greater than 0, got {n}")),
+                None => return Err(format!("`{path}` must be a number")),
+            }
+            if whole && v.as_u64().is_none() {
+                return Err(format!("`{path}` must be a whole number"));
+            }
+            Ok(())
+        }
+        for (section, field, whole) in [
+            ("rate_limit", "requests_per_second", false),
+            ("rate_limit", "burst", true),
+            ("budget", "amount", false),
+            ("quota", "requests", true),
+            ("quota", "tokens", true),
+        ] {
+            if let Some(v) = value.get(section).and_then(|s| s.get(field)) {
+                positive(v, &format!("{section}.{field}"), whole)?;
+            }
+        }
+        let limits: OrgLimits = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        if limits.quota.is_some_and(|q| q.requests.is_none() && q.tokens.is_none()) {
+            return Err("`quota` needs `requests` and/or `tokens`".into());
+        }
+        if limits.rate_limit.is_some_and(|r| r.burst > 1_000_000 || r.requests_per_second > 1e9) {
+            return Err("`rate_limit` is out of range".into());
+        }
+        Ok(limits)
+    }
+}
+
+/// Prices for one model, per 1,000 tokens, and the flat cost per request
+/// used when the backend reports no usage (and as the reservation estimate).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    #[serde(default)]
+    pub input_per_1k: f64,
+    #[serde(default)]
+    pub output_per_1k: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_cost: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    Local,
+    Open,
+    Closed,
+}
+
+impl FailureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Local => "local",
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetServiceSettings {
+    pub url: String,
+    pub timeout: Duration,
+    /// `false`: refuse (503) when the service is unreachable.
+    pub fail_open: bool,
+    pub denial_cache: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// `None` when `RATE_LIMIT_DEFAULT_RPS=0`: no default limit.
+    pub default_rate: Option<RateLimit>,
+    pub failure_mode: FailureMode,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Duration,
+    pub redis_prefix: String,
+    pub default_request_cost: f64,
+    pub estimated_tokens: u64,
+    pub budget_service: Option<BudgetServiceSettings>,
+}
+
+pub use router_providers::Usage;
+
+/// Why the admission check refused a request, or could not decide. The door
+/// maps each to its status and shape; the text is the message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LimitError {
+    /// Over the organization's rate limit.
+    RateLimited { info: RateInfo, retry_after_secs: u64 },
+    /// The reservation would exceed the organization's budget.
+    BudgetExceeded { limit: f64, remaining: f64, reset_at: Option<SystemTime> },
+    /// The reservation would exceed a quota (`kind`: requests or tokens).
+    QuotaExceeded { kind: &'static str, limit: u64, remaining: u64, reset_at: Option<SystemTime> },
+    /// Redis is down and `RATE_LIMIT_FAILURE_MODE=closed`.
+    LimiterUnavailable,
+    /// The budget service is unreachable and `BUDGET_SERVICE_FAILURE_MODE=closed`.
+    BudgetServiceUnavailable,
+}
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitError::RateLimited { retry_after_secs, .. } => {
+                write!(f, "rate limit exceeded for this organization; retry after {retry_after_secs} s")
+            }
+            LimitError::BudgetExceeded { limit, remaining, .. } => {
+                write!(f, "budget exceeded: {remaining} of {limit} remaining in this period")
+            }
+            LimitError::QuotaExceeded { kind, limit, remaining, .. } => {
+                write!(f, "{kind} quota exceeded: {remaining} of {limit} remaining in this period")
+            }
+            LimitError::LimiterUnavailable => {
+                f.write_str("rate limiting is unavailable (Redis is down and RATE_LIMIT_FAILURE_MODE=closed)")
+            }
+            LimitError::BudgetServiceUnavailable => {
+                f.write_str("the budget service is unavailable (BUDGET_SERVICE_FAILURE_MODE=closed)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+/// What one request must pass, resolved from settings and the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// (interval in µs, burst)
+    pub rate: Option<(u64, u32)>,
+    /// (limit in micros, period)
+    pub budget: Option<(i64, Period)>,
+    pub quota_requests: Option<i64>,
+    pub quota_tokens: Option<i64>,
+    pub quota_period: Period,
+    /// The reservation: estimated cost in micros, and tokens.
+    pub cost_micros: i64,
+    pub tokens: i64,
+}
+
+impl Plan {
+    fn needs_ledger(&self) -> bool {
+        self.budget.is_some() || self.quota_requests.is_some() || self.quota_tokens.is_some()
+    }
+}
+
+/// The key names of one request's counters (Redis keys, local ledger keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub rate: String,
+    pub spend: String,
+    pub requests: String,
+    pub tokens: String,
+    pub reservation: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, org: &str, request_id: &str, plan: &Plan, now: SystemTime) -> Self {
+        let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
+        let qp = plan.quota_period.key(now);
+        Keys {
+            rate: format!("{prefix}rl:{org}"),
+            spend: format!("{prefix}spend:{org}:{bp}"),
+            requests: format!("{prefix}qreq:{org}:{qp}"),
+            tokens: format!("{prefix}qtok:{org}:{qp}"),
+            reservation: format!("{prefix}res:{org}:{request_id}"),
+        }
+    }
+}
+
+/// What a reservation holds against each counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub budget: bool,
+    pub cost: i64,
+    pub requests: i64,
+    pub token_quota: bool,
+    pub tokens: i64,
+}
+
+impl Held {
+    pub fn for_plan(plan: &Plan) -> Self {
+        let budget = plan.budget.is_some();
+        let token_quota = plan.quota_tokens.is_some();
+        Held {
+            budget,
+            cost: if budget { plan.cost_micros } else { 0 },
+            requests: i64::from(plan.quota_requests.is_some()),
+            token_quota,
+            tokens: if token_quota { plan.tokens } else { 0 },
+        }
+    }
+}
+
+/// The outcome of a check against a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed { rate: Option<RateInfo> },
+    RateLimited { retry_after_us: u64, info: RateInfo },
+    Budget { spent: i64 },
+    QuotaRequests { used: i64 },
+    QuotaTokens { used: i64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Local,
+    Redis,
+    Service,
+}
+
+/// Held for one admitted request until it is settled or released.
+#[derive(Debug, Clone)]
+#[must_use = "a reservation must be settled or released with Limits::finish"]
+pub struct Reservation {
+    org: Arc<str>,
+    request_id: Arc<str>,
+    keys: Keys,
+    price: Option<Price>,
+    store: Store,
+}
+
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// For the `RateLimit-*` headers.
+    pub rate: Option<RateInfo>,
+    pub reservation: Option<Reservation>,
+}
+
+/// A settlement (`actual = Some((cost, tokens))`) or release (`None`).
+struct Settlement {
+    reservation: Reservation,
+    actual: Option<(i64, i64)>,
+}
+
+/// The most settlements waiting for a store that is down.
+const SETTLE_QUEUE: usize = 100_000;
+
+pub struct Limits {
+    settings: LimitSettings,
+    local_rate: gcra::LocalLimiter,
+    ledger: Arc<local::Ledger>,
+    redis: Option<Arc<redis::RedisLimits>>,
+    service: Option<budget_service::BudgetService>,
+    metrics: Metrics,
+    settle_tx: mpsc::Sender<Settlement>,
+    settle_rx: std::sync::Mutex<Option<mpsc::Receiver<Settlement>>>,
+}
+
+/// What the request brings to the admission check.
+pub struct AdmitRequest<'a> {
+    pub org: &'a Arc<str>,
+    pub request_id: &'a Arc<str>,
+    pub model: &'a str,
+    pub limits: Option<OrgLimits>,
+    pub price: Option<Price>,
+}
+
+impl Limits {
+    pub fn new(
+        settings: LimitSettings,
+        ledger: Arc<local::Ledger>,
+        redis: Option<Arc<redis::RedisLimits>>,
+        transport: std::sync::Arc<dyn router_providers::transport::Transport>,
+        metrics: Metrics,
+    ) -> Self {
+        let service = settings.budget_service.clone().map(|s| budget_service::BudgetService::new(s, transport.clone()));
+        let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
+        Self {
+            settings,
+            local_rate: gcra::LocalLimiter::default(),
+            ledger,
+            redis,
+            service,
+            metrics,
+            settle_tx,
+            settle_rx: std::sync::Mutex::new(Some(settle_rx)),
+        }
+    }
+
+    pub fn settings(&self) -> &LimitSettings {
+        &self.settings
+    }
+
+    pub fn redis(&self) -> Option<&Arc<redis::RedisLimits>> {
+        self.redis.as_ref()
+    }
+
+    pub fn service(&self) -> Option<&budget_service::BudgetService> {
+        self.service.as_ref()
+    }
+
+    pub fn ledger(&self) -> &Arc<local::Ledger> {
+        &self.ledger
+    }
+
+    fn plan(&self, req: &AdmitRequest<'_>) -> Plan {
+        let limits = req.limits.unwrap_or_default();
+        let rate = limits
+            .rate_limit
+            .or(self.settings.default_rate)
+            .map(|r| (gcra::interval_us(r.requests_per_second), r.burst));
+        let estimate = req.price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost);
+        Plan {
+            rate,
+            budget: limits.budget.map(|b| ((b.amount * MICROS).round() as i64, b.period)),
+            quota_requests: limits.quota.and_then(|q| q.requests).map(|n| n as i64),
+            quota_tokens: limits.quota.and_then(|q| q.tokens).map(|n| n as i64),
+            quota_period: limits.quota.map(|q| q.period).unwrap_or(Period::Total),
+            cost_micros: (estimate * MICROS).round() as i64,
+            tokens: self.settings.estimated_tokens as i64,
+        }
+    }
+
+    /// The admission check. `Ok` carries what to settle later.
+    pub async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, LimitError> {
+        let plan = self.plan(req);
+        if plan.rate.is_none() && !plan.needs_ledger() {
+            return Ok(Admission::default());
+        }
+        let now = SystemTime::now();
+        let keys = Keys::new(self.prefix(), req.org, req.request_id, &plan, now);
+        let reservation = |store| self.reservation(req, &keys, store);
+
+        // Budget service: rate limit here, budget and quota there.
+        if let Some(service) = &self.service {
+            let rate_only = Plan { budget: None, quota_requests: None, quota_tokens: None, ..plan };
+            let rate = match self.check_shared(&keys, &rate_only, now, req).await?.0 {
+                Decision::Allowed { rate } => rate,
+                other => return Err(self.deny(other, &plan, req, now)),
+            };
+            if !plan.needs_ledger() {
+                return Ok(Admission { rate, reservation: None });
+            }
+            return match service.reserve(req, &plan, &self.metrics).await? {
+                None => Ok(Admission { rate, reservation: Some(reservation(Store::Service)) }),
+                Some(denial) => Err(denial),
+            };
+        }
+
+        match self.check_shared(&keys, &plan, now, req).await? {
+            (Decision::Allowed { rate }, store) => {
+                let reservation = store.filter(|_| plan.needs_ledger()).map(reservation);
+                Ok(Admission { rate, reservation })
+            }
+            (other, _) => Err(self.deny(other, &plan, req, now)),
+        }
+    }
+
+    fn reservation(&self, req: &AdmitRequest<'_>, keys: &Keys, store: Store) -> Reservation {
+        Reservation {
+            org: req.org.clone(),
+            request_id: req.request_id.clone(),
+            keys: keys.clone(),
+            price: req.price,
+            store,
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        if self.redis.is_some() { &self.settings.redis_prefix } else { "" }
+    }
+
+    /// Rate limit plus (without a budget service) budget and quota, against
+    /// Redis if configured, else in process. Also says which store holds the
+    /// reservation: none when Redis was down and the failure mode applied.
+    async fn check_shared(
+        &self,
+        keys: &Keys,
+        plan: &Plan,
+        now: SystemTime,
+        req: &AdmitRequest<'_>,
+    ) -> Result<(Decision, Option<Store>), LimitError> {
+        let Some(redis) = &self.redis else {
+            return Ok((self.check_local(keys, plan, now), Some(Store::Local)));
+        };
+        match redis.admit(keys, plan, now).await {
+            Ok(d) => Ok((d, Some(Store::Redis))),
+            Err(e) => {
+                // The script may still have run (a timeout is not a refusal):
+                // release whatever it might have reserved; a no-op otherwise.
+                if plan.needs_ledger() {
+                    self.enqueue(Settlement { reservation: self.reservation(req, keys, Store::Redis), actual: None });
+                }
+                let mode = self.settings.failure_mode;
+                tracing::warn!(error = %e, mode = mode.as_str(), organization_id = %req.org, "Redis unavailable for limits; using the failure mode");
+                let outcome = match mode {
+                    FailureMode::Closed => {
+                        self.metrics.limits_degraded.with_label_values(&[mode.as_str(), "refused"]).inc();
+                        return Err(LimitError::LimiterUnavailable);
+                    }
+                    FailureMode::Open => Decision::Allowed { rate: None },
+                    FailureMode::Local => match plan.rate {
+                        Some((interval, burst)) => self.rate_local(keys, interval, burst),
+                        None => Decision::Allowed { rate: None },
+                    },
+                };
+                let label = if matches!(outcome, Decision::Allowed { .. }) { "allowed" } else { "denied" };
+                self.metrics.limits_degraded.with_label_values(&[mode.as_str(), label]).inc();
+                Ok((outcome, None))
+            }
+        }
+    }
+
+    fn rate_local(&self, keys: &Keys, interval: u64, burst: u32) -> Decision {
+        match self.local_rate.check(&keys.rate, gcra::now_us(), interval, burst) {
+            Gcra::Allowed { info, .. } => Decision::Allowed { rate: Some(info) },
+            Gcra::Denied { retry_after_us, info } => Decision::RateLimited { retry_after_us, info },
+        }
+    }
+
+    fn check_local(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Decision {
+        let rate = match plan.rate {
+            Some((interval, burst)) => match self.rate_local(keys, interval, burst) {
+                Decision::Allowed { rate } => rate,
+                denied => return denied,
+            },
+            None => None,
+        };
+        if !plan.needs_ledger() {
+            return Decision::Allowed { rate };
+        }
+        match self.ledger.reserve(keys, plan, now) {
+            Decision::Allowed { .. } => Decision::Allowed { rate },
+            denied => denied,
+        }
+    }
+
+    fn deny(&self, decision: Decision, plan: &Plan, req: &AdmitRequest<'_>, now: SystemTime) -> LimitError {
+        let org = &**req.org;
+        match decision {
+            Decision::RateLimited { retry_after_us, info } => {
+                self.metrics.rate_limit_denials.with_label_values(&[org]).inc();
+                LimitError::RateLimited { info, retry_after_secs: retry_after_us.div_ceil(1_000_000).max(1) }
+            }
+            Decision::Budget { spent } => {
+                self.metrics.budget_denials.with_label_values(&[org]).inc();
+                let (limit, period) = plan.budget.unwrap_or((0, Period::Total));
+                LimitError::BudgetExceeded {
+                    limit: limit as f64 / MICROS,
+                    remaining: (limit - spent).max(0) as f64 / MICROS,
+                    reset_at: period.reset_at(now),
+                }
+            }
+            Decision::QuotaRequests { used } | Decision::QuotaTokens { used } => {
+                self.metrics.quota_denials.with_label_values(&[org]).inc();
+                let (kind, limit) = match decision {
+                    Decision::QuotaRequests { .. } => ("requests", plan.quota_requests.unwrap_or(0)),
+                    _ => ("tokens", plan.quota_tokens.unwrap_or(0)),
+                };
+                LimitError::QuotaExceeded {
+                    kind,
+                    limit: limit.max(0) as u64,
+                    remaining: (limit - used).max(0) as u64,
+                    reset_at: plan.quota_period.reset_at(now),
+                }
+            }
+            // Callers pass denials only; were an allowance passed, refusing
+            // is the safe answer.
+            Decision::Allowed { .. } => LimitError::LimiterUnavailable,
+        }
+    }
+
+    /// Settles a reservation to the actual usage (`Some`) or releases it
+    /// (`None`). Never waits: the settler task applies it.
+    pub fn finish(&self, reservation: Reservation, usage: Option<Option<Usage>>) {
+        let actual = usage.map(|u| {
+            let cost = self.cost(reservation.price, u);
+            let tokens = u.map(|u| u.total()).unwrap_or(0);
+            ((cost * MICROS).round() as i64, tokens as i64)
+        });
+        self.enqueue(Settlement { reservation, actual });
+    }
+
+    /// The cost of a request: reported usage at the model's price, or the
+    /// flat `request_cost` (default `BUDGET_DEFAULT_REQUEST_COST`).
+    pub fn cost(&self, price: Option<Price>, usage: Option<Usage>) -> f64 {
+        match (usage, price) {
+            (Some(u), Some(p)) if u.prompt_tokens + u.completion_tokens > 0 => {
+                (u.prompt_tokens as f64 * p.input_per_1k + u.completion_tokens as f64 * p.output_per_1k) / 1000.0
+            }
+            _ => price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost),
+        }
+    }
+
+    fn enqueue(&self, settlement: Settlement) {
+        if let Err(e) = self.settle_tx.try_send(settlement) {
+            self.metrics.settlements.with_label_values(&["dropped"]).inc();
+            let s = match e {
+                mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
+            };
+            tracing::error!(request_id = %s.reservation.request_id, organization_id = %s.reservation.org, "settlement queue full; settlement dropped");
+        }
+    }
+
+    async fn apply(&self, s: &Settlement) -> Result<(), String> {
+        match s.reservation.store {
+            Store::Local => {
+                self.ledger.finish(&s.reservation.keys, s.actual);
+                Ok(())
+            }
+            Store::Redis => match &self.redis {
+                Some(r) => r.finish(&s.reservation.keys, s.actual).await,
+                None => Ok(()),
+            },
+            Store::Service => match &self.service {
+                Some(svc) => svc.settle(&s.reservation.org, &s.reservation.request_id, s.actual).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// The settler: applies settlements in order, retrying each with backoff
+    /// until it lands. On cancel it drains what is queued, trying each once.
+    pub async fn run_settler(self: Arc<Self>, cancel: CancellationToken) {
+        let Some(mut rx) = self.settle_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        loop {
+            let s = tokio::select! {
+                biased;
+                s = rx.recv() => match s { Some(s) => s, None => return },
+                _ = cancel.cancelled() => break,
+            };
+            let mut backoff = crate::util::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            loop {
+                match self.apply(&s).await {
+                    Ok(()) => {
+                        self.metrics.settlements.with_label_values(&["applied"]).inc();
+                        break;
+                    }
+                    Err(e) => {
+                        self.metrics.settlements.with_label_values(&["retried"]).inc();
+                        tracing::warn!(error = %e, request_id = %s.reservation.request_id, "settlement failed; will retry");
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                }
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+        }
+        rx.close();
+        let mut lost = 0u64;
+        while let Ok(s) = rx.try_recv() {
+            if self.apply(&s).await.is_err() {
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            self.metrics.settlements.with_label_values(&["dropped"]).inc_by(lost);
+            tracing::error!(count = lost, "settlements could not be applied before shutdown");
+        }
+    }
+
+    /// Current spend and quota use of an organization.
+    pub async fn usage(&self, org: &str, limits: Option<OrgLimits>) -> Result<serde_json::Value, LimitError> {
+        let now = SystemTime::now();
+        let req_id: Arc<str> = Arc::from("");
+        let org_arc: Arc<str> = Arc::from(org);
+        let plan = self.plan(&AdmitRequest { org: &org_arc, request_id: &req_id, model: "", limits, price: None });
+        let keys = Keys::new(self.prefix(), org, "", &plan, now);
+        let (spend, requests, tokens) = if let Some(svc) = &self.service {
+            return svc.usage(org).await;
+        } else if let Some(r) = &self.redis {
+            r.counters(&keys).await.map_err(|_| LimitError::LimiterUnavailable)?
+        } else {
+            (self.ledger.get(&keys.spend), self.ledger.get(&keys.requests), self.ledger.get(&keys.tokens))
+        };
+        let time = |t: Option<SystemTime>| t.map(crate::util::rfc3339);
+        let limits = limits.unwrap_or_default();
+        Ok(serde_json::json!({
+            "organization_id": org,
+            "budget": limits.budget.map(|b| serde_json::json!({
+                "period": b.period,
+                "limit": b.amount,
+                "spent": spend as f64 / MICROS,
+                "remaining": (b.amount - spend as f64 / MICROS).max(0.0),
+                "reset_at": time(b.period.reset_at(now)),
+            })),
+            "quota": limits.quota.map(|q| serde_json::json!({
+                "period": q.period,
+                "requests_limit": q.requests,
+                "requests_used": requests,
+                "tokens_limit": q.tokens,
+                "tokens_used": tokens,
+                "reset_at": time(q.period.reset_at(now)),
+            })),
+            "rate_limit": limits.rate_limit.or(self.settings.default_rate),
+            "source": if self.redis.is_some() { "redis" } else { "local" },
+        }))
+    }
+}

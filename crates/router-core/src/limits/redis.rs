@@ -1,0 +1,281 @@
+//! Limits in Redis: one Lua script per admission (rate limit, budget and quota
+//! checked and reserved together, in one round trip) and one per settlement.
+//!
+//! The connection is redis-rs's `ConnectionManager`: async, multiplexed, and
+//! reconnecting by itself. Every call is bounded by `REDIS_TIMEOUT_MS`
+//! (default 20 ms); a call that fails or times out marks Redis unhealthy and
+//! the caller applies the failure mode. A pinger checks Redis every second,
+//! so that a recovered Redis is noticed (and reconnected) within a couple of
+//! seconds even without traffic. All keys expire by themselves: the rate key
+//! when its bucket is full again, period counters a day after their period,
+//! reservations after `RESERVATION_TTL`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+use tokio_util::sync::CancellationToken;
+
+use super::gcra::RateInfo;
+use super::{Decision, Held, Keys, Plan};
+use crate::metrics::Metrics;
+use crate::readiness::Healthy;
+
+/// How long a reservation may stay unsettled before Redis forgets it (its
+/// amount then stays counted: the safe direction).
+const RESERVATION_TTL_SECS: u64 = 3600;
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// KEYS: rate, spend, requests, tokens, reservation.
+/// ARGV: interval_us (0: no rate limit), burst, budget limit (-1: none), cost,
+///       request quota (-1), token quota (-1), tokens, budget ttl, quota ttl
+///       (0: never), reservation ttl.
+/// Returns {code, a, b}: 0 allowed (a remaining, b reset µs; a = -1 when the
+/// reservation already existed), 1 rate limited (a retry-after µs, b reset µs),
+/// 2 budget (a spent), 3 request quota (a used), 4 token quota (a used).
+const ADMIT: &str = r#"
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -1, 0} end
+local now, new_tat, remaining, reset = 0, 0, -1, 0
+if interval > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local v = redis.call('GET', KEYS[1])
+  local tat = now
+  if v then tat = math.max(tonumber(v), now) end
+  new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if now < allow_at then return {1, allow_at - now, tat - now} end
+  remaining = math.min(math.floor((now - allow_at) / interval), burst)
+  reset = new_tat - now
+end
+local function get(k) local v = redis.call('GET', k); if v then return tonumber(v) end; return 0 end
+local budget, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+if budget >= 0 then
+  local spent = get(KEYS[2])
+  if spent + cost > budget then return {2, spent, 0} end
+end
+local rq = tonumber(ARGV[5])
+if rq >= 0 then
+  local used = get(KEYS[3])
+  if used + 1 > rq then return {3, used, 0} end
+end
+local tq, tokens = tonumber(ARGV[6]), tonumber(ARGV[7])
+if tq >= 0 then
+  local used = get(KEYS[4])
+  if used >= tq or used + tokens > tq then return {4, used, 0} end
+end
+if interval > 0 then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
+local bttl, qttl = tonumber(ARGV[8]), tonumber(ARGV[9])
+local function add(k, by, ttl)
+  redis.call('INCRBY', k, by)
+  if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+end
+local held = false
+if budget >= 0 then add(KEYS[2], cost, bttl); held = true end
+if rq >= 0 then add(KEYS[3], 1, qttl); held = true end
+if tq >= 0 then add(KEYS[4], tokens, qttl); held = true end
+if held then
+  redis.call('HSET', KEYS[5], 'b', budget >= 0 and 1 or 0, 'c', budget >= 0 and cost or 0,
+    'r', rq >= 0 and 1 or 0, 'tq', tq >= 0 and 1 or 0, 't', tq >= 0 and tokens or 0)
+  redis.call('EXPIRE', KEYS[5], ARGV[10])
+end
+return {0, remaining, reset}
+"#;
+
+/// KEYS: spend, requests, tokens, reservation. ARGV: release (1/0), cost, tokens.
+/// Returns 1 if applied, 0 if the reservation was already settled or unknown.
+const FINISH: &str = r#"
+local h = redis.call('HMGET', KEYS[4], 'b', 'c', 'r', 'tq', 't')
+if not h[1] then return 0 end
+local b, c, r, tq, t = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
+if ARGV[1] == '1' then
+  if b == 1 then redis.call('INCRBY', KEYS[1], -c) end
+  if r == 1 then redis.call('INCRBY', KEYS[2], -1) end
+  if tq == 1 then redis.call('INCRBY', KEYS[3], -t) end
+else
+  if b == 1 then redis.call('INCRBY', KEYS[1], tonumber(ARGV[2]) - c) end
+  if tq == 1 then redis.call('INCRBY', KEYS[3], tonumber(ARGV[3]) - t) end
+end
+redis.call('DEL', KEYS[4])
+return 1
+"#;
+
+pub struct RedisLimits {
+    conn: ConnectionManager,
+    admit: Script,
+    finish: Script,
+    timeout: Duration,
+    healthy: AtomicBool,
+    metrics: Metrics,
+}
+
+impl RedisLimits {
+    /// Creates the manager without waiting for Redis; `connect` then tries.
+    pub fn new(url: &str, timeout: Duration, metrics: Metrics) -> Result<Self, String> {
+        let client = Client::open(url).map_err(|e| e.to_string())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        Ok(Self {
+            conn,
+            admit: Script::new(ADMIT),
+            finish: Script::new(FINISH),
+            timeout,
+            healthy: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// One PING, with a longer timeout than the request path's.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        match tokio::time::timeout(timeout, cmd.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    fn failed(&self, op: &str, e: &str) -> String {
+        self.metrics.redis_errors.with_label_values(&[op]).inc();
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %e, "Redis unavailable: limits use RATE_LIMIT_FAILURE_MODE until it is back");
+        }
+        format!("redis {op}: {e}")
+    }
+
+    /// Pings once at start-up; on success Redis is healthy from the start.
+    pub async fn connect(&self) -> Result<(), String> {
+        self.ping(Duration::from_secs(2)).await?;
+        self.healthy.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub async fn admit(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Result<Decision, String> {
+        // While Redis is known to be down, do not wait on it at all: the
+        // pinger notices when it is back.
+        if !self.is_healthy() {
+            return Err("redis is unhealthy; waiting for the health check".into());
+        }
+        let held = Held::for_plan(plan);
+        let (interval, burst) = plan.rate.unwrap_or((0, 0));
+        let ttl = |p: Option<super::period::Period>| p.and_then(|p| p.ttl_secs(now)).unwrap_or(0);
+        let mut inv = self.admit.prepare_invoke();
+        inv.key(&keys.rate).key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
+        inv.arg(interval)
+            .arg(burst)
+            .arg(plan.budget.map(|(l, _)| l).unwrap_or(-1))
+            .arg(held.cost)
+            .arg(plan.quota_requests.unwrap_or(-1))
+            .arg(plan.quota_tokens.unwrap_or(-1))
+            .arg(held.tokens)
+            .arg(ttl(plan.budget.map(|(_, p)| p)))
+            .arg(ttl(Some(plan.quota_period)))
+            .arg(RESERVATION_TTL_SECS);
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
+            // Slow, not necessarily down: down for this request only. The
+            // pinger decides whether Redis as a whole is unhealthy.
+            Err(_) => {
+                self.metrics.redis_errors.with_label_values(&["admit_timeout"]).inc();
+                return Err(format!("redis admit: no answer within {:?}", self.timeout));
+            }
+        };
+        let (code, a, b) = (
+            reply.first().copied().unwrap_or(-1),
+            reply.get(1).copied().unwrap_or(0),
+            reply.get(2).copied().unwrap_or(0),
+        );
+        let secs = |us: i64| (us.max(0) as u64).div_ceil(1_000_000);
+        Ok(match code {
+            0 => Decision::Allowed {
+                rate: (interval > 0 && a >= 0).then(|| RateInfo {
+                    limit: burst,
+                    remaining: a as u32,
+                    reset_secs: secs(b),
+                }),
+            },
+            1 => Decision::RateLimited {
+                retry_after_us: a.max(0) as u64,
+                info: RateInfo { limit: burst, remaining: 0, reset_secs: secs(b) },
+            },
+            2 => Decision::Budget { spent: a },
+            3 => Decision::QuotaRequests { used: a },
+            4 => Decision::QuotaTokens { used: a },
+            other => return Err(self.failed("admit", &format!("unexpected reply code {other}"))),
+        })
+    }
+
+    pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
+        let mut inv = self.finish.prepare_invoke();
+        inv.key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
+        let (cost, tokens) = actual.unwrap_or((0, 0));
+        inv.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
+        let mut conn = self.conn.clone();
+        // Off the request path: allow more time than an admission.
+        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), inv.invoke_async::<i64>(&mut conn))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.failed("settle", &e.to_string())),
+            Err(_) => Err(self.failed("settle", "timed out")),
+        }
+    }
+
+    /// (spend, requests, tokens) of the current period, in one MGET.
+    pub async fn counters(&self, keys: &Keys) -> Result<(i64, i64, i64), String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&keys.spend).arg(&keys.requests).arg(&keys.tokens);
+        let values: Vec<Option<i64>> =
+            match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
+                Err(_) => return Err(self.failed("usage", "timed out")),
+            };
+        let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        Ok((v(0), v(1), v(2)))
+    }
+
+    /// Pings every second; flips the health flag and logs transitions.
+    pub async fn run_health(self: std::sync::Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let ok = self.ping(Duration::from_millis(250)).await;
+            match ok {
+                Ok(()) => {
+                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!("Redis connection healthy: shared limits enforced");
+                    }
+                }
+                Err(e) => {
+                    let _ = self.failed("ping", &e);
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PING_EVERY) => {}
+            }
+        }
+    }
+}
+
+impl Healthy for RedisLimits {
+    fn is_healthy(&self) -> bool {
+        RedisLimits::is_healthy(self)
+    }
+}

@@ -1,0 +1,476 @@
+//! The durable usage buffer: a write-ahead log of usage records under
+//! `DATA_DIR/usage-buffer`, from which the publisher delivers to Kafka.
+//!
+//! # On-disk format
+//!
+//! - Segment files `seg-{first_seq:020}.log`, appended in order, rotated at
+//!   `SEGMENT_BYTES`. Each entry is
+//!   `MAGIC (4) | len (u32 LE) | crc32 (u32 LE) | seq (u64 LE) | key_len (u16 LE) | key | payload`,
+//!   where `len` counts everything after the crc and the crc covers those same
+//!   bytes. `key` is the record's `request_id` (the Kafka message key) and
+//!   `payload` its JSON.
+//! - `cursor`: the *watermark*, the lowest sequence number not yet delivered,
+//!   as decimal text, replaced atomically (write, fsync, rename).
+//!
+//! # Invariants
+//!
+//! 1. A record is in the file (handed to the OS by `write`) before
+//!    [`Buffer::append`] returns, and the request that produced it is answered
+//!    only after that. So killing the process cannot lose an answered record.
+//! 2. The watermark only moves forward, and only over records whose delivery
+//!    the broker confirmed ([`Buffer::ack`]). Acks above the watermark are
+//!    held in memory until the records below them are acked too.
+//! 3. Data is deleted only when a whole segment lies below the persisted
+//!    watermark. Nothing else deletes.
+//!
+//! # What each failure costs
+//!
+//! - **Process killed** (SIGKILL, panic, OOM): nothing appended is lost.
+//!   Records delivered since the last cursor write (at most ~200 ms of
+//!   deliveries) are delivered again after restart: duplicates with the same
+//!   Kafka key (`request_id`), which consumers drop. Never a loss.
+//! - **Power loss / kernel crash**: depends on `USAGE_BUFFER_FSYNC`. `always`
+//!   fsyncs every group commit before answering: nothing answered is lost.
+//!   `interval` (default) fsyncs the active segment every
+//!   `USAGE_BUFFER_FSYNC_INTERVAL_MS`: at most that window is lost. `never`
+//!   leaves it to the OS (typically up to 30 s).
+//! - **A damaged file** (torn write, disk error): at open, every entry is
+//!   checked. Damaged bytes are skipped by scanning for the next entry whose
+//!   magic and crc are valid, so every intact record is recovered. The damaged
+//!   segment is moved aside as `*.damaged-{unix}` after its intact records are
+//!   rewritten into a fresh segment; the count is reported.
+//! - **Disk full / write error**: `append` fails; the caller refuses the
+//!   request (503) rather than answer without a durable record.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const MAGIC: [u8; 4] = [0xA5, 0x5A, 0xC3, 0x3C];
+/// magic + len + crc
+const HEADER: usize = 12;
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// The largest entry accepted when reading (a damaged length is not trusted).
+const MAX_ENTRY: usize = 16 << 20;
+
+#[derive(Debug)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    file: File,
+    /// Byte offset of each entry, by `seq - first_seq`.
+    offsets: Vec<u64>,
+    len: u64,
+}
+
+impl Segment {
+    fn last_seq(&self) -> Option<u64> {
+        (!self.offsets.is_empty()).then(|| self.first_seq + self.offsets.len() as u64 - 1)
+    }
+}
+
+/// What `open` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records waiting for delivery.
+    pub pending: u64,
+    /// Damaged byte ranges skipped.
+    pub damaged_ranges: u64,
+    pub damaged_bytes: u64,
+    /// Files moved aside.
+    pub set_aside: Vec<PathBuf>,
+}
+
+/// One record as stored: its sequence number, Kafka key and JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+pub struct Buffer {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    next_seq: u64,
+    watermark: u64,
+    persisted_watermark: u64,
+    acked: BTreeSet<u64>,
+    /// (seq, append time in unix ms) of records below `next_seq` and at or
+    /// above the watermark, oldest first.
+    times: VecDeque<(u64, u64)>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn encode(seq: u64, key: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+    let key = &key[..key.len().min(u16::MAX as usize)];
+    let body_len = 8 + 2 + key.len() + payload.len();
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Parses the entry at `pos`, if it is intact.
+fn decode(bytes: &[u8], pos: usize) -> Option<(Entry, usize)> {
+    let header = bytes.get(pos..pos + HEADER)?;
+    if header[..4] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
+    if !(10..=MAX_ENTRY).contains(&len) {
+        return None;
+    }
+    let crc = u32::from_le_bytes(header[8..12].try_into().ok()?);
+    let body = bytes.get(pos + HEADER..pos + HEADER + len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(body[..8].try_into().ok()?);
+    let key_len = u16::from_le_bytes(body[8..10].try_into().ok()?) as usize;
+    let key = body.get(10..10 + key_len)?.to_vec();
+    let payload = body.get(10 + key_len..)?.to_vec();
+    Some((Entry { seq, key, payload }, HEADER + len))
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("seg-{first_seq:020}.log"))
+}
+
+impl Buffer {
+    /// Opens the buffer in `dir`, recovering every intact record.
+    pub fn open(dir: &Path) -> io::Result<(Self, Recovery)> {
+        std::fs::create_dir_all(dir)?;
+        let watermark = match std::fs::read_to_string(dir.join("cursor")) {
+            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
+            })
+            .collect();
+        names.sort();
+
+        let mut recovery = Recovery::default();
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut damaged_files = Vec::new();
+        let mut clean_segments = Vec::new();
+        for path in names {
+            let bytes = std::fs::read(&path)?;
+            let (found, damaged_ranges, damaged_bytes) = scan(&bytes);
+            if damaged_ranges > 0 {
+                recovery.damaged_ranges += damaged_ranges;
+                recovery.damaged_bytes += damaged_bytes;
+                damaged_files.push(path);
+                entries.extend(found.into_iter().filter(|e| e.seq >= watermark));
+            } else {
+                clean_segments.push((path, found));
+            }
+        }
+
+        let mut buffer = Buffer {
+            dir: dir.to_path_buf(),
+            segments: Vec::new(),
+            next_seq: watermark,
+            watermark,
+            persisted_watermark: watermark,
+            acked: BTreeSet::new(),
+            times: VecDeque::new(),
+        };
+        let now = unix_ms();
+        for (path, found) in clean_segments {
+            let first_seq = found.first().map(|e| e.seq);
+            let Some(first_seq) = first_seq else {
+                std::fs::remove_file(&path)?;
+                continue;
+            };
+            let last = found.last().map(|e| e.seq).unwrap_or(first_seq);
+            if last < watermark {
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            let mut offsets = Vec::with_capacity(found.len());
+            let mut pos = 0u64;
+            let mut expect = first_seq;
+            for e in &found {
+                if e.seq != expect {
+                    break;
+                }
+                offsets.push(pos);
+                pos += (HEADER + 10 + e.key.len() + e.payload.len()) as u64;
+                expect += 1;
+            }
+            let file = OpenOptions::new().read(true).append(true).open(&path)?;
+            let len = file.metadata()?.len();
+            for e in &found[..offsets.len()] {
+                if e.seq >= watermark {
+                    buffer.times.push_back((e.seq, record_time(&e.payload).unwrap_or(now)));
+                }
+            }
+            buffer.next_seq = buffer.next_seq.max(expect);
+            buffer.segments.push(Segment { first_seq, path, file, offsets, len });
+        }
+        // Intact records from damaged files: the files are moved aside first,
+        // then their records are appended to a fresh segment, in order.
+        if !damaged_files.is_empty() {
+            let stamp = now / 1000;
+            for path in damaged_files {
+                let aside = path.with_extension(format!("log.damaged-{stamp}"));
+                std::fs::rename(&path, &aside)?;
+                recovery.set_aside.push(aside);
+            }
+            entries.sort_by_key(|e| e.seq);
+            entries.dedup_by_key(|e| e.seq);
+            let start = buffer.next_seq;
+            for e in &entries {
+                // Renumbered after everything intact, so sequence order stays
+                // append order.
+                buffer.append_raw(&e.key, &e.payload, record_time(&e.payload).unwrap_or(now))?;
+            }
+            if !entries.is_empty() {
+                tracing::warn!(
+                    recovered = entries.len(),
+                    first_seq = start,
+                    "recovered intact usage records from a damaged buffer segment"
+                );
+            }
+        }
+        buffer.forget_missing();
+        recovery.pending = buffer.pending();
+        Ok((buffer, recovery))
+    }
+
+    /// Sequence numbers between the watermark and the end that no segment
+    /// holds (their file was set aside) count as done, so the watermark can
+    /// pass them.
+    fn forget_missing(&mut self) {
+        let mut missing = Vec::new();
+        let mut seq = self.watermark;
+        for seg in &self.segments {
+            while seq < seg.first_seq.min(self.next_seq) {
+                missing.push(seq);
+                seq += 1;
+            }
+            seq = seq.max(seg.first_seq + seg.offsets.len() as u64);
+        }
+        while seq < self.next_seq {
+            missing.push(seq);
+            seq += 1;
+        }
+        for s in missing {
+            self.ack(s);
+        }
+        let wm = self.watermark;
+        self.times.retain(|(s, _)| *s >= wm);
+    }
+
+    fn active(&mut self) -> io::Result<&mut Segment> {
+        let rotate = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
+        if rotate {
+            let path = segment_path(&self.dir, self.next_seq);
+            let file = OpenOptions::new().read(true).append(true).create(true).open(&path)?;
+            self.segments.push(Segment { first_seq: self.next_seq, path, file, offsets: Vec::new(), len: 0 });
+        }
+        // Just ensured non-empty.
+        self.segments.last_mut().ok_or_else(|| io::Error::other("no active segment"))
+    }
+
+    fn append_raw(&mut self, key: &[u8], payload: &[u8], time_ms: u64) -> io::Result<u64> {
+        let mut buf = Vec::with_capacity(HEADER + 10 + key.len() + payload.len());
+        let seq = self.next_seq;
+        encode(seq, key, payload, &mut buf);
+        let seg = self.active()?;
+        seg.file.write_all(&buf)?;
+        seg.offsets.push(seg.len);
+        seg.len += buf.len() as u64;
+        self.next_seq += 1;
+        self.times.push_back((seq, time_ms));
+        Ok(seq)
+    }
+
+    /// Appends records with one `write` (group commit). Returns the first
+    /// sequence number; the records are numbered consecutively.
+    pub fn append(&mut self, records: &[(&[u8], &[u8])]) -> io::Result<u64> {
+        let first = self.next_seq;
+        let mut buf = Vec::with_capacity(records.iter().map(|(k, p)| HEADER + 10 + k.len() + p.len()).sum());
+        let mut lens = Vec::with_capacity(records.len());
+        for (i, (key, payload)) in records.iter().enumerate() {
+            let before = buf.len();
+            encode(first + i as u64, key, payload, &mut buf);
+            lens.push((buf.len() - before) as u64);
+        }
+        let seg = self.active()?;
+        if let Err(e) = seg.file.write_all(&buf) {
+            // A partial write leaves a torn entry at the end; the next open
+            // skips it. Make sure nothing after it is appended to this file.
+            seg.len = u64::MAX;
+            return Err(e);
+        }
+        let mut pos = seg.len;
+        for l in lens {
+            seg.offsets.push(pos);
+            pos += l;
+        }
+        seg.len = pos;
+        self.next_seq += records.len() as u64;
+        let now = unix_ms();
+        self.times.extend((first..self.next_seq).map(|s| (s, now)));
+        Ok(first)
+    }
+
+    /// fsyncs the active segment.
+    pub fn sync(&self) -> io::Result<()> {
+        match self.segments.last() {
+            Some(s) => s.file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// A handle to fsync the active segment without holding the buffer.
+    pub fn active_file(&self) -> Option<File> {
+        self.segments.last().and_then(|s| s.file.try_clone().ok())
+    }
+
+    /// Up to `max` undelivered records from `from` on, in order.
+    pub fn read_from(&self, from: u64, max: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut seq = from.max(self.watermark);
+        while seq < self.next_seq && out.len() < max {
+            if self.acked.contains(&seq) {
+                seq += 1;
+                continue;
+            }
+            let Some(seg) = self.segments.iter().rev().find(|s| s.first_seq <= seq) else { break };
+            let Some(&offset) = seg.offsets.get((seq - seg.first_seq) as usize) else {
+                seq += 1;
+                continue;
+            };
+            let mut header = [0u8; HEADER];
+            seg.file.read_exact_at(&mut header, offset)?;
+            let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+            let mut bytes = vec![0u8; HEADER + len];
+            seg.file.read_exact_at(&mut bytes, offset)?;
+            match decode(&bytes, 0) {
+                Some((e, _)) if e.seq == seq => out.push(e),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("usage buffer entry {seq} is damaged"),
+                    ));
+                }
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// The broker confirmed delivery of `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        if seq < self.watermark || seq >= self.next_seq {
+            return;
+        }
+        self.acked.insert(seq);
+        while self.acked.remove(&self.watermark) {
+            self.watermark += 1;
+        }
+        while self.times.front().is_some_and(|(s, _)| *s < self.watermark || self.acked.contains(s)) {
+            self.times.pop_front();
+        }
+    }
+
+    /// Writes the watermark if it moved, then deletes segments wholly below it.
+    pub fn persist_cursor(&mut self) -> io::Result<()> {
+        if self.watermark == self.persisted_watermark {
+            return Ok(());
+        }
+        crate::util::write_atomically(&self.dir.join("cursor"), self.watermark.to_string().as_bytes())
+            .map_err(io::Error::other)?;
+        self.persisted_watermark = self.watermark;
+        let wm = self.watermark;
+        let active = self.segments.len().saturating_sub(1);
+        let mut i = 0;
+        while i < active {
+            if self.segments[i].last_seq().is_some_and(|l| l < wm) {
+                let seg = self.segments.remove(i);
+                std::fs::remove_file(&seg.path)?;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records appended and not yet delivered.
+    pub fn pending(&self) -> u64 {
+        self.next_seq - self.watermark - self.acked.len() as u64
+    }
+
+    pub fn watermark(&self) -> u64 {
+        self.watermark
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Unix ms when the oldest undelivered record was appended.
+    pub fn oldest_ms(&self) -> Option<u64> {
+        self.times.front().map(|(_, t)| *t)
+    }
+}
+
+/// Every intact entry, and the damaged ranges skipped (count, bytes).
+fn scan(bytes: &[u8]) -> (Vec<Entry>, u64, u64) {
+    let mut out = Vec::new();
+    let (mut ranges, mut damaged) = (0u64, 0u64);
+    let mut pos = 0;
+    while pos < bytes.len() {
+        match decode(bytes, pos) {
+            Some((e, n)) => {
+                out.push(e);
+                pos += n;
+            }
+            None => {
+                // Resynchronise on the next intact entry.
+                let start = pos;
+                pos += 1;
+                while pos < bytes.len() && decode(bytes, pos).is_none() {
+                    pos += 1;
+                }
+                ranges += 1;
+                damaged += (pos - start) as u64;
+            }
+        }
+    }
+    (out, ranges, damaged)
+}
+
+/// The record's own timestamp (unix ms), for the age metric after a restart.
+fn record_time(payload: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct T<'a> {
+        #[serde(borrow)]
+        timestamp: std::borrow::Cow<'a, str>,
+    }
+    let t: T<'_> = serde_json::from_slice(payload).ok()?;
+    let at = humantime::parse_rfc3339(&t.timestamp).ok()?;
+    Some(at.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,281 @@
+//! Usage records: one per admitted request, written ahead to the durable
+//! [`buffer`] before the client is answered, then published to Kafka by the
+//! [`publisher`] and deleted only after the broker confirms delivery.
+//!
+//! The request path's cost is one hop to the group-commit writer thread and
+//! back: concurrent requests share one `write` (and, with
+//! `USAGE_BUFFER_FSYNC=always`, one fsync). Publishing never delays or fails
+//! the response: the publisher works from the buffer, whatever Kafka is doing.
+//!
+//! Without `KAFKA_BROKERS` usage publishing is off (`kafka: not_configured`),
+//! nothing is written, and the usage stays in the audit record.
+
+pub mod buffer;
+pub mod publisher;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::routing::decisions::DecisionType;
+
+use self::buffer::Buffer;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a usage record could not be taken: the request must then not be
+/// answered as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    /// The buffer is at its cap (`USAGE_BUFFER_FULL_POLICY=reject`).
+    BufferFull,
+    /// The record could not be written ahead.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::BufferFull => {
+                f.write_str("the usage buffer is full (Kafka has been unreachable); retry later")
+            }
+            RecordError::Unavailable(e) => {
+                write!(f, "the usage record could not be stored ({e}); the request was not recorded, retry it")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+/// The published record. Its JSON schema is documented in
+/// `docs/usage-records.md`; the Kafka message key is `request_id`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageRecord {
+    pub schema_version: u32,
+    pub request_id: Arc<str>,
+    pub organization_id: Arc<str>,
+    pub model: Arc<str>,
+    pub backend_id: Option<Arc<str>>,
+    /// The decision type of the last attempt.
+    pub decision_type: Option<DecisionType>,
+    pub attempts: u32,
+    /// The HTTP status the client received (499: the client left a stream;
+    /// 502: a stream broke midway after a 200 head).
+    pub status: u16,
+    /// Why the request did not succeed, if it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    /// In the currency of the price table; `None` without a price.
+    pub cost: Option<f64>,
+    #[serde(serialize_with = "crate::util::serialize_time")]
+    pub timestamp: SystemTime,
+    pub router_instance_id: Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Never,
+    Interval(Duration),
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Refuse new inference requests with 503 `usage_buffer_full`.
+    Reject,
+    /// Serve them and drop their usage records (counted).
+    Bypass,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    pub brokers: Option<String>,
+    pub topic: String,
+    pub max_records: u64,
+    pub full_policy: FullPolicy,
+    pub fsync: Fsync,
+}
+
+struct Append {
+    key: Arc<str>,
+    payload: Vec<u8>,
+    done: oneshot::Sender<Result<u64, String>>,
+}
+
+/// Shared between the request path, the writer thread and the publisher.
+pub struct Shared {
+    pub buffer: Mutex<Buffer>,
+    /// Mirrors `buffer.pending()`, readable without the lock.
+    pub pending: AtomicU64,
+    /// Wakes the publisher: new records, or an operator's retry.
+    pub wake: Notify,
+    pub metrics: Metrics,
+    pub settings: UsageSettings,
+}
+
+impl Shared {
+    /// Whether the buffer holds its cap of undelivered records.
+    fn is_full(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) >= self.settings.max_records
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The usage sink: disabled, or the buffer plus its publisher.
+#[derive(Clone, Default)]
+pub struct UsageSink {
+    inner: Option<(Arc<Shared>, mpsc::Sender<Append>)>,
+}
+
+impl UsageSink {
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Opens the buffer under `dir` and starts the group-commit writer.
+    pub fn open(dir: &Path, settings: UsageSettings, metrics: Metrics) -> Result<(Self, Arc<Shared>), String> {
+        let (buffer, recovery) = Buffer::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if recovery.damaged_ranges > 0 {
+            metrics.buffer_damaged.inc_by(recovery.damaged_ranges);
+            tracing::error!(
+                damaged_ranges = recovery.damaged_ranges,
+                damaged_bytes = recovery.damaged_bytes,
+                set_aside = ?recovery.set_aside,
+                "usage buffer had damaged entries: intact records recovered, damaged files set aside"
+            );
+        }
+        if recovery.pending > 0 {
+            tracing::info!(pending = recovery.pending, "usage buffer has records to retry from before the restart");
+        }
+        let shared = Arc::new(Shared {
+            pending: AtomicU64::new(buffer.pending()),
+            buffer: Mutex::new(buffer),
+            wake: Notify::new(),
+            metrics,
+            settings: settings.clone(),
+        });
+        let (tx, rx) = mpsc::channel(65_536);
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("usage-writer".into())
+            .spawn(move || writer(writer_shared, rx))
+            .map_err(|e| e.to_string())?;
+        if let Fsync::Interval(every) = settings.fsync {
+            let s = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("usage-fsync".into())
+                .spawn(move || {
+                    while let Some(shared) = s.upgrade() {
+                        let file = shared.lock().active_file();
+                        drop(shared);
+                        if let Some(f) = file {
+                            let _ = f.sync_data();
+                        }
+                        std::thread::park_timeout(every);
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        Ok((Self { inner: Some((shared.clone(), tx)) }, shared))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Refuses new requests while the buffer is at its cap (policy `reject`).
+    pub fn check_capacity(&self) -> Result<(), RecordError> {
+        let Some((shared, _)) = &self.inner else { return Ok(()) };
+        if !shared.is_full() || shared.settings.full_policy == FullPolicy::Bypass {
+            return Ok(());
+        }
+        shared.metrics.buffer_full.inc();
+        tracing::warn!(
+            cap = shared.settings.max_records,
+            "usage buffer full: refusing the request (USAGE_BUFFER_FULL_POLICY=reject)"
+        );
+        Err(RecordError::BufferFull)
+    }
+
+    /// Writes the record ahead; returns once it is in the buffer's file.
+    pub async fn record(&self, record: &UsageRecord) -> Result<(), RecordError> {
+        let Some((shared, tx)) = &self.inner else { return Ok(()) };
+        if shared.settings.full_policy == FullPolicy::Bypass && shared.is_full() {
+            shared.metrics.usage_published.with_label_values(&["dropped"]).inc();
+            tracing::error!(request_id = %record.request_id, "usage buffer full: record dropped (USAGE_BUFFER_FULL_POLICY=bypass)");
+            return Ok(());
+        }
+        let payload = serde_json::to_vec(record).map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        let (done, wait) = oneshot::channel();
+        let append = Append { key: record.request_id.clone(), payload, done };
+        if tx.send(append).await.is_err() {
+            return Err(RecordError::Unavailable("the buffer writer has stopped".into()));
+        }
+        match wait.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(RecordError::Unavailable(e)),
+            Err(_) => Err(RecordError::Unavailable("the buffer writer has stopped".into())),
+        }
+    }
+}
+
+/// The group-commit writer: whatever has queued goes out in one `write`.
+fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>) {
+    let mut batch: Vec<Append> = Vec::with_capacity(1024);
+    let timer = shared.metrics.buffer_write_seconds.clone();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = {
+            let mut b = shared.lock();
+            let records: Vec<(&[u8], &[u8])> = batch.iter().map(|a| (a.key.as_bytes(), a.payload.as_slice())).collect();
+            let r = b.append(&records).and_then(|first| {
+                if shared.settings.fsync == Fsync::Always {
+                    b.sync()?;
+                }
+                Ok(first)
+            });
+            shared.pending.store(b.pending(), Ordering::Relaxed);
+            r
+        };
+        timer.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(first) => {
+                for (i, a) in batch.drain(..).enumerate() {
+                    let _ = a.done.send(Ok(first + i as u64));
+                }
+                shared.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = batch.len(), "usage buffer write failed; refusing these requests");
+                shared.metrics.usage_published.with_label_values(&["write_error"]).inc_by(batch.len() as u64);
+                for a in batch.drain(..) {
+                    let _ = a.done.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+    let b = shared.lock();
+    if let Err(e) = b.sync() {
+        tracing::error!(error = %e, "usage buffer final fsync failed");
+    }
+}

@@ -1,0 +1,246 @@
+//! The Kafka publisher: an idempotent `rdkafka` producer (`acks=all`) that
+//! drains the usage buffer in order, acknowledging each record in the buffer
+//! only when the broker confirms its delivery.
+//!
+//! While Kafka is unreachable (the health check every two seconds fetches the
+//! topic's metadata), the drainer waits with exponential backoff and jitter,
+//! counting each retry in `api_router_buffer_store_retries_total`. A failed
+//! delivery sends the drainer back to the first failed record; records after
+//! it that were delivered are skipped, not resent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::readiness::Healthy;
+use crate::util::Backoff;
+
+const BATCH: usize = 2000;
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+const CURSOR_EVERY: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct Publisher {
+    producer: FutureProducer,
+    topic: String,
+    healthy: AtomicBool,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Set by the admin retry: skip the current backoff.
+    retry_now: tokio::sync::Notify,
+}
+
+impl Publisher {
+    pub fn new(brokers: &str, topic: &str, client_id: &str) -> Result<Self, String> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("client.id", client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .set("socket.timeout.ms", "5000")
+            .set("reconnect.backoff.max.ms", "1000")
+            .create()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            producer,
+            topic: topic.to_string(),
+            healthy: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            retry_now: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((e, SystemTime::now()));
+    }
+
+    /// Asks the drainer to try again now (the admin "manual retry").
+    pub fn retry_now(&self) {
+        self.retry_now.notify_one();
+    }
+
+    /// Whether the broker answers with the topic's metadata.
+    pub async fn check(self: &Arc<Self>) -> Result<(), String> {
+        let me = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let md = me
+                .producer
+                .client()
+                .fetch_metadata(Some(&me.topic), Timeout::After(Duration::from_secs(1)))
+                .map_err(|e| e.to_string())?;
+            match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                Some(t) => Err(format!("topic {}: {:?}", me.topic, t.error())),
+                None => Err(format!("topic {} not found", me.topic)),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let was = self.healthy.swap(result.is_ok(), Ordering::Relaxed);
+        match &result {
+            Ok(()) if !was => tracing::info!(topic = %self.topic, "Kafka reachable: publishing usage records"),
+            Err(e) => {
+                if was {
+                    tracing::error!(error = %e, topic = %self.topic, "Kafka unreachable: usage records wait in the buffer store");
+                }
+                self.set_error(e.clone());
+            }
+            _ => {}
+        }
+        result
+    }
+
+    pub async fn run_health(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let _ = self.check().await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(HEALTH_EVERY) => {}
+            }
+        }
+    }
+
+    /// Drains the buffer until cancelled; then waits (briefly) for deliveries
+    /// in flight and writes the cursor.
+    pub async fn run_drainer(self: Arc<Self>, shared: Arc<Shared>, cancel: CancellationToken) {
+        let metrics = shared.metrics.clone();
+        let mut cursor = shared.lock().watermark();
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
+        let mut last_persist = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if last_persist.elapsed() >= CURSOR_EVERY {
+                persist(&shared);
+                last_persist = Instant::now();
+            }
+            if !self.is_healthy() {
+                metrics.buffer_retries.inc();
+                if self.wait(&cancel, backoff.next_delay()).await {
+                    let _ = self.check().await;
+                }
+                continue;
+            }
+            let s = shared.clone();
+            let from = cursor;
+            let batch = match tokio::task::spawn_blocking(move || s.lock().read_from(from, BATCH)).await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the usage buffer");
+                    self.set_error(e.to_string());
+                    self.wait(&cancel, MAX_BACKOFF).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "usage buffer read task failed");
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                cursor = cursor.max(shared.lock().watermark());
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep(CURSOR_EVERY) => {}
+                }
+                continue;
+            }
+            let mut inflight = Vec::with_capacity(batch.len());
+            for e in &batch {
+                let record = FutureRecord::to(&self.topic).key(&e.key).payload(&e.payload);
+                match self.producer.send_result(record) {
+                    Ok(delivery) => inflight.push((e.seq, Some(delivery))),
+                    Err((err, _)) => {
+                        self.set_error(err.to_string());
+                        inflight.push((e.seq, None));
+                    }
+                }
+            }
+            let mut delivered = Vec::with_capacity(inflight.len());
+            let mut first_failed: Option<u64> = None;
+            for (seq, delivery) in inflight {
+                let ok = match delivery {
+                    Some(d) => match d.await {
+                        Ok(Ok(_)) => true,
+                        Ok(Err((err, _))) => {
+                            self.set_error(err.to_string());
+                            false
+                        }
+                        Err(_) => false,
+                    },
+                    None => false,
+                };
+                if ok {
+                    delivered.push(seq);
+                } else {
+                    first_failed = Some(first_failed.map_or(seq, |f: u64| f.min(seq)));
+                }
+            }
+            let failed = batch.len() - delivered.len();
+            {
+                let mut b = shared.lock();
+                for seq in &delivered {
+                    b.ack(*seq);
+                }
+                shared.pending.store(b.pending(), std::sync::atomic::Ordering::Relaxed);
+            }
+            metrics.usage_published.with_label_values(&["success"]).inc_by(delivered.len() as u64);
+            match first_failed {
+                None => {
+                    cursor = batch.last().map(|e| e.seq + 1).unwrap_or(cursor);
+                    backoff.reset();
+                }
+                Some(f) => {
+                    metrics.usage_published.with_label_values(&["error"]).inc_by(failed as u64);
+                    metrics.buffer_retries.inc();
+                    tracing::warn!(failed, error = ?self.last_error().map(|e| e.0), "usage record delivery failed; will retry from the buffer");
+                    cursor = f;
+                    let _ = self.check().await;
+                    self.wait(&cancel, backoff.next_delay()).await;
+                }
+            }
+        }
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(2)))).await;
+        persist(&shared);
+        tracing::info!("Kafka publisher closed");
+    }
+
+    /// Sleeps `d`, or less if cancelled or asked to retry. True if woken early by a retry.
+    async fn wait(&self, cancel: &CancellationToken, d: Duration) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = self.retry_now.notified() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+fn persist(shared: &Shared) {
+    if let Err(e) = shared.lock().persist_cursor() {
+        tracing::error!(error = %e, "cannot write the usage buffer cursor");
+    }
+}
+
+impl Healthy for Publisher {
+    fn is_healthy(&self) -> bool {
+        Publisher::is_healthy(self)
+    }
+}

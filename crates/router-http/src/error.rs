@@ -1,0 +1,282 @@
+//! Every error a client can get, and the one place each becomes an HTTP
+//! response: its status, its `code`, and its body in the door's shape
+//! (native `{"error": {"code", "message"}}`, or OpenAI's). The core's
+//! mechanisms define their own errors ([`RequestError`], [`LimitError`],
+//! [`RecordError`], [`UpdateError`], [`AuthError`]); only this module knows
+//! their statuses.
+
+use std::time::SystemTime;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use router_core::auth::{AdminAuthError, AuthError};
+use router_core::config_service::UpdateError;
+use router_core::limits::LimitError;
+use router_core::limits::gcra::RateInfo;
+use router_core::pipeline::RequestError;
+use router_core::usage::RecordError;
+use router_providers::transport::AttemptError;
+use serde_json::json;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// No API key on the request.
+    MissingApiKey,
+    /// An API key that matches no organization.
+    InvalidApiKey,
+    PayloadTooLarge {
+        limit: usize,
+    },
+    /// The body is not JSON.
+    InvalidJson(String),
+    /// JSON, but not a valid request (missing `model`, bad `request_id`, ...).
+    InvalidRequest(String),
+    /// The admin API is off because `ADMIN_TOKEN` is not set.
+    AdminDisabled,
+    /// Missing or wrong admin token.
+    AdminUnauthorized,
+    NotFound(String),
+    /// etcd could not take (or this replica could not apply) an admin write.
+    ConfigServiceUnavailable(String),
+    /// The pipeline's errors: routing, backends, limits, usage.
+    Request(RequestError),
+    Internal(String),
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError::Request(e)
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        ApiError::Request(RequestError::Limits(e))
+    }
+}
+
+impl From<RecordError> for ApiError {
+    fn from(e: RecordError) -> Self {
+        ApiError::Request(RequestError::Usage(e))
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MissingKey => ApiError::MissingApiKey,
+            AuthError::InvalidKey => ApiError::InvalidApiKey,
+        }
+    }
+}
+
+impl From<AdminAuthError> for ApiError {
+    fn from(e: AdminAuthError) -> Self {
+        match e {
+            AdminAuthError::Disabled => ApiError::AdminDisabled,
+            AdminAuthError::Unauthorized => ApiError::AdminUnauthorized,
+        }
+    }
+}
+
+impl From<UpdateError> for ApiError {
+    fn from(e: UpdateError) -> Self {
+        match e {
+            UpdateError::Invalid(m) => ApiError::InvalidRequest(m),
+            UpdateError::NotFound(m) => ApiError::NotFound(m),
+            UpdateError::Unavailable(m) => ApiError::ConfigServiceUnavailable(m),
+        }
+    }
+}
+
+/// The status of a pipeline error; the core records it in usage and audit
+/// records (`Core::status_of`).
+pub fn status_of(e: &RequestError) -> u16 {
+    request_status(e).as_u16()
+}
+
+fn request_status(e: &RequestError) -> StatusCode {
+    match e {
+        RequestError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+        RequestError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+        RequestError::BackendsFailed { last: AttemptError::Timeout, .. } => StatusCode::GATEWAY_TIMEOUT,
+        RequestError::BackendsFailed { .. } => StatusCode::BAD_GATEWAY,
+        RequestError::Limits(LimitError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+        RequestError::Limits(LimitError::BudgetExceeded { .. } | LimitError::QuotaExceeded { .. }) => {
+            StatusCode::PAYMENT_REQUIRED
+        }
+        RequestError::Limits(LimitError::LimiterUnavailable | LimitError::BudgetServiceUnavailable)
+        | RequestError::Usage(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ConfigServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::Request(e) => request_status(e),
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => "unauthorized",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::AdminDisabled => "admin_disabled",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::ConfigServiceUnavailable(_) => "config_service_unavailable",
+            ApiError::Internal(_) => "internal_error",
+            ApiError::Request(e) => match e {
+                RequestError::ModelNotFound(_) => "model_not_found",
+                RequestError::NoHealthyBackend => "no_healthy_backend",
+                RequestError::BackendsFailed { last: AttemptError::Timeout, .. } => "backend_timeout",
+                RequestError::BackendsFailed { .. } => "backend_unavailable",
+                RequestError::Limits(l) => match l {
+                    LimitError::RateLimited { .. } => "rate_limited",
+                    LimitError::BudgetExceeded { .. } => "budget_exceeded",
+                    LimitError::QuotaExceeded { .. } => "quota_exceeded",
+                    LimitError::LimiterUnavailable => "rate_limiter_unavailable",
+                    LimitError::BudgetServiceUnavailable => "budget_service_unavailable",
+                },
+                RequestError::Usage(RecordError::BufferFull) => "usage_buffer_full",
+                RequestError::Usage(RecordError::Unavailable(_)) => "usage_buffer_unavailable",
+            },
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::MissingApiKey => "missing API key: send it in the X-API-Key header".into(),
+            ApiError::InvalidApiKey => "invalid API key".into(),
+            ApiError::PayloadTooLarge { limit } => {
+                format!("request body is larger than the limit of {limit} bytes")
+            }
+            ApiError::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
+            ApiError::InvalidRequest(e) | ApiError::NotFound(e) => e.clone(),
+            ApiError::AdminDisabled => "the admin API is disabled: ADMIN_TOKEN is not set".into(),
+            ApiError::AdminUnauthorized => {
+                "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
+            }
+            ApiError::ConfigServiceUnavailable(e) => format!("the config service (etcd) is unavailable: {e}"),
+            ApiError::Request(e) => e.to_string(),
+            ApiError::Internal(_) => "internal error".into(),
+        }
+    }
+
+    fn rate_limited(&self) -> Option<(&RateInfo, u64)> {
+        match self {
+            ApiError::Request(RequestError::Limits(LimitError::RateLimited { info, retry_after_secs })) => {
+                Some((info, *retry_after_secs))
+            }
+            _ => None,
+        }
+    }
+
+    /// The headers every shape carries: `Retry-After` and `RateLimit-*` on a
+    /// 429, `X-Request-Id` when the request has one.
+    fn finish(&self, mut response: Response, request_id: Option<&str>) -> Response {
+        if let Some((info, retry_after)) = self.rate_limited() {
+            let h = response.headers_mut();
+            h.insert("retry-after", HeaderValue::from(retry_after));
+            rate_limit_headers(h, info);
+        }
+        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+            response.headers_mut().insert("x-request-id", id);
+        }
+        response
+    }
+
+    /// The native shape: `{"error": {"code", "message", ...details}}`.
+    pub fn native(self, request_id: Option<&str>) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let mut error = json!({"code": self.code(), "message": self.message()});
+        let time = |t: &Option<SystemTime>| t.map(router_core::util::rfc3339);
+        match &self {
+            ApiError::Request(RequestError::Limits(LimitError::BudgetExceeded { limit, remaining, reset_at })) => {
+                error["limit"] = json!(limit);
+                error["remaining"] = json!(remaining);
+                error["reset_at"] = json!(time(reset_at));
+            }
+            ApiError::Request(RequestError::Limits(LimitError::QuotaExceeded { kind, limit, remaining, reset_at })) => {
+                error["quota"] = json!(kind);
+                error["limit"] = json!(limit);
+                error["remaining"] = json!(remaining);
+                error["reset_at"] = json!(time(reset_at));
+            }
+            ApiError::Request(RequestError::Limits(LimitError::RateLimited { retry_after_secs, .. })) => {
+                error["retry_after"] = json!(retry_after_secs)
+            }
+            _ => {}
+        }
+        let response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
+        self.finish(response, request_id)
+    }
+
+    /// The OpenAI error shape, `{"error": {"message", "type", "param", "code"}}`,
+    /// with the same status codes, so that SDKs raise their usual exceptions.
+    pub fn openai(self, request_id: Option<&str>) -> Response {
+        let kind = match self.status().as_u16() {
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            403 => "permission_error",
+            404 | 400 | 413 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        };
+        let body = json!({"error": {"message": self.message(), "type": kind, "param": null, "code": self.code()}});
+        let response = (self.status(), axum::Json(body)).into_response();
+        self.finish(response, request_id)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.native(None)
+    }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+pub fn rate_limit_headers(h: &mut HeaderMap, info: &RateInfo) {
+    h.insert("ratelimit-limit", HeaderValue::from(info.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(info.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(info.reset_secs));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mechanism_error_has_its_status_and_code() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (RequestError::ModelNotFound("m".into()).into(), 404, "model_not_found"),
+            (RequestError::NoHealthyBackend.into(), 503, "no_healthy_backend"),
+            (RequestError::BackendsFailed { attempts: 2, last: AttemptError::Timeout }.into(), 504, "backend_timeout"),
+            (
+                RequestError::BackendsFailed { attempts: 1, last: AttemptError::Tls("certificate expired".into()) }
+                    .into(),
+                502,
+                "backend_unavailable",
+            ),
+            (LimitError::LimiterUnavailable.into(), 503, "rate_limiter_unavailable"),
+            (RecordError::BufferFull.into(), 503, "usage_buffer_full"),
+            (UpdateError::Unavailable("down".into()).into(), 503, "config_service_unavailable"),
+            (UpdateError::NotFound("x".into()).into(), 404, "not_found"),
+            (AuthError::InvalidKey.into(), 401, "unauthorized"),
+            (AdminAuthError::Disabled.into(), 403, "admin_disabled"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The router's HTTP surface: the doors, admin, audit and status endpoints.
+//!
+//! A door does the HTTP part of a request and nothing else: it reads the body
+//! within its limit ([`read_body`]), finds the credential where its clients
+//! send it ([`credentials`]), has the core name the organization, parses its
+//! own shape into one `InferenceRequest`, hands that to
+//! `router_core::process`, and writes the [`Processed`] outcome back in its
+//! own shape ([`respond`]). Errors become responses in one place,
+//! [`error`].
+//!
+//! Doors: [`native`] (`POST /v1/inference`) and [`openai`] (chat,
+//! completions, embeddings, models). [`admin`], [`audit`] and [`status`]
+//! serve the operators. [`track`] counts every answer by route and status.
+
+pub mod admin;
+pub mod audit;
+pub mod credentials;
+pub mod error;
+pub mod native;
+pub mod openai;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use router_core::Core;
+use router_core::pipeline::stream::BreakEvent;
+use router_core::pipeline::{Outcome, Processed};
+
+use self::error::{ApiError, rate_limit_headers};
+
+/// What the doors need beyond the core.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// The largest request body read (`MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// `None` disables the admin API (403).
+    pub admin_token: Option<String>,
+}
+
+/// Everything a handler can reach.
+pub struct HttpState {
+    pub core: Arc<Core>,
+    pub settings: HttpSettings,
+}
+
+pub type SharedState = Arc<HttpState>;
+
+pub fn router(state: SharedState) -> Router {
+    let admin = Router::new()
+        .route("/v1/admin/routing/backends", get(admin::list_backends))
+        .route("/v1/admin/routing/backends/{backend_id}/health", get(admin::backend_health))
+        .route("/v1/admin/routing/backends/{backend_id}/degrade", post(admin::degrade))
+        .route("/v1/admin/routing/backends/{backend_id}/healthy", post(admin::mark_healthy))
+        .route("/v1/admin/routing/policies", post(admin::upsert_policy))
+        .route("/v1/admin/routing/policies/{org_id}/{*model}", get(admin::get_policy))
+        .route("/v1/admin/routing/decisions", get(admin::decisions))
+        .route("/v1/admin/organizations/{org_id}/limits", get(admin::get_limits).put(admin::put_limits))
+        .route("/v1/admin/organizations/{org_id}/usage", get(admin::usage))
+        .route("/v1/admin/usage/buffer", get(admin::buffer_status))
+        .route("/v1/admin/usage/buffer/retry", post(admin::buffer_retry))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin));
+
+    Router::new()
+        .route("/v1/inference", post(native::inference))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/status/healthz", get(status::healthz))
+        .route("/v1/status/readyz", get(status::readyz))
+        .route("/metrics", get(status::metrics))
+        .route("/openapi.json", get(status::openapi))
+        .route("/v1/audit/requests/{request_id}", get(audit::lookup))
+        .merge(admin)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts every answer by route template and status, and times it.
+async fn track(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let metrics = &state.core.metrics;
+    metrics.http_requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
+    metrics.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Reads a request body within `limit`: refused on `Content-Length` before
+/// reading, and reading stops at the limit for chunked bodies.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::InvalidRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// The shape a door answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Native,
+    OpenAi,
+}
+
+impl Shape {
+    pub fn error(self, e: ApiError, request_id: Option<&str>) -> Response {
+        match self {
+            Shape::Native => e.native(request_id),
+            Shape::OpenAi => e.openai(request_id),
+        }
+    }
+
+    /// The event that ends a stream that broke midway.
+    fn break_event(self) -> BreakEvent {
+        match self {
+            // The native door does not stream; OpenAI's event is the only one.
+            Shape::Native | Shape::OpenAi => openai::stream_error_event,
+        }
+    }
+}
+
+/// Writes a processed request in the door's shape, with `X-Request-Id`,
+/// `X-Backend-Id` and `RateLimit-*`.
+pub fn respond(processed: Processed, shape: Shape) -> Response {
+    let Processed { request_id, rate, outcome } = processed;
+    let mut response = match outcome {
+        Outcome::Answered { response, backend_id } => {
+            let mut r = (response.status, response.body).into_response();
+            let content_type = response.content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            ids(&mut r, &request_id, &backend_id);
+            r
+        }
+        Outcome::Streaming { status, content_type, backend_id, body } => {
+            let mut r = Response::new(Body::new((*body).with_break_event(shape.break_event())));
+            *r.status_mut() = status;
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                content_type.unwrap_or_else(|| HeaderValue::from_static("text/event-stream")),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            ids(&mut r, &request_id, &backend_id);
+            r
+        }
+        Outcome::Failed(e) => shape.error(e.into(), Some(&request_id)),
+    };
+    if let Some(info) = rate {
+        rate_limit_headers(response.headers_mut(), &info);
+    }
+    response
+}
+
+fn ids(response: &mut Response, request_id: &str, backend_id: &str) {
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(backend_id) {
+        h.insert("x-backend-id", v);
+    }
+}

@@ -1,0 +1,89 @@
+//! The native door: `POST /v1/inference` with `{"request_id", "model",
+//! "payload"}` and `X-API-Key`. Only `request_id` and `model` are read; the
+//! body is forwarded to the backend as it came.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::Bytes;
+use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
+use router_core::{InferenceRequest, auth};
+use router_providers::Operation;
+use serde::Deserialize;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::{Shape, SharedState, credentials, read_body, respond};
+
+pub async fn inference(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    let request = match accept(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => return e.native(None),
+    };
+    let span =
+        tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+    respond(router_core::process(&state.core, request).instrument(span).await, Shape::Native)
+}
+
+/// The body within its limit, the organization behind the key, the parse.
+async fn accept(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<InferenceRequest, ApiError> {
+    let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
+    let organization_id = auth::organization(&state.core.config.load(), credentials::api_key(headers))?;
+    parse(bytes, organization_id)
+}
+
+#[derive(Deserialize)]
+struct NativeBody<'a> {
+    #[serde(borrow, default)]
+    request_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// `{"request_id", "model", "payload"}`: a valid `request_id` (or a new one)
+/// and a `model`; the rest is the backend's to judge.
+pub fn parse(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest, ApiError> {
+    let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })?;
+    let model = match parsed.model.as_deref() {
+        Some(m) if !m.is_empty() && m.len() <= 256 => Arc::from(m),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest("`model` must be 1-256 characters".into()));
+        }
+        None => return Err(ApiError::InvalidRequest("missing field `model`".into())),
+    };
+    let request_id = match parsed.request_id.as_deref() {
+        None => new_request_id(),
+        Some(id) if valid_request_id(id) => Arc::from(id),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(format!("invalid `request_id`: use {REQUEST_ID_RULES}")));
+        }
+    };
+    drop(parsed);
+    Ok(InferenceRequest { request_id, organization_id, model, op: Operation::Native, body, json: None, stream: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_parse_errors() {
+        let org: Arc<str> = Arc::from("o");
+        let p = |b: &'static str| parse(Bytes::from_static(b.as_bytes()), org.clone());
+        assert!(matches!(p("{not json"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(p(r#"{"payload":1}"#), Err(ApiError::InvalidRequest(m)) if m.contains("model")));
+        assert!(matches!(p(r#"{"model":"m","request_id":"bad id"}"#), Err(ApiError::InvalidRequest(_))));
+        assert!(matches!(p(r#"[1,2]"#), Err(ApiError::InvalidRequest(_))));
+        let ok = p(r#"{"model":"m","payload":{"x":[1]}}"#).unwrap();
+        assert_eq!(ok.request_id.len(), 36, "generated UUID");
+        let ok = p(r#"{"model":"m","request_id":"abc"}"#).unwrap();
+        assert_eq!(&*ok.request_id, "abc");
+    }
+}

@@ -1,0 +1,266 @@
+//! The provider trait, the backend kinds that implement it, and the target:
+//! one configured backend as its provider sees it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::Full;
+
+use crate::operation::Operation;
+use crate::sse::StreamFacts;
+use crate::usage::Usage;
+
+/// The request as a provider sees it: what was asked, and the client's body.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamRequest<'a> {
+    pub op: Operation,
+    /// The model the client named (before any mapping).
+    pub model: &'a str,
+    pub stream: bool,
+    /// The body as the client sent it.
+    pub body: &'a Bytes,
+    /// The same body parsed, when the door parsed it whole (the OpenAI door
+    /// does; the native door reads two fields only).
+    pub json: Option<&'a serde_json::Value>,
+}
+
+/// Everything that differs between kinds of backend. Implementations are
+/// stateless values (one `static` each, listed in [`crate::KINDS`]); what
+/// differs between backends of one kind is in their [`Target`].
+pub trait Provider: Send + Sync + 'static {
+    /// The kind's name in configuration.
+    fn name(&self) -> &'static str;
+
+    /// The upstream path of `op`, or `None` when this kind cannot serve it.
+    fn path(&self, op: Operation) -> Option<&'static str>;
+
+    /// The credential header for `secret`: `Authorization: Bearer` unless the
+    /// kind wants another.
+    fn credential_header(&self, secret: &str) -> Result<(HeaderName, HeaderValue), String> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {secret}"))
+            .map_err(|_| "the credential is not a valid header value".to_string())?;
+        v.set_sensitive(true);
+        Ok((AUTHORIZATION, v))
+    }
+
+    /// The body of one attempt: the client's, rewritten for this backend
+    /// (model mapping, asking for usage in a stream). Returns the client's
+    /// bytes unchanged when nothing needs rewriting.
+    fn body(&self, request: &UpstreamRequest<'_>, target: &Target) -> Bytes;
+
+    /// Usage in a complete answer to `op`.
+    fn usage(&self, op: Operation, body: &[u8]) -> Option<Usage>;
+
+    /// Reads one server-sent event of a streamed answer (`event` is the
+    /// `event:` field, if any; `data` one `data:` line): records usage and
+    /// whether the backend reported an error inside the 200.
+    fn stream_event(&self, op: Operation, event: Option<&[u8]>, data: &[u8], facts: &mut StreamFacts);
+
+    /// The path the health monitor probes with `GET`; 2xx is healthy.
+    fn health_path(&self) -> &'static str {
+        "/health"
+    }
+}
+
+/// A backend kind: a handle on its provider, compared and shown by name.
+#[derive(Clone, Copy)]
+pub struct Kind(&'static dyn Provider);
+
+impl Kind {
+    pub fn by_name(name: &str) -> Option<Kind> {
+        crate::KINDS.iter().find(|p| p.name() == name).map(|p| Kind(*p))
+    }
+
+    /// Like [`Kind::by_name`], with an error that lists the known kinds.
+    pub fn parse(name: &str) -> Result<Kind, String> {
+        Kind::by_name(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::KINDS.iter().map(|p| p.name()).collect();
+            format!("unknown backend kind {name:?}: use one of {}", known.join(", "))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn provider(self) -> &'static dyn Provider {
+        self.0
+    }
+
+    /// Whether this kind can serve `op`.
+    #[inline]
+    pub fn serves(self, op: Operation) -> bool {
+        self.0.path(op).is_some()
+    }
+
+    /// Splits `kind+url` (or a bare `url`, of the default kind), as in
+    /// `BACKEND_ENDPOINTS`: `openai+https://api.openai.com`.
+    pub fn split_endpoint(s: &str) -> Result<(Kind, &str), String> {
+        let s = s.trim();
+        match s.split_once("://").and_then(|(scheme, _)| scheme.split_once('+')) {
+            Some((kind, _)) => Ok((Kind::parse(kind)?, &s[kind.len() + 1..])),
+            None => Ok((Kind::default(), s)),
+        }
+    }
+}
+
+impl Default for Kind {
+    fn default() -> Self {
+        Kind(crate::KINDS[0])
+    }
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Kind {}
+
+impl std::hash::Hash for Kind {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state)
+    }
+}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Kind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Kind::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One configured backend as its provider sees it: where it is, how to
+/// authenticate, its model names. Built once per snapshot; the URIs of the
+/// operations its kind serves are parsed here, not per request.
+pub struct Target {
+    pub kind: Kind,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com`.
+    pub endpoint: String,
+    /// Model aliases: the name clients use → the backend's own name.
+    pub models: BTreeMap<String, String>,
+    /// The credential header, marked sensitive (never logged).
+    pub credential: Option<(HeaderName, HeaderValue)>,
+    uris: [Option<Uri>; Operation::ALL.len()],
+    pub health_uri: Uri,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("kind", &self.kind)
+            .field("endpoint", &self.endpoint)
+            .field("models", &self.models)
+            .field("credential", &self.credential.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+/// `base` + `path` as a URI. `base` was checked to be an absolute URL without
+/// a trailing slash and `path` is absolute, so this parses; the default
+/// (which fails to connect) would only show a bug.
+pub fn join(base: &str, path: &str) -> Uri {
+    format!("{base}{path}").parse().unwrap_or_default()
+}
+
+impl Target {
+    /// `credential` is the header from [`Provider::credential_header`].
+    pub fn new(
+        kind: Kind,
+        endpoint: &str,
+        models: BTreeMap<String, String>,
+        credential: Option<(HeaderName, HeaderValue)>,
+    ) -> Self {
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        let provider = kind.provider();
+        let uris = Operation::ALL.map(|op| provider.path(op).map(|p| join(&endpoint, p)));
+        let health_uri = join(&endpoint, provider.health_path());
+        Self { kind, endpoint, models, credential, uris, health_uri }
+    }
+
+    /// The upstream URI of `op`, if this backend's kind serves it.
+    #[inline]
+    pub fn uri(&self, op: Operation) -> Option<&Uri> {
+        self.uris[op.index()].as_ref()
+    }
+
+    /// The backend's own name for the client's `model`, if it maps it.
+    pub fn mapped_model(&self, model: &str) -> Option<&str> {
+        self.models.get(model).map(String::as_str)
+    }
+
+    /// The upstream request of one attempt: `POST` to the operation's path
+    /// with the provider's body, the credential, and `headers`.
+    pub fn request(
+        &self,
+        request: &UpstreamRequest<'_>,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Request<Full<Bytes>>, String> {
+        let uri = self
+            .uri(request.op)
+            .ok_or_else(|| format!("a {} backend cannot serve {}", self.kind, request.op.as_str()))?;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        if let Some((name, value)) = &self.credential {
+            builder = builder.header(name, value.clone());
+        }
+        builder.body(Full::new(self.kind.provider().body(request, self))).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_by_name_and_from_endpoints() {
+        assert_eq!(Kind::parse("openai").unwrap().name(), "openai");
+        assert!(Kind::parse("nope").unwrap_err().contains("native, openai"));
+        let (k, url) = Kind::split_endpoint("openai+https://api.openai.com").unwrap();
+        assert_eq!((k.name(), url), ("openai", "https://api.openai.com"));
+        let (k, url) = Kind::split_endpoint(" http://127.0.0.1:8001 ").unwrap();
+        assert_eq!((k, url), (Kind::default(), "http://127.0.0.1:8001"));
+        assert!(Kind::split_endpoint("bogus+http://x").is_err());
+        assert_eq!(Kind::default().name(), "native");
+    }
+
+    #[test]
+    fn target_precomputes_the_uris_its_kind_serves() {
+        let kind = Kind::parse("openai").unwrap();
+        let credential = kind.provider().credential_header("s3cret").unwrap();
+        let t = Target::new(kind, "https://h:8443/", BTreeMap::new(), Some(credential));
+        assert_eq!(t.uri(Operation::Chat).unwrap().to_string(), "https://h:8443/v1/chat/completions");
+        assert!(t.uri(Operation::Native).is_none());
+        assert_eq!(t.health_uri.to_string(), "https://h:8443/health");
+        assert!(!format!("{t:?}").contains("s3cret"), "the secret is never in Debug output");
+        let (name, value) = t.credential.as_ref().unwrap();
+        assert_eq!((name.as_str(), value.is_sensitive()), ("authorization", true));
+    }
+}

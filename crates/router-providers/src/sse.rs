@@ -1,0 +1,131 @@
+//! Server-sent events of a streamed answer, read as they pass through.
+//!
+//! [`Scanner`] splits the bytes into lines across frame boundaries, keeps the
+//! current `event:` name, and hands each `data:` line to the backend kind's
+//! [`Provider::stream_event`](crate::Provider::stream_event), which records
+//! what it finds in [`StreamFacts`]: the usage, the number of events, and an
+//! error the backend reported inside its 200.
+
+use crate::operation::Operation;
+use crate::provider::Kind;
+use crate::usage::Usage;
+
+/// What a stream has told so far.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// The last usage reported.
+    pub usage: Option<Usage>,
+    /// `data:` events seen, other than `[DONE]`.
+    pub events: u64,
+    /// The first error the backend reported in the stream.
+    pub error: Option<String>,
+}
+
+impl StreamFacts {
+    /// Reads one `data:` line of the OpenAI (and native) shape: counts it,
+    /// takes a `usage` object, and a top-level `error` object's message.
+    /// Only lines that can hold either are parsed.
+    pub fn openai_like(&mut self, data: &[u8]) {
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
+            return;
+        }
+        self.events += 1;
+        let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+        if has(b"\"usage\"")
+            && let Some(u) = Usage::from_json_field(data)
+        {
+            self.usage = Some(u);
+        }
+        if self.error.is_none() && has(b"\"error\"") {
+            #[derive(serde::Deserialize)]
+            struct WithError {
+                error: Option<serde_json::Value>,
+            }
+            if let Ok(WithError { error: Some(e) }) = serde_json::from_slice::<WithError>(data)
+                && e.is_object()
+            {
+                let message = e["message"].as_str().map(str::to_owned).unwrap_or_else(|| e.to_string());
+                self.error = Some(message);
+            }
+        }
+    }
+}
+
+/// The longest SSE line kept while waiting for its end.
+const MAX_LINE: usize = 1 << 20;
+
+/// Reads a stream's events as its bytes pass.
+pub struct Scanner {
+    kind: Kind,
+    op: Operation,
+    partial: Vec<u8>,
+    event: Option<Vec<u8>>,
+    pub facts: StreamFacts,
+}
+
+impl Scanner {
+    pub fn new(kind: Kind, op: Operation) -> Self {
+        Self { kind, op, partial: Vec::new(), event: None, facts: StreamFacts::default() }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            if self.partial.is_empty() {
+                self.line(&rest[..nl]);
+            } else {
+                self.partial.extend_from_slice(&rest[..nl]);
+                let line = std::mem::take(&mut self.partial);
+                self.line(&line);
+            }
+            rest = &rest[nl + 1..];
+        }
+        if self.partial.len() + rest.len() <= MAX_LINE {
+            self.partial.extend_from_slice(rest);
+        } else {
+            self.partial.clear();
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            // The end of one event.
+            self.event = None;
+        } else if let Some(name) = line.strip_prefix(b"event:") {
+            self.event = Some(name.trim_ascii().to_vec());
+        } else if let Some(data) = line.strip_prefix(b"data:") {
+            self.kind.provider().stream_event(self.op, self.event.as_deref(), data, &mut self.facts);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_found_across_frame_boundaries() {
+        let mut s = Scanner::new(Kind::parse("openai").unwrap(), Operation::Chat);
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        assert!(s.facts.usage.is_none());
+        s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tok");
+        s.feed(b"ens\":12,\"completion_tokens\":9,\"total_tokens\":21}}\n\ndata: [DONE]\n\n");
+        assert_eq!(s.facts.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 }));
+        assert_eq!(s.facts.events, 2);
+        let mut s = Scanner::new(Kind::parse("openai").unwrap(), Operation::Chat);
+        s.feed(b"data: {\"usage\":null}\n");
+        assert!(s.facts.usage.is_none());
+    }
+
+    #[test]
+    fn an_error_event_is_recorded_with_crlf_lines() {
+        let mut s = Scanner::new(Kind::parse("openai").unwrap(), Operation::Chat);
+        s.feed(b"event: error\r\ndata: {\"error\":{\"message\":\"boom\"}}\r\n\r\n");
+        assert_eq!(s.facts.error.as_deref(), Some("boom"));
+        let mut s = Scanner::new(Kind::parse("openai").unwrap(), Operation::Chat);
+        s.feed(b"event: error\ndata: upstream overloaded\n\n");
+        assert_eq!(s.facts.error.as_deref(), Some("upstream overloaded"));
+    }
+}

@@ -1,0 +1,458 @@
+//! The transport: HTTP to backends over pooled keep-alive connections, with a
+//! per-attempt timeout and a classification of every failure.
+//!
+//! [`HttpTransport`] is hyper's pooled client over a rustls connector:
+//! `https://` backends get TLS (webpki roots, plus an extra CA bundle and a
+//! client certificate per TLS configuration, see [`tls`]) and HTTP/2 when the
+//! handshake agrees on `h2` by ALPN, HTTP/1.1 otherwise; `http://` backends
+//! get plain HTTP/1.1. [`Transports`] keeps one such client (one pool) per
+//! distinct TLS configuration, outside the routing snapshots, so that pools
+//! survive configuration changes.
+//!
+//! The [`Transport`] trait is what the router's core calls; tests plug in an
+//! in-process transport that serves requests from the mock without sockets,
+//! so that timeouts can be tested on paused time.
+//!
+//! [`send`], [`open_stream`], [`get`] and [`probe`] are one exchange each,
+//! bounded by a timeout, with every failure an [`AttemptError`].
+
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use self::tls::{TlsError, TlsSpec};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why one attempt at a backend failed. Each variant is one `error_type` label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptError {
+    /// The connection could not be made.
+    Connect(String),
+    /// The TLS handshake (or the peer's verdict on our certificate) failed;
+    /// a short reason such as `certificate not trusted`.
+    Tls(String),
+    /// No complete answer within the per-attempt timeout.
+    Timeout,
+    /// The connection broke while sending or reading.
+    Io(String),
+    /// The backend answered with a status that triggers failover (5xx, 429, 408).
+    Status(StatusCode),
+}
+
+impl AttemptError {
+    /// The low-cardinality label used in metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            AttemptError::Connect(_) => "connect",
+            AttemptError::Tls(_) => "tls",
+            AttemptError::Timeout => "timeout",
+            AttemptError::Io(_) => "io",
+            AttemptError::Status(s) if s.is_server_error() => "status_5xx",
+            AttemptError::Status(s) if *s == StatusCode::TOO_MANY_REQUESTS => "status_429",
+            AttemptError::Status(_) => "status_408",
+        }
+    }
+
+    /// Whether this failure counts towards ejecting the backend. 429 and 408
+    /// say "not now", not "broken": they fail over but do not eject.
+    pub fn counts_against_health(&self) -> bool {
+        !matches!(self, AttemptError::Status(s) if !s.is_server_error())
+    }
+
+    pub const ERROR_TYPES: [&'static str; 7] =
+        ["connect", "tls", "timeout", "io", "status_5xx", "status_429", "status_408"];
+
+    /// Classifies a transport error: TLS first (wherever it shows in the
+    /// chain), then connect, then any other I/O failure.
+    pub fn classify(e: &(dyn std::error::Error + 'static), is_connect: bool) -> AttemptError {
+        if let Some(reason) = tls::reason(e) {
+            AttemptError::Tls(reason)
+        } else if is_connect {
+            AttemptError::Connect(source_text(e))
+        } else {
+            AttemptError::Io(source_text(e))
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(e) => write!(f, "connect error: {e}"),
+            AttemptError::Tls(e) => write!(f, "tls: {e}"),
+            AttemptError::Timeout => write!(f, "timed out"),
+            AttemptError::Io(e) => write!(f, "connection error: {e}"),
+            AttemptError::Status(s) => write!(f, "backend answered {}", s.as_u16()),
+        }
+    }
+}
+
+/// Whether a backend status triggers failover.
+pub fn retryable_status(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+}
+
+/// A backend's answer body: hyper's, or any other body (the in-process
+/// transport of tests).
+pub enum ResponseBody {
+    Hyper(hyper::body::Incoming),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Hyper(b) => b.is_end_stream(),
+            ResponseBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Hyper(b) => b.size_hint(),
+            ResponseBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseBody")
+    }
+}
+
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, AttemptError>> + Send>>;
+
+/// Sends one request to a backend. Failures come back classified.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture;
+}
+
+impl std::fmt::Debug for dyn Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Transport")
+    }
+}
+
+/// hyper's pooled client over rustls: see the module doc.
+pub struct HttpTransport {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpTransport {
+    pub fn new(tls: rustls::ClientConfig, server_name: Option<String>, connect_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        let builder = match server_name.and_then(|n| rustls_pki_types::ServerName::try_from(n).ok()) {
+            Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+            None => builder,
+        };
+        let connector = builder.enable_http1().enable_http2().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Self { client }
+    }
+}
+
+impl Transport for HttpTransport {
+    fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+        let pending = self.client.request(request);
+        Box::pin(async move {
+            match pending.await {
+                Ok(response) => Ok(response.map(ResponseBody::Hyper)),
+                Err(e) => Err(AttemptError::classify(&e, e.is_connect())),
+            }
+        })
+    }
+}
+
+/// What the transports are built from.
+#[derive(Debug, Clone, Default)]
+pub struct TransportSettings {
+    /// An extra CA bundle trusted for every backend (`BACKEND_CA_FILE`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// How long a TCP connect may take.
+    pub connect_timeout: Duration,
+}
+
+/// One transport (one pool) per distinct TLS configuration. Built once at
+/// start-up and shared by every snapshot; a configuration seen for the first
+/// time gets its transport then, and keeps it for the life of the process.
+pub struct Transports {
+    settings: TransportSettings,
+    global_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    default: Arc<dyn Transport>,
+    by_spec: Mutex<HashMap<TlsSpec, Arc<dyn Transport>>>,
+    /// Tests: every backend uses the default transport.
+    fixed: bool,
+}
+
+impl Transports {
+    /// Reads `BACKEND_CA_FILE`, if set: an unreadable bundle is an error.
+    pub fn new(settings: TransportSettings) -> Result<Self, TlsError> {
+        let global_ca = match &settings.ca_file {
+            Some(path) => tls::load_certs("BACKEND_CA_FILE", path)?,
+            None => Vec::new(),
+        };
+        let config = TlsSpec::default().client_config(&global_ca)?;
+        let default: Arc<dyn Transport> = Arc::new(HttpTransport::new(config, None, settings.connect_timeout));
+        Ok(Self { settings, global_ca, default, by_spec: Mutex::new(HashMap::new()), fixed: false })
+    }
+
+    /// Every backend and every call uses `transport` (the in-process mock).
+    pub fn fixed(transport: Arc<dyn Transport>) -> Self {
+        Self {
+            settings: TransportSettings::default(),
+            global_ca: Vec::new(),
+            default: transport,
+            by_spec: Mutex::new(HashMap::new()),
+            fixed: true,
+        }
+    }
+
+    /// The transport of backends without their own TLS settings, and of the
+    /// router's other calls (the budget service).
+    pub fn default_transport(&self) -> Arc<dyn Transport> {
+        self.default.clone()
+    }
+
+    /// The transport for a backend's TLS settings, built on first use.
+    pub fn for_spec(&self, spec: &TlsSpec) -> Result<Arc<dyn Transport>, TlsError> {
+        if self.fixed || spec.is_default() {
+            return Ok(self.default.clone());
+        }
+        // A short critical section, never held across an await; a build
+        // (which reads files) happens once per distinct configuration.
+        let mut cache = self.by_spec.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(spec) {
+            return Ok(t.clone());
+        }
+        let config = spec.client_config(&self.global_ca)?;
+        let t: Arc<dyn Transport> =
+            Arc::new(HttpTransport::new(config, spec.server_name.clone(), self.settings.connect_timeout));
+        cache.insert(spec.clone(), t.clone());
+        Ok(t)
+    }
+}
+
+/// A 2xx streaming answer: its head, its first bytes, and the rest to come.
+#[derive(Debug)]
+pub struct StreamStart {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub first: Bytes,
+    pub rest: ResponseBody,
+}
+
+/// A backend's complete answer.
+#[derive(Debug)]
+pub struct BackendResponse {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+/// What one attempt produced.
+#[derive(Debug)]
+pub enum Answer {
+    Full(BackendResponse),
+    Stream(StreamStart),
+}
+
+impl Answer {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Full(r) => r.status,
+            Answer::Stream(s) => s.status,
+        }
+    }
+}
+
+/// A `POST` of a JSON body, for calls that are not inference (the budget
+/// service).
+pub fn post_json(uri: &Uri, body: Bytes) -> Result<Request<Full<Bytes>>, AttemptError> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(uri.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .body(Full::new(body))
+        .map_err(|e| AttemptError::Io(e.to_string()))
+}
+
+/// One exchange within `timeout`. A retryable status comes back as
+/// `Err(Status)`, with the backend's body dropped; any other status is the
+/// answer.
+pub async fn send(
+    transport: &dyn Transport,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<BackendResponse, AttemptError> {
+    let exchange = async {
+        let response = transport.send(request).await?;
+        let (parts, body) = response.into_parts();
+        if retryable_status(parts.status) {
+            return Err(AttemptError::Status(parts.status));
+        }
+        collect(parts, body).await
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
+}
+
+/// Opens a streaming request. Within `timeout` the backend must answer and,
+/// if it answers 2xx, send its first bytes: until then the attempt can still
+/// fail over. Any other answer is collected whole.
+pub async fn open_stream(
+    transport: &dyn Transport,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Answer, AttemptError> {
+    let open = async {
+        let response = transport.send(request).await?;
+        let (parts, mut body) = response.into_parts();
+        if retryable_status(parts.status) {
+            return Err(AttemptError::Status(parts.status));
+        }
+        if !parts.status.is_success() {
+            return collect(parts, body).await.map(Answer::Full);
+        }
+        let content_type = parts.headers.get(CONTENT_TYPE).cloned();
+        // The first data frame: after it, the answer belongs to the client.
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(first) = frame.into_data() {
+                        if first.is_empty() {
+                            continue;
+                        }
+                        return Ok(Answer::Stream(StreamStart {
+                            status: parts.status,
+                            content_type,
+                            first,
+                            rest: body,
+                        }));
+                    }
+                }
+                Some(Err(e)) => return Err(AttemptError::classify(&*e, false)),
+                None => {
+                    return Ok(Answer::Full(BackendResponse {
+                        status: parts.status,
+                        content_type,
+                        body: Bytes::new(),
+                    }));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, open).await.unwrap_or(Err(AttemptError::Timeout))
+}
+
+fn get_request(uri: &Uri) -> Result<Request<Full<Bytes>>, AttemptError> {
+    Request::get(uri.clone()).body(Full::new(Bytes::new())).map_err(|e| AttemptError::Io(e.to_string()))
+}
+
+/// `GET uri`, whatever the status, within `timeout`.
+pub async fn get(transport: &dyn Transport, uri: &Uri, timeout: Duration) -> Result<BackendResponse, AttemptError> {
+    let request = get_request(uri)?;
+    let exchange = async {
+        let (parts, body) = transport.send(request).await?.into_parts();
+        collect(parts, body).await
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
+}
+
+/// An active health check: `GET uri` must answer 2xx within `timeout`. The
+/// same transport as traffic, so TLS problems show here too.
+pub async fn probe(transport: &dyn Transport, uri: &Uri, timeout: Duration) -> Result<(), String> {
+    let request = get_request(uri).map_err(|e| e.to_string())?;
+    let check = async {
+        let response = transport.send(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        // Drain so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        if status.is_success() { Ok(()) } else { Err(format!("health check answered {}", status.as_u16())) }
+    };
+    tokio::time::timeout(timeout, check).await.unwrap_or_else(|_| Err("health check timed out".to_string()))
+}
+
+/// Reads a whole answer.
+async fn collect(parts: http::response::Parts, body: ResponseBody) -> Result<BackendResponse, AttemptError> {
+    let body = body.collect().await.map_err(|e| AttemptError::classify(&*e, false))?.to_bytes();
+    Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
+}
+
+/// The innermost cause, which is what an operator needs ("Connection refused").
+pub fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_of_failures() {
+        assert!(retryable_status(StatusCode::BAD_GATEWAY));
+        assert!(retryable_status(StatusCode::TOO_MANY_REQUESTS));
+        assert!(retryable_status(StatusCode::REQUEST_TIMEOUT));
+        assert!(!retryable_status(StatusCode::BAD_REQUEST));
+        assert!(!retryable_status(StatusCode::NOT_FOUND));
+        assert_eq!(AttemptError::Status(StatusCode::SERVICE_UNAVAILABLE).error_type(), "status_5xx");
+        assert!(!AttemptError::Status(StatusCode::TOO_MANY_REQUESTS).counts_against_health());
+        assert!(AttemptError::Timeout.counts_against_health());
+        assert!(AttemptError::Connect("refused".into()).counts_against_health());
+        assert!(AttemptError::Tls("certificate not trusted".into()).counts_against_health());
+        assert_eq!(AttemptError::Tls("certificate not trusted".into()).to_string(), "tls: certificate not trusted");
+    }
+
+    #[tokio::test]
+    async fn connect_error_is_classified_as_connect() {
+        // Bind then drop a listener to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let transports =
+            Transports::new(TransportSettings { ca_file: None, connect_timeout: Duration::from_secs(2) }).unwrap();
+        let t = transports.default_transport();
+        let uri: Uri = format!("http://127.0.0.1:{port}/v1/inference").parse().unwrap();
+        let err =
+            send(&*t, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(err.error_type(), "connect", "{err}");
+        assert!(probe(&*t, &uri, Duration::from_secs(1)).await.is_err());
+    }
+}

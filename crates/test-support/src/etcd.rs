@@ -1,0 +1,80 @@
+//! A private etcd on free ports.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{Proc, free_port};
+
+/// A private etcd on free ports, in a temp dir.
+pub struct Etcd {
+    pub port: u16,
+    peer: u16,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut e = Etcd { port: free_port(), peer: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+        e.spawn();
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "test",
+            "--data-dir",
+            &self.dir.path().join("data").to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("test={peer}"),
+        ]);
+        let proc = Proc::spawn(cmd);
+        let ok = proc.wait_for_line(Duration::from_secs(20), |l| l.contains("ready to serve client requests"));
+        assert!(ok.is_some(), "etcd did not start:\n{}", proc.lines().join("\n"));
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs `etcdctl` against this etcd; returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl(&["put", key, value]);
+    }
+}

@@ -1,0 +1,125 @@
+//! A private Kafka-protocol broker (tansu) and a consumer that reads the
+//! usage topic.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::process::{Proc, free_port};
+
+/// A private Kafka-protocol broker (tansu, sqlite storage) on a free port,
+/// with the usage topic created. Records survive a broker restart.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+pub const TOPIC: &str = "api-router.usage";
+
+fn tansu() -> String {
+    std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+        let cargo_bin = std::path::Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
+        if cargo_bin.exists() { cargo_bin.to_string_lossy().into_owned() } else { "tansu".into() }
+    })
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let mut b = Broker { port: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+        b.spawn();
+        let out = Command::new(tansu())
+            .args(["topic", "create", TOPIC, "--partitions", "1", "--broker", &b.url()])
+            .current_dir(b.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "topic create: {}", String::from_utf8_lossy(&out.stderr));
+        b
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(tansu());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &self.url(),
+            "--advertised-listener-url",
+            &self.url(),
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ])
+        .current_dir(self.dir.path());
+        let proc = Proc::spawn(cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen:\n{}", proc.lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+/// Every message on the topic, read from the beginning until `want` distinct
+/// keys are seen (or `timeout`), then for a short while more to catch
+/// duplicates. Returns (key, payload) pairs.
+pub async fn consume(broker: &Broker, want: usize, timeout: Duration) -> Vec<(String, Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("test-{}", fastrand::u64(..)))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(TOPIC, 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        let deadline = Instant::now() + timeout;
+        let mut settle_until: Option<Instant> = None;
+        loop {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let payload: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
+                keys.insert(key.clone());
+                out.push((key, payload));
+            }
+            if keys.len() >= want && settle_until.is_none() {
+                settle_until = Some(Instant::now() + Duration::from_millis(500));
+            }
+            if settle_until.is_some_and(|t| Instant::now() > t) || Instant::now() > deadline {
+                return out;
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+pub fn distinct_keys(msgs: &[(String, Value)]) -> std::collections::HashSet<String> {
+    msgs.iter().map(|(k, _)| k.clone()).collect()
+}
