@@ -15,7 +15,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use router_core::{Core, build_info};
+use router_core::config_service::RemoteConfig;
+use router_core::core::StartRemote;
+use router_core::{Core, Parts, build_info};
+use router_etcd::{EtcdSettings, EtcdSource};
 use router_http::HttpState;
 use tokio::net::TcpListener;
 
@@ -52,8 +55,9 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     if settings.http.admin_token.is_none() {
         tracing::warn!("admin API disabled: ADMIN_TOKEN is not set; admin routes answer 403");
     }
+    let parts = Parts { transports: None, remote: settings.etcd.clone().map(|etcd| start_etcd(etcd, &settings)) };
     let running =
-        Core::start(settings.core.clone(), router_http::error::status_of, None).await.map_err(AppError::Core)?;
+        Core::start(settings.core.clone(), router_http::error::status_of, parts).await.map_err(AppError::Core)?;
     let listener = TcpListener::bind(settings.http_addr)
         .await
         .map_err(|e| AppError::Bind(format!("{}: {e}", settings.http_addr)))?;
@@ -93,6 +97,17 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     running.shutdown(deadline).await;
     tracing::info!("API router service stopped");
     Ok(())
+}
+
+/// The etcd source, started over the core's store once it exists.
+fn start_etcd(etcd: EtcdSettings, settings: &Settings) -> StartRemote {
+    let (base, data_dir) = (settings.core.initial_state.clone(), settings.core.data_dir.clone());
+    Box::new(move |store, metrics| {
+        Box::pin(async move {
+            let source: Arc<dyn RemoteConfig> = EtcdSource::start(etcd, base, store, metrics, &data_dir).await;
+            source
+        })
+    })
 }
 
 async fn shutdown_signal() {

@@ -17,12 +17,12 @@ use serde::Deserialize;
 
 use router_core::CoreSettings;
 use router_core::auth::hash_key;
-use router_core::config_service::etcd::EtcdSettings;
 use router_core::config_service::{BackendSpec, ConfigState};
 use router_core::limits::{BudgetServiceSettings, FailureMode, LimitSettings, OrgLimits, Price, RateLimit};
 use router_core::routing::policy::PolicyInput;
 use router_core::usage::{Fsync, FullPolicy, UsageSettings};
 use router_core::util::valid_id;
+use router_etcd::EtcdSettings;
 use router_http::HttpSettings;
 use router_providers::Kind;
 use router_providers::credential::CredentialRef;
@@ -65,6 +65,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub http: HttpSettings,
     pub core: CoreSettings,
+    /// The shared routing state, when `CONFIG_SERVICE_ENDPOINTS` is set.
+    pub etcd: Option<EtcdSettings>,
 }
 
 /// The minimum admin token length accepted without `ALLOW_WEAK_ADMIN_TOKEN=true`.
@@ -223,10 +225,10 @@ impl Settings {
                 decisions_capacity,
                 limits,
                 usage,
-                config_service,
                 transport,
                 initial_state: state,
             },
+            etcd: config_service,
         })
     }
 }

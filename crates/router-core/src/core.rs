@@ -13,7 +13,9 @@
 //!    drainer flushes the producer and writes the buffer cursor;
 //! 4. save the budget ledger once more.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditStore;
 use crate::backends::monitor::{self, TransportProbe};
-use crate::config_service::etcd::{EtcdSettings, EtcdSource};
-use crate::config_service::{ConfigState, ConfigStore, ConfigWriter};
+use crate::config_service::{ConfigState, ConfigStore, ConfigWriter, RemoteConfig};
 use crate::limits::budget_service::BudgetServiceComponent;
 use crate::limits::redis::RedisLimits;
 use crate::limits::{LimitSettings, Limits, local::Ledger};
@@ -51,8 +52,6 @@ pub struct CoreSettings {
     pub decisions_capacity: usize,
     pub limits: LimitSettings,
     pub usage: UsageSettings,
-    /// etcd, when `CONFIG_SERVICE_ENDPOINTS` is set.
-    pub config_service: Option<EtcdSettings>,
     pub transport: TransportSettings,
     /// The routing state loaded from the environment and the file.
     pub initial_state: ConfigState,
@@ -105,6 +104,20 @@ pub struct Core {
     pub status_of: fn(&RequestError) -> u16,
 }
 
+/// Starts the shared routing-state source (etcd) over the store, once the
+/// store exists; the source keeps the store current from then on.
+pub type StartRemote =
+    Box<dyn FnOnce(Arc<ConfigStore>, Metrics) -> Pin<Box<dyn Future<Output = Arc<dyn RemoteConfig>> + Send>> + Send>;
+
+/// How a core is put together beyond its settings.
+#[derive(Default)]
+pub struct Parts {
+    /// Replaces the real transports (tests: the in-process mock).
+    pub transports: Option<Arc<Transports>>,
+    /// The shared routing state (etcd), when configured.
+    pub remote: Option<StartRemote>,
+}
+
 /// A started core and its background tasks.
 pub struct Running {
     pub core: Arc<Core>,
@@ -116,15 +129,14 @@ pub struct Running {
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 impl Core {
-    /// Starts every store and background task. `transports` replaces the
-    /// real ones (tests: the in-process mock).
+    /// Starts every store and background task.
     pub async fn start(
         settings: CoreSettings,
         status_of: fn(&RequestError) -> u16,
-        transports: Option<Arc<Transports>>,
+        parts: Parts,
     ) -> Result<Running, StartupError> {
         let metrics = Metrics::new();
-        let transports = match transports {
+        let transports = match parts.transports {
             Some(t) => t,
             None => Arc::new(Transports::new(settings.transport.clone()).map_err(StartupError::Tls)?),
         };
@@ -144,21 +156,12 @@ impl Core {
                 );
             }
         }
-        let etcd = match &settings.config_service {
+        let remote = match parts.remote {
+            Some(start) => Some(start(config.clone(), metrics.clone()).await),
             None => None,
-            Some(es) => Some(
-                EtcdSource::start(
-                    es.clone(),
-                    settings.initial_state.clone(),
-                    config.clone(),
-                    metrics.clone(),
-                    &settings.data_dir,
-                )
-                .await,
-            ),
         };
-        let writer = match &etcd {
-            Some(src) => ConfigWriter::Etcd(src.clone()),
+        let writer = match &remote {
+            Some(r) => ConfigWriter::Remote(config.clone(), r.clone()),
             None => ConfigWriter::Local(config.clone()),
         };
         let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone(), settings.audit_commit_interval)
@@ -169,7 +172,7 @@ impl Core {
         let mut components: Vec<Arc<dyn Component>> = vec![
             Arc::new(Optional("redis", limits.redis().cloned())),
             Arc::new(Optional("kafka", publisher.as_ref().map(|(p, _)| p.clone()))),
-            Arc::new(Optional("config_service", etcd.clone())),
+            Arc::new(Optional("config_service", remote.clone())),
             Arc::new(BackendRegistry(config.clone())),
         ];
         if limits.service().is_some() {
@@ -198,9 +201,8 @@ impl Core {
         background.spawn(monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone()));
         background.spawn(audit.clone().run_retention(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
         background.spawn(limits.clone().run_settler(cancel.clone()));
-        if let Some(src) = &etcd {
-            background.spawn(src.clone().run(cancel.clone()));
-            background.spawn(src.clone().run_cache_writer(cancel.clone()));
+        if let Some(r) = &remote {
+            r.clone().run(&background, cancel.clone());
         }
         if let Some((publisher, shared)) = &publisher {
             background.spawn(publisher.clone().run_health(cancel.clone()));

@@ -12,7 +12,7 @@
 //! - [`routing`]: policies, weighted selection with failover order, the decision log;
 //! - [`backends`]: health (circuit) and the active health monitor;
 //! - [`config_service`]: the routing state, compiled into snapshots swapped
-//!   atomically, and the etcd source;
+//!   atomically, and the trait of a shared source (etcd: `router-etcd`);
 //! - [`limits`]: rate limits, budgets and quotas (in process, Redis, or a budget service);
 //! - [`usage`]: usage records, the durable buffer store, the Kafka publisher;
 //! - [`audit`]: the embedded audit store and its batched writer;
@@ -38,6 +38,6 @@ pub mod routing;
 pub mod usage;
 pub mod util;
 
-pub use crate::core::{Core, CoreSettings, Running, StartupError};
+pub use crate::core::{Core, CoreSettings, Parts, Running, StartupError};
 pub use crate::pipeline::{Outcome, Processed, RequestError, process};
 pub use crate::request::InferenceRequest;

@@ -46,9 +46,9 @@ pub trait Healthy: Send + Sync {
 
 /// An optional dependency (`redis`, `kafka`, `config_service`): not
 /// configured without one, else healthy or unhealthy as it reports.
-pub struct Optional<T>(pub &'static str, pub Option<Arc<T>>);
+pub struct Optional<T: ?Sized>(pub &'static str, pub Option<Arc<T>>);
 
-impl<T: Healthy> Component for Optional<T> {
+impl<T: Healthy + ?Sized> Component for Optional<T> {
     fn name(&self) -> &'static str {
         self.0
     }

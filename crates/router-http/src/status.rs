@@ -7,7 +7,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use router_core::build_info;
-use router_core::config_service::ConfigWriter;
 use router_core::readiness::is_ready;
 use router_core::util::{age_seconds, rfc3339};
 use serde_json::{Map, Value, json};
@@ -79,8 +78,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         state.core.metrics.buffer_size.set(size as i64);
         state.core.metrics.buffer_age.set(age_seconds(oldest));
     }
-    if let ConfigWriter::Etcd(src) = &state.core.writer {
-        state.core.metrics.config_sync_age.set(src.seconds_since_sync());
+    if let Some(age) = state.core.writer.seconds_since_sync() {
+        state.core.metrics.config_sync_age.set(age);
     }
     for c in &state.core.components {
         state.core.metrics.component_health.with_label_values(&[c.name()]).set(c.status().gauge());

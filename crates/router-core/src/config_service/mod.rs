@@ -12,13 +12,14 @@
 //! [`BackendRuntime`]s that each rebuilt snapshot reuses by backend id.
 //!
 //! Sources: the environment and file at start-up, then either admin writes
-//! applied in process ([`ConfigWriter::Local`]) or the etcd source
-//! ([`etcd::EtcdSource`]), which watches etcd and feeds `ConfigStore::replace`;
-//! admin writes then go to etcd ([`ConfigWriter::Etcd`]).
-
-pub mod etcd;
+//! applied in process ([`ConfigWriter::Local`]) or a shared source
+//! ([`RemoteConfig`]: the `router-etcd` crate's), which watches etcd and
+//! feeds `ConfigStore::replace`; admin writes then go there
+//! ([`ConfigWriter::Remote`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -32,6 +33,7 @@ use serde::Serialize;
 use crate::backends::health::BackendHealth;
 use crate::limits::{OrgLimits, Price};
 use crate::metrics::{BackendMetrics, Metrics};
+use crate::readiness::Healthy;
 use crate::routing::policy::{Policy, PolicyBackend};
 
 /// Why a change to the routing state was refused. Nothing changed.
@@ -363,72 +365,96 @@ impl ConfigStore {
     }
 }
 
-/// Where admin writes go: applied in process, or written to etcd and applied
-/// when this replica's watch sees them (read-your-writes).
+/// One admin change to the routing state, validated against it already.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Policy(Policy),
+    /// Set (`Some`) or clear (`None`) a backend's degraded override.
+    Override(String, Option<Override>),
+    OrgLimits(String, OrgLimits),
+}
+
+pub type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), UpdateError>> + Send + 'a>>;
+
+/// A routing state shared by every replica (etcd): admin writes go to it, and
+/// each replica applies them when its watch sees them.
+pub trait RemoteConfig: Healthy {
+    /// Writes `change`; resolves once this replica has applied it
+    /// (read-your-writes).
+    fn write(&self, change: Change) -> WriteFuture<'_>;
+    /// Seconds since the source last confirmed this replica's state.
+    fn seconds_since_sync(&self) -> f64;
+    /// Spawns the source's background work (its watch) on `tasks`, until
+    /// `cancel`.
+    fn run(self: Arc<Self>, tasks: &tokio_util::task::TaskTracker, cancel: tokio_util::sync::CancellationToken);
+}
+
+/// Where admin writes go: applied in process, or written to the shared
+/// source and applied when this replica's watch sees them.
 #[derive(Clone)]
 pub enum ConfigWriter {
     Local(Arc<ConfigStore>),
-    Etcd(Arc<etcd::EtcdSource>),
+    Remote(Arc<ConfigStore>, Arc<dyn RemoteConfig>),
 }
 
 impl ConfigWriter {
-    /// Upserts a policy whose shape is valid; unknown backends are refused.
-    pub async fn put_policy(&self, policy: Policy) -> Result<(), UpdateError> {
-        let invalid = |e: String| UpdateError::Invalid(format!("invalid policy: {e}"));
+    fn store(&self) -> &ConfigStore {
+        match self {
+            ConfigWriter::Local(store) | ConfigWriter::Remote(store, _) => store,
+        }
+    }
+
+    /// Applies a validated change, here or through the shared source.
+    async fn apply(&self, change: Change) -> Result<(), UpdateError> {
         match self {
             ConfigWriter::Local(store) => store
                 .update(|s| {
-                    policy.validate_against(&s.backends).map_err(invalid)?;
-                    s.policies.insert((policy.organization_id.clone(), policy.model.clone()), policy);
-                    Ok(())
+                    match change {
+                        Change::Policy(p) => {
+                            s.policies.insert((p.organization_id.clone(), p.model.clone()), p);
+                        }
+                        Change::Override(id, Some(o)) => {
+                            s.overrides.insert(id, o);
+                        }
+                        Change::Override(id, None) => {
+                            s.overrides.remove(&id);
+                        }
+                        Change::OrgLimits(org, l) => {
+                            s.organizations.insert(org, l);
+                        }
+                    }
+                    Ok::<_, UpdateError>(())
                 })
                 .map(drop),
-            ConfigWriter::Etcd(src) => {
-                policy.validate_against(&src.store_state_backends()).map_err(invalid)?;
-                let key = format!("policies/{}/{}", policy.organization_id, policy.model);
-                let value = serde_json::to_string(&policy).map_err(|e| UpdateError::Invalid(e.to_string()))?;
-                src.write(&key, Some(value)).await
-            }
+            ConfigWriter::Remote(_, remote) => remote.write(change).await,
         }
+    }
+
+    /// Upserts a policy whose shape is valid; unknown backends are refused.
+    pub async fn put_policy(&self, policy: Policy) -> Result<(), UpdateError> {
+        let backends = &self.store().load().state.backends;
+        policy.validate_against(backends).map_err(|e| UpdateError::Invalid(format!("invalid policy: {e}")))?;
+        self.apply(Change::Policy(policy)).await
     }
 
     /// Sets (`Some`) or clears (`None`) a backend's degraded override.
     pub async fn set_override(&self, id: &str, over: Option<Override>) -> Result<(), UpdateError> {
-        let unknown = || UpdateError::NotFound(format!("unknown backend {id:?}"));
-        match self {
-            ConfigWriter::Local(store) => store
-                .update(|s| {
-                    if !s.backends.contains_key(id) {
-                        return Err(unknown());
-                    }
-                    match over {
-                        Some(o) => s.overrides.insert(id.to_string(), o),
-                        None => s.overrides.remove(id),
-                    };
-                    Ok(())
-                })
-                .map(drop),
-            ConfigWriter::Etcd(src) => {
-                if !src.store_state_backends().contains_key(id) {
-                    return Err(unknown());
-                }
-                src.write(&format!("backend-overrides/{id}"), over.map(|o| etcd::override_value(&o))).await
-            }
+        if !self.store().load().state.backends.contains_key(id) {
+            return Err(UpdateError::NotFound(format!("unknown backend {id:?}")));
         }
+        self.apply(Change::Override(id.to_string(), over)).await
     }
 
     pub async fn put_org_limits(&self, org: &str, limits: OrgLimits) -> Result<(), UpdateError> {
+        self.apply(Change::OrgLimits(org.to_string(), limits)).await
+    }
+
+    /// Seconds since the shared source confirmed this replica's state, if
+    /// there is one.
+    pub fn seconds_since_sync(&self) -> Option<f64> {
         match self {
-            ConfigWriter::Local(store) => store
-                .update(|s| {
-                    s.organizations.insert(org.to_string(), limits);
-                    Ok::<_, UpdateError>(())
-                })
-                .map(drop),
-            ConfigWriter::Etcd(src) => {
-                let value = serde_json::to_string(&limits).map_err(|e| UpdateError::Invalid(e.to_string()))?;
-                src.write(&format!("organizations/{org}"), Some(value)).await
-            }
+            ConfigWriter::Local(_) => None,
+            ConfigWriter::Remote(_, remote) => Some(remote.seconds_since_sync()),
         }
     }
 }

@@ -1,4 +1,6 @@
-//! The etcd source: routing state shared by every replica, watched for changes.
+//! The etcd source: routing state shared by every replica, watched for
+//! changes. It implements the core's `RemoteConfig`: the core knows a shared
+//! source exists, not that it is etcd (whose client brings a gRPC stack).
 //!
 //! Start-up reads the whole prefix at one revision, builds a snapshot, swaps it
 //! in, and watches from the next revision. Each watch response is applied as
@@ -32,17 +34,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use router_core::config_service::{
+    BackendSpec, Change, ConfigState, ConfigStore, Override, RemoteConfig, UpdateError, WriteFuture,
+};
+use router_core::limits::OrgLimits;
+use router_core::metrics::Metrics;
+use router_core::readiness::Healthy;
+use router_core::routing::policy::{Policy, PolicyInput};
+use router_core::util::{Backoff, now_ms, valid_id};
 use router_providers::Kind;
 use router_providers::credential::CredentialRef;
 use router_providers::transport::tls::TlsSpec;
-
-use super::UpdateError;
-use super::{BackendSpec, ConfigState, ConfigStore, Override};
-use crate::limits::OrgLimits;
-use crate::metrics::Metrics;
-use crate::readiness::Healthy;
-use crate::routing::policy::{Policy, PolicyInput};
-use crate::util::{Backoff, now_ms};
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
@@ -175,7 +178,7 @@ impl EtcdSource {
     /// Seconds since etcd last confirmed our state (a read, an event, or a
     /// watch progress report).
     pub fn seconds_since_sync(&self) -> f64 {
-        crate::util::age_seconds(Some(self.last_sync_ms.load(Ordering::Relaxed)).filter(|t| *t > 0))
+        router_core::util::age_seconds(Some(self.last_sync_ms.load(Ordering::Relaxed)).filter(|t| *t > 0))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, String>, i64)> {
@@ -299,7 +302,7 @@ impl EtcdSource {
                 Ok(Entry::Policy(policy))
             }
             "backends" => {
-                if !crate::util::valid_id(name) {
+                if !valid_id(name) {
                     return Err(reject("schema", "invalid backend id"));
                 }
                 let v: BackendValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
@@ -325,7 +328,7 @@ impl EtcdSource {
                 Ok(Entry::Override(name.to_string(), o))
             }
             "organizations" => {
-                if !crate::util::valid_id(name) {
+                if !valid_id(name) {
                     return Err(reject("schema", "invalid organization id"));
                 }
                 let limits = OrgLimits::from_json(json()?).map_err(|e| reject("invalid", e))?;
@@ -343,7 +346,7 @@ impl EtcdSource {
                     Ok(serde_json::Value::String(s)) => s,
                     _ => value.trim().to_string(),
                 };
-                if !crate::util::valid_id(&org) {
+                if !valid_id(&org) {
                     return Err(reject("invalid", "invalid organization id"));
                 }
                 Ok(Entry::ApiKey(hash, org))
@@ -441,7 +444,7 @@ impl EtcdSource {
             let path = self.cache_path.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let bytes = serde_json::to_vec(&*cache).map_err(|e| e.to_string())?;
-                crate::util::write_atomically(&path, &bytes)
+                router_core::util::write_atomically(&path, &bytes)
             })
             .await;
             if let Ok(Err(e)) | Err(e) = result.map_err(|e| e.to_string()) {
@@ -451,7 +454,7 @@ impl EtcdSource {
     }
 
     /// Watches until cancelled, reconnecting with backoff.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    pub async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut need_full = !self.is_healthy();
         loop {
@@ -595,11 +598,6 @@ impl EtcdSource {
         }
     }
 
-    /// The backends of the state in force.
-    pub fn store_state_backends(&self) -> BTreeMap<String, BackendSpec> {
-        self.store.load().state.backends.clone()
-    }
-
     /// Marking healthy clears the failure counters on every replica.
     fn reset_health(&self, key: &str) {
         let id = key.rsplit('/').next().unwrap_or_default();
@@ -646,7 +644,7 @@ pub fn override_value(o: &Override) -> String {
         "degraded": true,
         "reason": o.reason,
         "by": o.by,
-        "since": crate::util::rfc3339(o.since),
+        "since": router_core::util::rfc3339(o.since),
     })
     .to_string()
 }
@@ -655,4 +653,30 @@ impl Healthy for EtcdSource {
     fn is_healthy(&self) -> bool {
         EtcdSource::is_healthy(self)
     }
+}
+
+impl RemoteConfig for EtcdSource {
+    fn write(&self, change: Change) -> WriteFuture<'_> {
+        Box::pin(async move {
+            let (key, value) = match &change {
+                Change::Policy(p) => (format!("policies/{}/{}", p.organization_id, p.model), Some(json(p)?)),
+                Change::Override(id, over) => (format!("backend-overrides/{id}"), over.as_ref().map(override_value)),
+                Change::OrgLimits(org, limits) => (format!("organizations/{org}"), Some(json(limits)?)),
+            };
+            EtcdSource::write(self, &key, value).await
+        })
+    }
+
+    fn seconds_since_sync(&self) -> f64 {
+        EtcdSource::seconds_since_sync(self)
+    }
+
+    fn run(self: Arc<Self>, tasks: &TaskTracker, cancel: CancellationToken) {
+        tasks.spawn(self.clone().watch_loop(cancel.clone()));
+        tasks.spawn(self.run_cache_writer(cancel));
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String, UpdateError> {
+    serde_json::to_string(value).map_err(|e| UpdateError::Invalid(e.to_string()))
 }

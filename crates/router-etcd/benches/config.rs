@@ -6,9 +6,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use router_core::config_service::etcd::{EtcdSettings, EtcdSource};
 use router_core::config_service::{BackendSpec, ConfigState, ConfigStore};
 use router_core::metrics::Metrics;
+use router_etcd::{EtcdSettings, EtcdSource};
 use router_providers::transport::Transports;
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +60,7 @@ fn main() {
         let settings = EtcdSettings { endpoints: vec![client_url.clone()], prefix: "/api-router".into() };
         let source = EtcdSource::start(settings, base, store.clone(), metrics, dir.path()).await;
         let cancel = CancellationToken::new();
-        tokio::spawn(source.clone().run(cancel.clone()));
+        tokio::spawn(source.clone().watch_loop(cancel.clone()));
         // Let the watch establish.
         while !source.is_healthy() {
             tokio::time::sleep(Duration::from_millis(10)).await;
