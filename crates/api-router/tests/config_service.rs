@@ -245,3 +245,32 @@ async fn a_key_outside_the_schema_is_rejected() {
 async fn an_empty_value_is_rejected() {
     assert_rejected(KEY, "", "empty").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_with_an_unreadable_tls_file_is_rejected_and_adds_nothing() {
+    let bad = json!({"endpoint": "openai+https://127.0.0.1:1", "tls": {"ca_file": "/nonexistent/ca.pem"}});
+    assert_rejected("/api-router/backends/tls-b", &bad.to_string(), "tls").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_backend_with_its_own_ca_is_added_from_etcd() {
+    let pki = test_support::tls::Pki::new();
+    let s = setup();
+    let secure = Mock::start(
+        "secure",
+        &["--tls-cert", pki.server_cert.to_str().unwrap(), "--tls-key", pki.server_key.to_str().unwrap()],
+    );
+    let router = s.router();
+    wait_config(&router, "healthy").await;
+    let value = json!({"endpoint": secure.url(), "kind": "native", "tls": {"ca_file": pki.ca}});
+    s.etcd.put("/api-router/backends/secure", &value.to_string());
+    let list_has_it = || async {
+        let list = router.admin_get("/v1/admin/routing/backends").await.json();
+        list["backends"].as_array().unwrap().iter().any(|b| b["backend_id"] == "secure")
+    };
+    assert!(eventually(Duration::from_secs(2), list_has_it).await);
+    let p = policy("org-a", "gpt-4o", &[("secure", 1)], 3);
+    s.etcd.put(KEY, &p.to_string());
+    assert!(eventually(Duration::from_secs(2), || policy_is(&router, &p)).await);
+    assert!(only(&router, "secure").await, "served over TLS with the CA from etcd");
+}

@@ -135,6 +135,11 @@ impl Mock {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    /// Streams whose client went away before the end.
+    pub fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::Relaxed)
+    }
 }
 
 /// The mock's routes over `mock`'s state: serve it, or call it in process.
@@ -152,7 +157,12 @@ pub fn app(mock: Arc<Mock>) -> Router {
         .with_state(mock)
 }
 
+/// Records the HTTP version of the requests a router sends (not of the
+/// test's own `/mock/` calls).
 async fn note_version(State(m): State<Arc<Mock>>, request: Request, next: Next) -> Response {
+    if request.uri().path().starts_with("/mock/") {
+        return next.run(request).await;
+    }
     let version = match request.version() {
         Version::HTTP_2 => "HTTP/2.0",
         Version::HTTP_10 => "HTTP/1.0",
@@ -162,16 +172,19 @@ async fn note_version(State(m): State<Arc<Mock>>, request: Request, next: Next) 
     next.run(request).await
 }
 
-/// A mock serving on its own task; stopped when dropped.
+/// A mock serving on its own tasks; stopped when dropped.
 pub struct Server {
     pub addr: SocketAddr,
+    /// With TLS: a plain-HTTP port serving the same routes, so that tests
+    /// can read `/mock/stats` and set `/mock/faults` without a certificate.
+    pub control_addr: Option<SocketAddr>,
     pub mock: Arc<Mock>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.task.abort();
+        self.tasks.iter().for_each(|t| t.abort());
     }
 }
 
@@ -181,8 +194,15 @@ pub async fn start(options: Options) -> std::io::Result<Server> {
     let listener = TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
     let acceptor = options.tls.as_ref().map(tls_acceptor).transpose()?;
-    let task = tokio::spawn(accept_loop(listener, acceptor, mock.clone()));
-    Ok(Server { addr, mock, task })
+    let mut tasks = Vec::new();
+    let mut control_addr = None;
+    if acceptor.is_some() {
+        let control = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+        control_addr = Some(control.local_addr()?);
+        tasks.push(tokio::spawn(accept_loop(control, None, mock.clone())));
+    }
+    tasks.push(tokio::spawn(accept_loop(listener, acceptor, mock.clone())));
+    Ok(Server { addr, control_addr, mock, tasks })
 }
 
 fn invalid(e: impl std::fmt::Display) -> std::io::Error {
@@ -229,12 +249,21 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAc
                 None => {
                     let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
                 }
-                Some(acceptor) => match acceptor.accept(tcp).await {
+                Some(acceptor) => match acceptor.accept(tcp).into_fallible().await {
                     Ok(tls) => {
                         let _ = builder.serve_connection(TokioIo::new(tls), service).await;
                     }
-                    Err(_) => {
+                    Err((_, mut tcp)) => {
                         mock.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        // Lingering close, as servers do: read what the client
+                        // still sends before closing, so that the close is a
+                        // FIN, not a reset that would destroy the alert just
+                        // sent before the client reads it.
+                        let drain = async {
+                            let mut buf = [0u8; 4096];
+                            while tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await.is_ok_and(|n| n > 0) {}
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
                     }
                 },
             }
@@ -302,6 +331,9 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let server = start(options).await?;
+        if let Some(control) = server.control_addr {
+            println!("mock-backend control on {control}");
+        }
         println!("mock-backend listening on {}", server.addr);
         shutdown_signal().await;
         drop(server);
@@ -488,51 +520,52 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-#[derive(Deserialize)]
+/// Behaviour changed at run time (`POST /mock/faults`); each field optional.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Faults {
-    latency_ms: Option<u64>,
-    error_rate: Option<f64>,
-    error_status: Option<u16>,
-    healthy: Option<bool>,
-    stream_chunks: Option<u64>,
-    stream_delay_ms: Option<u64>,
-    cut_stream_after: Option<u64>,
+pub struct Faults {
+    pub latency_ms: Option<u64>,
+    pub error_rate: Option<f64>,
+    pub error_status: Option<u16>,
+    pub healthy: Option<bool>,
+    pub stream_chunks: Option<u64>,
+    pub stream_delay_ms: Option<u64>,
+    /// Break each stream after this many chunks; 0 turns it off.
+    pub cut_stream_after: Option<u64>,
+}
+
+impl Mock {
+    /// Applies `f`, all or nothing.
+    pub fn apply(&self, f: &Faults) -> Result<(), String> {
+        if f.error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+            return Err("error_rate must be from 0 to 1".into());
+        }
+        if f.error_status.is_some_and(|s| StatusCode::from_u16(s).is_err()) {
+            return Err("error_status must be an HTTP status".into());
+        }
+        let set = |cell: &AtomicU64, v: Option<u64>| v.into_iter().for_each(|v| cell.store(v, Ordering::Relaxed));
+        set(&self.error_ppm, f.error_rate.map(|r| (r * 1e6) as u64));
+        set(&self.latency_ms, f.latency_ms);
+        set(&self.stream_chunks, f.stream_chunks);
+        set(&self.stream_delay_ms, f.stream_delay_ms);
+        set(&self.cut_stream_after, f.cut_stream_after);
+        if let Some(s) = f.error_status {
+            self.error_status.store(s, Ordering::Relaxed);
+        }
+        if let Some(h) = f.healthy {
+            self.healthy.store(h, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 async fn faults(State(m): State<Arc<Mock>>, body: Bytes) -> Response {
-    let f: Faults = match serde_json::from_slice(&body) {
-        Ok(f) => f,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("invalid faults: {e}")).into_response(),
-    };
-    if let Some(rate) = f.error_rate {
-        if !(0.0..=1.0).contains(&rate) {
-            return (StatusCode::BAD_REQUEST, "error_rate must be from 0 to 1").into_response();
-        }
-        m.error_ppm.store((rate * 1e6) as u64, Ordering::Relaxed);
+    let applied =
+        serde_json::from_slice::<Faults>(&body).map_err(|e| format!("invalid faults: {e}")).and_then(|f| m.apply(&f));
+    match applied {
+        Ok(()) => stats(State(m)).await,
+        Err(e) => (StatusCode::BAD_REQUEST, e).into_response(),
     }
-    if let Some(s) = f.error_status {
-        if StatusCode::from_u16(s).is_err() {
-            return (StatusCode::BAD_REQUEST, "error_status must be an HTTP status").into_response();
-        }
-        m.error_status.store(s, Ordering::Relaxed);
-    }
-    if let Some(l) = f.latency_ms {
-        m.latency_ms.store(l, Ordering::Relaxed);
-    }
-    if let Some(h) = f.healthy {
-        m.healthy.store(h, Ordering::Relaxed);
-    }
-    if let Some(n) = f.stream_chunks {
-        m.stream_chunks.store(n, Ordering::Relaxed);
-    }
-    if let Some(d) = f.stream_delay_ms {
-        m.stream_delay_ms.store(d, Ordering::Relaxed);
-    }
-    if let Some(c) = f.cut_stream_after {
-        m.cut_stream_after.store(c, Ordering::Relaxed);
-    }
-    stats(State(m)).await
 }
 
 async fn stats(State(m): State<Arc<Mock>>) -> Response {

@@ -12,23 +12,39 @@ use crate::process::Proc;
 pub struct Mock {
     pub id: String,
     pub addr: SocketAddr,
+    /// Where `/mock/stats` and `/mock/faults` answer in plain HTTP (the
+    /// serving port itself, unless it serves TLS).
+    control: SocketAddr,
+    tls: bool,
     args: Vec<String>,
     proc: Option<Proc>,
 }
 
 impl Mock {
+    /// Starts `mock-backend` with `args` (e.g. `--tls-cert`, `--tls-key`).
     pub fn start(id: &str, args: &[&str]) -> Mock {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let proc = spawn_mock(id, "127.0.0.1:0", &args);
         let line = proc
             .wait_for_line(Duration::from_secs(10), |l| l.starts_with("mock-backend listening on "))
-            .expect("mock-backend did not start");
+            .unwrap_or_else(|| panic!("mock-backend did not start:\n{}", proc.lines().join("\n")));
         let addr = line.trim_start_matches("mock-backend listening on ").parse().unwrap();
-        Mock { id: id.to_string(), addr, args, proc: Some(proc) }
+        let control = proc
+            .lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("mock-backend control on ").map(|a| a.parse().unwrap()))
+            .unwrap_or(addr);
+        let tls = args.iter().any(|a| a == "--tls-cert");
+        Mock { id: id.to_string(), addr, control, tls, args, proc: Some(proc) }
     }
 
+    /// The serving URL: `https://` for a TLS mock.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    fn control_url(&self) -> String {
+        format!("http://{}", self.control)
     }
 
     /// `id=url`, for BACKEND_ENDPOINTS.
@@ -54,6 +70,13 @@ impl Mock {
         loop {
             let proc = spawn_mock(&self.id, &self.addr.to_string(), &self.args);
             if proc.wait_for_line(Duration::from_secs(5), |l| l.starts_with("mock-backend listening on ")).is_some() {
+                if let Some(control) = proc
+                    .lines()
+                    .iter()
+                    .find_map(|l| l.strip_prefix("mock-backend control on ").map(|a| a.parse().unwrap()))
+                {
+                    self.control = control;
+                }
                 self.proc = Some(proc);
                 return;
             }
@@ -63,7 +86,7 @@ impl Mock {
     }
 
     pub async fn stats(&self) -> Value {
-        get_json(&format!("{}/mock/stats", self.url()), &[]).await.1
+        get_json(&format!("{}/mock/stats", self.control_url()), &[]).await.1
     }
 
     pub async fn requests(&self) -> u64 {
@@ -71,7 +94,7 @@ impl Mock {
     }
 
     pub async fn faults(&self, faults: Value) {
-        let r = send(Method::POST, &format!("{}/mock/faults", self.url()), &[], faults.to_string()).await;
+        let r = send(Method::POST, &format!("{}/mock/faults", self.control_url()), &[], faults.to_string()).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
 }

@@ -29,7 +29,10 @@
 pub mod stream;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+// Tokio's clock: the real one in service, the paused one in tests.
+use tokio::time::Instant;
 
 use http::StatusCode;
 use http::header::HeaderValue;

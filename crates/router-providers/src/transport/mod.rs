@@ -16,6 +16,7 @@
 //! [`send`], [`open_stream`], [`get`] and [`probe`] are one exchange each,
 //! bounded by a timeout, with every failure an [`AttemptError`].
 
+mod diagnose;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::diagnose::{Diagnosing, Recent};
 use self::tls::{TlsError, TlsSpec};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -163,7 +165,8 @@ impl std::fmt::Debug for dyn Transport {
 
 /// hyper's pooled client over rustls: see the module doc.
 pub struct HttpTransport {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Diagnosing<HttpsConnector<HttpConnector>>, Full<Bytes>>,
+    recent: Recent,
 }
 
 impl HttpTransport {
@@ -177,24 +180,38 @@ impl HttpTransport {
             Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
             None => builder,
         };
-        let connector = builder.enable_http1().enable_http2().wrap_connector(http);
+        let recent = Recent::default();
+        let connector =
+            Diagnosing { inner: builder.enable_http1().enable_http2().wrap_connector(http), recent: recent.clone() };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Self { client }
+        Self { client, recent }
     }
 }
 
 impl Transport for HttpTransport {
     fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+        let authority = request.uri().authority().cloned();
         let pending = self.client.request(request);
+        let recent = self.recent.clone();
         Box::pin(async move {
             match pending.await {
                 Ok(response) => Ok(response.map(ResponseBody::Hyper)),
-                Err(e) => Err(AttemptError::classify(&e, e.is_connect())),
+                Err(e) => match AttemptError::classify(&e, e.is_connect()) {
+                    // A failure that says nothing of its own, on a connection
+                    // whose TLS just failed (see `diagnose`): that is the reason.
+                    err @ (AttemptError::Io(_) | AttemptError::Connect(_)) => {
+                        match authority.and_then(|a| recent.take(a.as_str())) {
+                            Some(reason) => Err(AttemptError::Tls(reason)),
+                            None => Err(err),
+                        }
+                    }
+                    err => Err(err),
+                },
             }
         })
     }
@@ -426,6 +443,7 @@ pub fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::tls::TlsSpec;
 
     #[test]
     fn classification_of_failures() {
@@ -440,6 +458,91 @@ mod tests {
         assert!(AttemptError::Connect("refused".into()).counts_against_health());
         assert!(AttemptError::Tls("certificate not trusted".into()).counts_against_health());
         assert_eq!(AttemptError::Tls("certificate not trusted".into()).to_string(), "tls: certificate not trusted");
+    }
+
+    /// A TLS server on loopback that completes handshakes (and answers
+    /// nothing), with `cert` signed by its own CA; with `client_ca`, it
+    /// requires a client certificate.
+    async fn tls_server(
+        names: &[&str],
+        require_client_cert: bool,
+        h2: bool,
+    ) -> (u16, rustls_pki_types::CertificateDer<'static>, tokio::task::JoinHandle<()>) {
+        use rustls_pki_types::PrivateKeyDer;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(der.clone()).unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config =
+            builder.with_single_cert(vec![der.clone()], PrivateKeyDer::try_from(key.serialize_der()).unwrap()).unwrap();
+        if h2 {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        // Read the request, then hang up without answering.
+                        let mut buf = [0u8; 1024];
+                        let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await;
+                    }
+                });
+            }
+        });
+        (port, der, task)
+    }
+
+    async fn attempt(transport: &dyn Transport, port: u16) -> AttemptError {
+        let uri: Uri = format!("https://127.0.0.1:{port}/v1/inference").parse().unwrap();
+        send(transport, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(5)).await.unwrap_err()
+    }
+
+    fn trusting(ca: &rustls_pki_types::CertificateDer<'static>, spec: TlsSpec) -> HttpTransport {
+        HttpTransport::new(spec.client_config(std::slice::from_ref(ca)).unwrap(), None, Duration::from_secs(2))
+    }
+
+    #[tokio::test]
+    async fn tls_failures_of_real_handshakes_have_short_reasons() {
+        let (port, _, _server) = tls_server(&["127.0.0.1"], false, false).await;
+        let untrusting = Transports::new(TransportSettings::default()).unwrap().default_transport();
+        assert_eq!(attempt(&*untrusting, port).await, AttemptError::Tls("certificate not trusted".into()));
+
+        let (port, ca2, _server2) = tls_server(&["other.example"], false, false).await;
+        let err = attempt(&trusting(&ca2, TlsSpec::default()), port).await;
+        assert_eq!(err, AttemptError::Tls("certificate not valid for this name".into()));
+        // The same certificate, checked against the name it has.
+        let spec = TlsSpec { server_name: Some("other.example".into()), ..Default::default() };
+        let named = HttpTransport::new(
+            spec.client_config(std::slice::from_ref(&ca2)).unwrap(),
+            spec.server_name.clone(),
+            Duration::from_secs(2),
+        );
+        assert_eq!(attempt(&named, port).await.error_type(), "io", "the handshake passed; the server said nothing");
+
+        // A refused client certificate, over HTTP/1.1 and over HTTP/2 (where
+        // the alert is read by the connection, not the request).
+        for h2 in [false, true] {
+            let (port, ca3, _server3) = tls_server(&["127.0.0.1"], true, h2).await;
+            let err = attempt(&trusting(&ca3, TlsSpec::default()), port).await;
+            assert_eq!(err, AttemptError::Tls("client certificate refused".into()), "h2 {h2}: {err}");
+        }
     }
 
     #[tokio::test]

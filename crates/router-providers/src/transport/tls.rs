@@ -139,6 +139,22 @@ impl TlsSpec {
 
 /// A short reason if `e` (or anything in its chain) is a TLS failure.
 pub fn reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    typed_reason(e).or_else(|| {
+        // HTTP/2 keeps only the text of an I/O error (io::Error is not
+        // Clone), so a TLS alert after the handshake arrives as rustls's
+        // message: read it back.
+        let mut text = e.to_string();
+        let mut cur = e.source();
+        while let Some(err) = cur {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cur = err.source();
+        }
+        reason_from_text(&text)
+    })
+}
+
+fn typed_reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
@@ -146,13 +162,38 @@ pub fn reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         }
         // io::Error's `source` skips the error it wraps: look inside.
         if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
-            && let Some(r) = reason(inner)
+            && let Some(r) = typed_reason(inner)
         {
             return Some(r);
         }
         cur = err.source();
     }
     None
+}
+
+/// rustls's messages for the failures [`describe`] names.
+fn reason_from_text(text: &str) -> Option<String> {
+    if let Some((_, alert)) = text.split_once("received fatal alert: ") {
+        let alert = alert.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or_default();
+        return Some(match alert {
+            "CertificateRequired" | "BadCertificate" | "UnknownCA" | "CertificateUnknown" | "AccessDenied" => {
+                "client certificate refused".into()
+            }
+            other => format!("the backend sent alert {other}"),
+        });
+    }
+    let (_, rest) = text.split_once("invalid peer certificate: ")?;
+    Some(
+        match rest.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or_default() {
+            "UnknownIssuer" | "BadSignature" => "certificate not trusted",
+            "Expired" => "certificate expired",
+            "NotValidYet" => "certificate not yet valid",
+            "NotValidForName" => "certificate not valid for this name",
+            "Revoked" => "certificate revoked",
+            _ => "invalid certificate",
+        }
+        .into(),
+    )
 }
 
 fn describe(e: &rustls::Error) -> String {
@@ -241,5 +282,12 @@ mod tests {
         let alert = std::io::Error::other(rustls::Error::AlertReceived(AlertDescription::CertificateRequired));
         assert_eq!(reason(&alert).as_deref(), Some("client certificate refused"));
         assert_eq!(reason(&std::io::Error::other("plain")), None);
+        // As HTTP/2 reports it: the text only.
+        let text =
+            std::io::Error::other(rustls::Error::AlertReceived(AlertDescription::CertificateRequired).to_string());
+        assert_eq!(reason(&text).as_deref(), Some("client certificate refused"));
+        let text =
+            std::io::Error::other(rustls::Error::InvalidCertificate(CertificateError::NotValidForName).to_string());
+        assert_eq!(reason(&text).as_deref(), Some("certificate not valid for this name"));
     }
 }
