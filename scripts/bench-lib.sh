@@ -123,4 +123,24 @@ redis_fallbacks() {
 }
 
 stop_router() { kill -TERM "$ROUTER_PID"; wait "$ROUTER_PID" 2>/dev/null || true; }
+
+# Instructions per request under callgrind: the router's total with N requests
+# minus its total idling for as long, divided by N. Only an all-2xx run counts.
+instructions() { # mode
+  local mode=$1 n=2000 totals=() CG_SECONDS=0
+  for requests in $n 0; do
+    start_router "$mode" valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$mode.$requests"
+    if [ "$requests" = 0 ]; then
+      sleep "$CG_SECONDS"
+    else
+      local t0=$SECONDS
+      read -r _ _ _ _ bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 4)"
+      [ "$bad" = 0 ] || { echo "callgrind run ($mode) had $bad non-2xx answers" >&2; exit 1; }
+      CG_SECONDS=$((SECONDS - t0 + 1))
+    fi
+    stop_router
+    totals+=("$(callgrind_annotate "$TMP/cg.$mode.$requests" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')")
+  done
+  echo $(((totals[0] - totals[1]) / n))
+}
 rss_mb() { awk -v k="$2" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }

@@ -17,17 +17,15 @@ use serde::Deserialize;
 
 use router_core::CoreSettings;
 use router_core::auth::hash_key;
-use router_core::config_service::{BackendSpec, ConfigState};
+use router_core::config_service::{BackendInput, BackendSpec, ConfigState};
 use router_core::limits::{BudgetServiceSettings, FailureMode, LimitSettings, OrgLimits, Price, RateLimit};
 use router_core::routing::policy::PolicyInput;
 use router_core::usage::{Fsync, FullPolicy, UsageSettings};
 use router_core::util::valid_id;
 use router_etcd::EtcdSettings;
 use router_http::HttpSettings;
-use router_providers::Kind;
-use router_providers::credential::CredentialRef;
 use router_providers::transport::TransportSettings;
-use router_providers::transport::tls::{self, TlsSpec};
+use router_providers::transport::tls;
 
 /// One bad setting: which, what value, what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,26 +404,13 @@ fn default_threshold() -> u32 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileBackend {
     backend_id: String,
-    /// `url` or `kind+url`.
-    endpoint: String,
-    /// Overrides a `kind+` prefix of the endpoint.
-    #[serde(default)]
-    kind: Option<Kind>,
-    /// The upstream credential: the name of an environment variable...
-    #[serde(default)]
-    api_key_env: Option<String>,
-    /// ... or a file holding it.
-    #[serde(default)]
-    api_key_file: Option<PathBuf>,
-    /// Model aliases: client name → backend name.
-    #[serde(default)]
-    models: BTreeMap<String, String>,
-    /// TLS settings for an `https://` endpoint.
-    #[serde(default)]
-    tls: TlsSpec,
+    #[serde(flatten)]
+    backend: BackendInput,
+    /// Whatever else the entry holds: refused, so that a typo fails start-up.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// An organization's limits: `organization_id` plus the admin API's shape.
@@ -458,25 +443,11 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
     };
     for b in file.backends {
         check_id("ROUTER_CONFIG", &b.backend_id)?;
-        let mut spec =
-            BackendSpec::parse_endpoint(&b.endpoint).map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
-        if let Some(kind) = b.kind {
-            spec.kind = kind;
+        if let Some(field) = b.unknown.keys().next() {
+            return Err(err(format!("backend {}: no unknown field {field:?}", b.backend_id)));
         }
-        spec.models = b.models;
-        spec.credential = match (b.api_key_env, b.api_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(format!("backend {}: api_key_env or api_key_file, not both", b.backend_id)));
-            }
-            (Some(name), None) => Some(CredentialRef::Env(name)),
-            (None, Some(path)) => Some(CredentialRef::File(path)),
-            (None, None) => None,
-        };
-        if let Some(Err(why)) = spec.credential.as_ref().map(|c| c.resolve()) {
-            return Err(err(format!("backend {}: a readable credential ({why})", b.backend_id)));
-        }
-        b.tls.validate().map_err(|e| err(format!("backend {}: usable TLS files ({e})", b.backend_id)))?;
-        spec.tls = b.tls;
+        let spec = b.backend.into_spec().map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
+        spec.check_files().map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
         state.backends.insert(b.backend_id, spec);
     }
     for k in file.api_keys {
@@ -660,5 +631,9 @@ mod tests {
         std::fs::write(&config, "backends:\n  - backend_id: b1\n    endpoint: https://h\n    tls: {ca_fil: x}\n")
             .unwrap();
         assert!(settings(&[("ROUTER_CONFIG", config.to_str().unwrap())]).is_err(), "unknown tls fields are refused");
+        std::fs::write(&config, "backends:\n  - backend_id: b1\n    endpoint: https://h\n    api_kee_env: X\n")
+            .unwrap();
+        let e = settings(&[("ROUTER_CONFIG", config.to_str().unwrap())]).unwrap_err();
+        assert!(e.expected.contains("api_kee_env"), "unknown backend fields are refused: {e}");
     }
 }

@@ -35,16 +35,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use router_core::config_service::{
-    BackendSpec, Change, ConfigState, ConfigStore, Override, RemoteConfig, UpdateError, WriteFuture,
+    BackendInput, BackendSpec, Change, ConfigState, ConfigStore, Override, RemoteConfig, UpdateError, WriteFuture,
 };
 use router_core::limits::OrgLimits;
 use router_core::metrics::Metrics;
 use router_core::readiness::Healthy;
 use router_core::routing::policy::{Policy, PolicyInput};
 use router_core::util::{Backoff, now_ms, valid_id};
-use router_providers::Kind;
-use router_providers::credential::CredentialRef;
-use router_providers::transport::tls::TlsSpec;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone)]
@@ -62,24 +59,6 @@ enum Entry {
     Override(String, Option<Override>),
     Organization(String, OrgLimits),
     ApiKey([u8; 32], String),
-}
-
-#[derive(Deserialize)]
-struct BackendValue {
-    /// `url` or `kind+url`.
-    endpoint: String,
-    /// Overrides a `kind+` prefix of the endpoint.
-    #[serde(default)]
-    kind: Option<Kind>,
-    /// Credentials are referenced, never stored in etcd.
-    #[serde(default)]
-    api_key_env: Option<String>,
-    #[serde(default)]
-    api_key_file: Option<PathBuf>,
-    #[serde(default)]
-    models: BTreeMap<String, String>,
-    #[serde(default)]
-    tls: TlsSpec,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -305,19 +284,8 @@ impl EtcdSource {
                 if !valid_id(name) {
                     return Err(reject("schema", "invalid backend id"));
                 }
-                let v: BackendValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                let mut spec = BackendSpec::parse_endpoint(&v.endpoint).map_err(|e| reject("invalid", e))?;
-                if let Some(kind) = v.kind {
-                    spec.kind = kind;
-                }
-                spec.models = v.models;
-                spec.credential = match (v.api_key_env, v.api_key_file) {
-                    (Some(_), Some(_)) => return Err(reject("invalid", "api_key_env or api_key_file, not both")),
-                    (Some(name), None) => Some(CredentialRef::Env(name)),
-                    (None, Some(path)) => Some(CredentialRef::File(path)),
-                    (None, None) => None,
-                };
-                spec.tls = v.tls;
+                let v: BackendInput = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+                let spec = v.into_spec().map_err(|e| reject("invalid", e))?;
                 Ok(Entry::Backend(name.to_string(), spec))
             }
             "backend-overrides" => {

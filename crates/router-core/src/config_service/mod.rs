@@ -95,6 +95,59 @@ impl BackendSpec {
     }
 }
 
+/// A backend as written in the YAML file or an etcd value; unknown fields
+/// are the caller's to judge.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BackendInput {
+    /// `url` or `kind+url`.
+    pub endpoint: String,
+    /// Overrides a `kind+` prefix of the endpoint.
+    #[serde(default)]
+    pub kind: Option<Kind>,
+    /// The upstream credential: the name of an environment variable...
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// ... or a file holding it. Credentials are referenced, never stored.
+    #[serde(default)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Model aliases: client name → backend name.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    /// TLS settings for an `https://` endpoint.
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+impl BackendInput {
+    /// The spec, its shape checked. Files are not read here: see
+    /// [`BackendSpec::check_files`].
+    pub fn into_spec(self) -> Result<BackendSpec, String> {
+        let mut spec = BackendSpec::parse_endpoint(&self.endpoint)?;
+        if let Some(kind) = self.kind {
+            spec.kind = kind;
+        }
+        spec.models = self.models;
+        spec.credential = match (self.api_key_env, self.api_key_file) {
+            (Some(_), Some(_)) => return Err("api_key_env or api_key_file, not both".into()),
+            (Some(name), None) => Some(CredentialRef::Env(name)),
+            (None, Some(path)) => Some(CredentialRef::File(path)),
+            (None, None) => None,
+        };
+        spec.tls = self.tls;
+        Ok(spec)
+    }
+}
+
+impl BackendSpec {
+    /// Reads what the spec names: the credential and the TLS files.
+    pub fn check_files(&self) -> Result<(), String> {
+        if let Some(Err(why)) = self.credential.as_ref().map(|c| c.resolve()) {
+            return Err(format!("a readable credential ({why})"));
+        }
+        self.tls.validate().map_err(|e| format!("usable TLS files ({e})"))
+    }
+}
+
 /// An admin override that takes a backend out of routing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Override {

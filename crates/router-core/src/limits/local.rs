@@ -164,7 +164,7 @@ impl Ledger {
             st.counters.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
             serde_json::to_vec(&*st).map_err(|e| e.to_string())?
         };
-        let result = write_atomically(&self.path, &bytes);
+        let result = crate::util::write_atomically(&self.path, &bytes);
         if result.is_err() {
             self.dirty.store(true, Ordering::Relaxed);
         }
@@ -189,19 +189,6 @@ impl Ledger {
             }
         }
     }
-}
-
-/// Write to a temporary file, fsync it, rename it over `path`, fsync the dir.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(Ok(d)) = path.parent().map(std::fs::File::open) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
