@@ -100,6 +100,8 @@ impl Settings {
             Duration::from_secs(positive_u64("AUDIT_RETENTION_HOURS", var("AUDIT_RETENTION_HOURS"), 7 * 24)? * 3600);
         let audit_commit_interval = ms("AUDIT_COMMIT_INTERVAL_MS", 10)?;
         let decisions_capacity = positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
+        let upstream_cooldown_max =
+            Duration::from_secs(positive_u64("UPSTREAM_COOLDOWN_MAX_SECS", var("UPSTREAM_COOLDOWN_MAX_SECS"), 60)?);
         let log_format = match var("LOG_FORMAT").as_deref().map(str::trim) {
             None | Some("json") => LogFormat::Json,
             Some("text") => LogFormat::Text,
@@ -221,6 +223,7 @@ impl Settings {
                 audit_retention,
                 audit_commit_interval,
                 decisions_capacity,
+                upstream_cooldown_max,
                 limits,
                 usage,
                 transport,

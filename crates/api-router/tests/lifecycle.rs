@@ -175,7 +175,7 @@ fn a_bad_setting_exits_non_zero_with_one_line() {
 }
 
 #[test]
-fn make_run_script_prints_a_curl_that_returns_200() {
+fn make_run_script_prints_a_curl_for_each_door_that_returns_200() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tmp = tempfile::tempdir().unwrap();
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -189,25 +189,43 @@ fn make_run_script_prints_a_curl_that_returns_200() {
         .env("MOCK_PORTS", format!("{m1},{m2}"))
         .env("DEV_DIR", tmp.path());
     let mut proc = Proc::spawn(cmd);
-    let curl = proc
-        .wait_for_line(Duration::from_secs(30), |l| l.trim_start().starts_with("curl ") && l.contains("/v1/inference"))
-        .unwrap_or_else(|| panic!("no curl printed:\n{}", proc.lines().join("\n")));
+    proc.wait_for_line(Duration::from_secs(30), |l| l.starts_with("Press Ctrl-C"))
+        .unwrap_or_else(|| panic!("no banner printed:\n{}", proc.lines().join("\n")));
     assert!(proc.lines().iter().any(|l| l.contains("API key:")));
     assert!(proc.lines().iter().any(|l| l.contains("Admin token:")));
-    // The printed curl may continue over several lines; take the whole command.
+    // Each printed curl may continue over several lines; take whole commands.
     let lines = proc.lines();
-    let start = lines.iter().position(|l| *l == curl).unwrap();
-    let mut command = String::new();
-    for l in &lines[start..] {
-        command.push_str(l.trim_end().trim_end_matches('\\'));
-        command.push(' ');
-        if !l.trim_end().ends_with('\\') {
-            break;
+    let mut commands = Vec::new();
+    let mut current: Option<String> = None;
+    for l in &lines {
+        let l = l.trim_end();
+        match &mut current {
+            None if l.starts_with("curl ") && l.contains("/v1/") && !l.contains("admin") => {
+                current = Some(String::new());
+            }
+            None => continue,
+            Some(_) => {}
+        }
+        let c = current.as_mut().unwrap();
+        c.push_str(l.trim_end_matches('\\'));
+        c.push(' ');
+        if !l.ends_with('\\') {
+            commands.push(current.take().unwrap());
         }
     }
-    let out =
-        Command::new("bash").arg("-c").arg(format!("{command} -s -o /dev/null -w '%{{http_code}}'")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{command}");
+    let doors: Vec<&str> = ["/v1/inference", "/v1/chat/completions", "/v1/messages", "/v1/responses"]
+        .into_iter()
+        .filter(|door| commands.iter().any(|c| c.contains(door)))
+        .collect();
+    assert_eq!(doors.len(), 4, "a curl for each door: {commands:#?}");
+    for command in &commands {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{command} -s -o /dev/null -w '%{{http_code}}'"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{command}");
+    }
     proc.signal("TERM");
     assert!(proc.wait_exit(Duration::from_secs(15)).is_some());
 }

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -12,27 +11,8 @@ use hyper::Method;
 use serde_json::json;
 use test_support::*;
 
-fn python() -> String {
-    std::env::var("OPENAI_TEST_PYTHON").unwrap_or_else(|_| {
-        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv-test/bin/python");
-        assert!(venv.exists(), "the openai Python package is missing: run `make test` (it creates .venv-test)");
-        venv.to_string_lossy().into_owned()
-    })
-}
-
 fn sdk(router: &Router, scenario: &str, env: &[(&str, &str)]) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_sdk_check.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(scenario)
-        .env("ROUTER_URL", format!("http://{}", router.addr))
-        .env("API_KEY", KEY_A)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{scenario}: {stdout}\n{stderr}");
-    assert_eq!(stdout.trim(), format!("ok {scenario}"));
+    test_support::python::sdk("openai_sdk_check.py", router, KEY_A, scenario, env);
 }
 
 fn openai_router(mocks: &[&Mock]) -> Router {

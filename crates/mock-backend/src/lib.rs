@@ -11,15 +11,26 @@
 //! - `POST /v1/inference`: JSON with this backend's id, the request id (from
 //!   `X-Request-Id` or the body), a fake output and token usage.
 //! - `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
-//!   `GET /v1/models`: OpenAI-compatible, with `"stream": true` answered as SSE
-//!   chunks (usage in a final chunk when `stream_options.include_usage`).
+//!   `POST /v1/responses`, `GET /v1/models` (also the OpenAI kind's health
+//!   check): OpenAI-compatible, with `"stream": true` answered as SSE (usage
+//!   in a final chunk when `stream_options.include_usage`); a chat request
+//!   that offers tools gets a tool call, its arguments streamed in pieces.
+//! - `POST /v1/messages`, `POST /v1/messages/count_tokens`: Anthropic's
+//!   Messages API (needs `x-api-key` and `anthropic-version`), streamed as
+//!   its documented events, with a `tool_use` when tools are offered.
+//! - `/openai/deployments/{deployment}/...?api-version=...` and
+//!   `/openai/v1/...`: Azure OpenAI's paths (need `api-key`).
 //! - `POST /mock/faults`: `{"latency_ms", "error_rate", "error_status", "healthy",
-//!   "stream_chunks", "stream_delay_ms", "cut_stream_after"}`, each optional,
-//!   changes behaviour at run time (`cut_stream_after: N` breaks each stream
-//!   after N chunks; 0 turns it off).
+//!   "stream_chunks", "stream_delay_ms", "cut_stream_after",
+//!   "stream_error_after", "retry_after_secs"}`, each optional, changes
+//!   behaviour at run time (`cut_stream_after: N` breaks each stream after N
+//!   chunks, `stream_error_after: N` ends it with the provider's error event;
+//!   0 turns either off; `retry_after_secs` adds `Retry-After` to injected
+//!   errors).
 //! - `GET /mock/stats`: `{"requests": N, "errors": N, "health_checks": N,
-//!   "disconnects": N, "last_version": "HTTP/2.0", ...}` (`disconnects`:
-//!   streams whose client went away).
+//!   "disconnects": N, "last_version": "HTTP/2.0", "last_request": {"path",
+//!   "query", "headers"}, "last_deployment", ...}` (`disconnects`: streams
+//!   whose client went away).
 //!
 //! With `--tls-cert` and `--tls-key` it serves HTTPS (offering `h2` and
 //! `http/1.1` by ALPN unless `--no-h2`); with `--client-ca` it requires a
@@ -50,7 +61,12 @@ use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use serde_json::Value;
 use tokio::net::TcpListener;
+
+mod anthropic;
+mod openai;
+mod sse;
 
 /// The mock's run-time state and counters.
 pub struct Mock {
@@ -66,8 +82,15 @@ pub struct Mock {
     stream_chunks: AtomicU64,
     stream_delay_ms: AtomicU64,
     cut_stream_after: AtomicU64,
+    stream_error_after: AtomicU64,
+    retry_after_secs: AtomicU64,
     disconnects: AtomicU64,
     tls_failures: AtomicU64,
+    /// The Azure deployment of the last deployments-form request.
+    last_deployment: std::sync::Mutex<String>,
+    /// The path, query and credential-related headers of the last request
+    /// a router sent (for checks of what went upstream).
+    last_request: std::sync::Mutex<Value>,
     /// The model name of the last OpenAI request, as received.
     last_model: std::sync::Mutex<String>,
     /// The HTTP version of the last request.
@@ -124,8 +147,12 @@ impl Mock {
             stream_chunks: AtomicU64::new(5),
             stream_delay_ms: AtomicU64::new(0),
             cut_stream_after: AtomicU64::new(0),
+            stream_error_after: AtomicU64::new(0),
+            retry_after_secs: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            last_deployment: std::sync::Mutex::new(String::new()),
+            last_request: std::sync::Mutex::new(Value::Null),
             last_model: std::sync::Mutex::new(String::new()),
             last_version: std::sync::Mutex::new(""),
         })
@@ -144,23 +171,35 @@ impl Mock {
 
 /// The mock's routes over `mock`'s state: serve it, or call it in process.
 pub fn app(mock: Arc<Mock>) -> Router {
+    use openai::Kind;
     Router::new()
         .route("/health", get(health))
         .route("/v1/inference", post(inference))
-        .route("/v1/chat/completions", post(|s, b| openai(s, b, Kind::Chat)))
-        .route("/v1/completions", post(|s, b| openai(s, b, Kind::Completions)))
-        .route("/v1/embeddings", post(|s, b| openai(s, b, Kind::Embeddings)))
-        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(|s, b| openai::openai(s, b, Kind::Chat)))
+        .route("/v1/completions", post(|s, b| openai::openai(s, b, Kind::Completions)))
+        .route("/v1/embeddings", post(|s, b| openai::openai(s, b, Kind::Embeddings)))
+        .route("/v1/responses", post(|s, b| openai::openai(s, b, Kind::Responses)))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/openai/deployments/{deployment}/{*operation}", post(openai::azure_deployment))
+        .route("/openai/v1/models", get(openai::azure_models))
+        .route("/openai/v1/{*operation}", post(openai::azure_v1))
         .route("/mock/faults", post(faults))
         .route("/mock/stats", get(stats))
-        .layer(middleware::from_fn_with_state(mock.clone(), note_version))
+        .layer(middleware::from_fn_with_state(mock.clone(), note_request))
         .with_state(mock)
 }
 
-/// Records the HTTP version of the requests a router sends (not of the
-/// test's own `/mock/` calls).
-async fn note_version(State(m): State<Arc<Mock>>, request: Request, next: Next) -> Response {
-    if request.uri().path().starts_with("/mock/") {
+/// Headers whose presence or value tests check upstream.
+const NOTED_HEADERS: [&str; 6] =
+    ["authorization", "x-api-key", "api-key", "anthropic-version", "anthropic-beta", "x-request-id"];
+
+/// Records the HTTP version, path, query and noted headers of the requests a
+/// router sends (not of the test's own `/mock/` calls, nor health checks).
+async fn note_request(State(m): State<Arc<Mock>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/mock/") || request.method() == axum::http::Method::GET {
         return next.run(request).await;
     }
     let version = match request.version() {
@@ -169,6 +208,12 @@ async fn note_version(State(m): State<Arc<Mock>>, request: Request, next: Next) 
         _ => "HTTP/1.1",
     };
     *m.last_version.lock().unwrap_or_else(|p| p.into_inner()) = version;
+    let headers: serde_json::Map<String, Value> = NOTED_HEADERS
+        .iter()
+        .filter_map(|h| Some((h.to_string(), Value::from(request.headers().get(*h)?.to_str().ok()?))))
+        .collect();
+    *m.last_request.lock().unwrap_or_else(|p| p.into_inner()) =
+        serde_json::json!({"path": path, "query": request.uri().query(), "headers": headers});
     next.run(request).await
 }
 
@@ -373,9 +418,16 @@ struct NativeRequest<'a> {
     request_id: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Latency, then maybe an injected error (in the OpenAI error shape, which
-/// also serves the native door).
-async fn common(m: &Mock) -> Option<Response> {
+/// The shape of an injected error.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// OpenAI's, which also serves the native door.
+    OpenAi,
+    Anthropic,
+}
+
+/// Latency, then maybe an injected error (with `Retry-After` when set).
+async fn common(m: &Mock, shape: Shape) -> Option<Response> {
     m.requests.fetch_add(1, Ordering::Relaxed);
     let latency = m.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
@@ -386,17 +438,27 @@ async fn common(m: &Mock) -> Option<Response> {
         m.errors.fetch_add(1, Ordering::Relaxed);
         let status =
             StatusCode::from_u16(m.error_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = format!(
-            r#"{{"error":{{"code":"injected_fault","message":"mock-backend {} injected error","type":"invalid_request_error","param":null}}}}"#,
-            m.id
-        );
-        return Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response());
+        let message = format!("mock-backend {} injected error", m.id);
+        let body = match shape {
+            Shape::OpenAi => {
+                serde_json::json!({"error": {"code": "injected_fault", "message": message, "type": "invalid_request_error", "param": null}})
+            }
+            Shape::Anthropic => {
+                serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+            }
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        let retry_after = m.retry_after_secs.load(Ordering::Relaxed);
+        if retry_after > 0 {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        }
+        return Some(response);
     }
     None
 }
 
 async fn inference(State(m): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(fault) = common(&m).await {
+    if let Some(fault) = common(&m, Shape::OpenAi).await {
         return fault;
     }
     let from_body =
@@ -412,114 +474,6 @@ async fn inference(State(m): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) 
     axum::Json(out).into_response()
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Chat,
-    Completions,
-    Embeddings,
-}
-
-async fn models(State(m): State<Arc<Mock>>) -> Response {
-    axum::Json(serde_json::json!({"object": "list", "data": [{"id": format!("{}-model", m.id), "object": "model", "created": 0, "owned_by": "mock"}]}))
-        .into_response()
-}
-
-async fn openai(State(m): State<Arc<Mock>>, body: Bytes, kind: Kind) -> Response {
-    if let Some(fault) = common(&m).await {
-        return fault;
-    }
-    let req: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            let err = serde_json::json!({"error": {"message": format!("invalid JSON: {e}"), "type": "invalid_request_error", "param": null, "code": null}});
-            return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
-        }
-    };
-    let model = req["model"].as_str().unwrap_or_default().to_string();
-    *m.last_model.lock().unwrap_or_else(|p| p.into_inner()) = model.clone();
-    let id = format!("mock-{}", fastrand::u64(..));
-    if kind == Kind::Embeddings {
-        let n = req["input"].as_array().map(|a| a.len()).unwrap_or(1);
-        let data: Vec<_> = (0..n)
-            .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}))
-            .collect();
-        return axum::Json(serde_json::json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 5, "total_tokens": 5}}))
-            .into_response();
-    }
-    let text = format!("Hello from {}.", m.id);
-    if req["stream"].as_bool() != Some(true) {
-        let choice = if kind == Kind::Chat {
-            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
-        } else {
-            serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
-        };
-        let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-        return axum::Json(serde_json::json!({
-            "id": id, "object": object, "created": 0, "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
-        }))
-        .into_response();
-    }
-    let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
-    let chunks = m.stream_chunks.load(Ordering::Relaxed).max(1);
-    let delay = Duration::from_millis(m.stream_delay_ms.load(Ordering::Relaxed));
-    let cut = m.cut_stream_after.load(Ordering::Relaxed);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let mock = m.clone();
-    tokio::spawn(async move {
-        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        for i in 0..chunks {
-            if i > 0 && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if cut > 0 && i >= cut {
-                let _ = tx.send(Err(std::io::Error::other("injected stream cut"))).await;
-                return;
-            }
-            let piece = format!("tok{i} ");
-            let finish = if i + 1 == chunks { serde_json::json!("stop") } else { serde_json::Value::Null };
-            let choice = if kind == Kind::Chat {
-                serde_json::json!({"index": 0, "delta": {"content": piece}, "finish_reason": finish})
-            } else {
-                serde_json::json!({"index": 0, "text": piece, "finish_reason": finish})
-            };
-            let event =
-                serde_json::json!({"id": id, "object": object, "created": 0, "model": model, "choices": [choice]});
-            if tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await.is_err() {
-                mock.disconnects.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        if include_usage {
-            let usage = serde_json::json!({"id": id, "object": object, "created": 0, "model": model, "choices": [],
-                "usage": {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}});
-            let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
-        }
-        if tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await.is_err() {
-            mock.disconnects.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    let mut response = axum::body::Body::new(ChannelBody(rx)).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
-    response
-}
-
-/// A response body fed by a channel: each message is one frame, an error
-/// aborts the response (the connection is closed mid-body).
-struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|m| m.map(|r| r.map(http_body::Frame::data)))
-    }
-}
-
 /// Behaviour changed at run time (`POST /mock/faults`); each field optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -532,6 +486,11 @@ pub struct Faults {
     pub stream_delay_ms: Option<u64>,
     /// Break each stream after this many chunks; 0 turns it off.
     pub cut_stream_after: Option<u64>,
+    /// End each stream with the provider's error event after this many
+    /// events (inside the 200); 0 turns it off.
+    pub stream_error_after: Option<u64>,
+    /// `Retry-After` on injected errors, in seconds; 0 sends none.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Mock {
@@ -549,6 +508,8 @@ impl Mock {
         set(&self.stream_chunks, f.stream_chunks);
         set(&self.stream_delay_ms, f.stream_delay_ms);
         set(&self.cut_stream_after, f.cut_stream_after);
+        set(&self.stream_error_after, f.stream_error_after);
+        set(&self.retry_after_secs, f.retry_after_secs);
         if let Some(s) = f.error_status {
             self.error_status.store(s, Ordering::Relaxed);
         }
@@ -581,6 +542,10 @@ async fn stats(State(m): State<Arc<Mock>>) -> Response {
         "stream_chunks": m.stream_chunks.load(Ordering::Relaxed),
         "stream_delay_ms": m.stream_delay_ms.load(Ordering::Relaxed),
         "cut_stream_after": m.cut_stream_after.load(Ordering::Relaxed),
+        "stream_error_after": m.stream_error_after.load(Ordering::Relaxed),
+        "retry_after_secs": m.retry_after_secs.load(Ordering::Relaxed),
+        "last_deployment": m.last_deployment.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        "last_request": m.last_request.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         "disconnects": m.disconnects.load(Ordering::Relaxed),
         "tls_failures": m.tls_failures.load(Ordering::Relaxed),
         "last_version": *m.last_version.lock().unwrap_or_else(|p| p.into_inner()),

@@ -43,7 +43,14 @@ async fn run(name: &str, limits: &Limits) -> Vec<router_core::limits::Reservatio
     let mut held = Vec::with_capacity(N);
     for i in 0..N {
         let rid: Arc<str> = Arc::from(format!("r-{i}").as_str());
-        let req = AdmitRequest { org: &org, request_id: &rid, model: "m", limits: Some(org_limits), price: None };
+        let req = AdmitRequest {
+            org: &org,
+            request_id: &rid,
+            model: "m",
+            limits: Some(org_limits),
+            price: None,
+            billable: true,
+        };
         let t0 = Instant::now();
         let admission = limits.admit(&req).await;
         samples.push(t0.elapsed());

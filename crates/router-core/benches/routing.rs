@@ -25,7 +25,14 @@ fn store() -> ConfigStore {
             .collect();
         state.policies.insert(
             (org.clone(), model.clone()),
-            Policy { policy_id: format!("p-{p}"), organization_id: org, model, backends, failover_threshold: 3 },
+            Policy {
+                policy_id: format!("p-{p}"),
+                organization_id: org,
+                model,
+                backends,
+                failover_threshold: 3,
+                fallback_models: vec![],
+            },
         );
     }
     test_store(state)

@@ -50,6 +50,8 @@ pub struct CoreSettings {
     /// How long the audit writer gathers records before one commit.
     pub audit_commit_interval: Duration,
     pub decisions_capacity: usize,
+    /// The longest upstream cool-down a backend's `Retry-After` can ask for.
+    pub upstream_cooldown_max: Duration,
     pub limits: LimitSettings,
     pub usage: UsageSettings,
     pub transport: TransportSettings,
@@ -84,6 +86,8 @@ impl std::error::Error for StartupError {}
 pub struct Core {
     pub instance_id: Arc<str>,
     pub backend_timeout: Duration,
+    /// The longest upstream cool-down (`UPSTREAM_COOLDOWN_MAX_SECS`).
+    pub cooldown_max: Duration,
     pub config: Arc<ConfigStore>,
     /// Where admin writes go (in process, or etcd).
     pub writer: ConfigWriter,
@@ -181,6 +185,7 @@ impl Core {
         let core = Arc::new(Core {
             instance_id: Arc::from(settings.instance_id.as_str()),
             backend_timeout: settings.backend_timeout,
+            cooldown_max: settings.upstream_cooldown_max,
             config: config.clone(),
             writer,
             transports,

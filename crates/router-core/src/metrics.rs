@@ -57,6 +57,8 @@ pub struct Inner {
     pub config_rejected: IntCounterVec,
     pub config_sync_age: prometheus::Gauge,
     pub tokens: IntCounterVec,
+    pub cooldowns: IntCounterVec,
+    pub cooldown_seconds: prometheus::GaugeVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -300,8 +302,24 @@ impl Metrics {
         let tokens = counter(
             &r,
             "api_router_tokens_total",
-            "Tokens reported by backends (both doors, streamed or not), by type (prompt, completion).",
+            "Tokens reported by backends (every door, streamed or not), by type (prompt, completion; cache_read and cache_write are the part of prompt read from or written to the provider's cache).",
             &["type"],
+        );
+        let cooldowns = counter(
+            &r,
+            "api_router_backend_cooldowns_total",
+            "Upstream cool-downs started: a backend answered 429, 503 or 529 saying when to come back.",
+            &["backend_id"],
+        );
+        let cooldown_seconds = reg(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "api_router_backend_cooldown_seconds",
+                    "Seconds left of each backend's upstream cool-down (0: none).",
+                ),
+                &["backend_id"],
+            ),
         );
         let build_info = reg(
             &r,
@@ -319,7 +337,7 @@ impl Metrics {
             (&usage_published, &["success", "error", "dropped", "write_error"]),
             (&settlements, &["applied", "retried", "dropped"]),
             (&audit_records, &["written", "dropped", "error"]),
-            (&tokens, &["prompt", "completion"]),
+            (&tokens, &["prompt", "completion", "cache_read", "cache_write"]),
             (&config_rejected, &["json", "invalid", "unknown_backend", "schema", "empty", "tls"]),
             (&budget_service_failures, &["open", "closed"]),
         ];
@@ -362,6 +380,8 @@ impl Metrics {
             config_rejected,
             config_sync_age,
             tokens,
+            cooldowns,
+            cooldown_seconds,
         }))
     }
 
@@ -376,6 +396,7 @@ impl Metrics {
             duration: self.backend_duration.with_label_values(&[id]),
             to_healthy: self.health_transitions.with_label_values(&[id, "healthy"]),
             to_unhealthy: self.health_transitions.with_label_values(&[id, "unhealthy"]),
+            cooldowns: self.cooldowns.with_label_values(&[id]),
         }
     }
 
@@ -397,6 +418,7 @@ pub struct BackendMetrics {
     duration: Histogram,
     to_healthy: IntCounter,
     to_unhealthy: IntCounter,
+    pub cooldowns: IntCounter,
 }
 
 fn error_index(e: &AttemptError) -> usize {

@@ -22,6 +22,41 @@ pub struct InferenceRequest {
     pub json: Option<serde_json::Value>,
     /// The client asked for a streamed answer.
     pub stream: bool,
+    /// Client headers that a backend kind may forward (`anthropic-version`,
+    /// `anthropic-beta`); empty for the other doors.
+    pub headers: http::HeaderMap,
+}
+
+impl InferenceRequest {
+    /// The same request for another model (a fallback): the model name, and
+    /// the body's `model` field.
+    pub fn with_model(&self, model: &str) -> InferenceRequest {
+        let mut json = match &self.json {
+            Some(v) => Some(v.clone()),
+            None => serde_json::from_slice::<serde_json::Value>(&self.body).ok(),
+        };
+        let body = match json.as_mut().and_then(serde_json::Value::as_object_mut) {
+            Some(obj) => {
+                obj.insert("model".into(), serde_json::Value::from(model));
+                json.as_ref()
+                    .and_then(|v| serde_json::to_vec(v).ok())
+                    .map(Bytes::from)
+                    .unwrap_or_else(|| self.body.clone())
+            }
+            None => self.body.clone(),
+        };
+        InferenceRequest {
+            model: Arc::from(model),
+            body,
+            json: if self.json.is_some() { json } else { None },
+            ..self.clone()
+        }
+    }
+
+    /// Whether an OpenAI client asked its stream for the usage chunk.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.json.as_ref().is_some_and(|v| v["stream_options"]["include_usage"] == true)
+    }
 }
 
 /// The longest accepted request id.

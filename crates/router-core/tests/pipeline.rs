@@ -65,9 +65,19 @@ async fn setup(kind: &str, weights: &[(&'static str, u32)], org: Option<OrgLimit
             model: "m".into(),
             backends: weights.iter().map(|(id, w)| PolicyBackend { backend_id: id.to_string(), weight: *w }).collect(),
             failover_threshold: 3,
+            fallback_models: vec![],
         },
     );
-    state.prices.insert("m".into(), Price { input_per_1k: 1.0, output_per_1k: 1.0, request_cost: Some(0.5) });
+    state.prices.insert(
+        "m".into(),
+        Price {
+            input_per_1k: 1.0,
+            output_per_1k: 1.0,
+            cache_read_per_1k: None,
+            cache_write_per_1k: None,
+            request_cost: Some(0.5),
+        },
+    );
     if let Some(limits) = org {
         state.organizations.insert("org".into(), limits);
     }
@@ -80,6 +90,7 @@ async fn setup(kind: &str, weights: &[(&'static str, u32)], org: Option<OrgLimit
         audit_retention: Duration::from_secs(86_400),
         audit_commit_interval: Duration::from_millis(10),
         decisions_capacity: 100,
+        upstream_cooldown_max: Duration::from_secs(60),
         limits: LimitSettings {
             default_rate: None,
             failure_mode: FailureMode::Local,
@@ -156,6 +167,7 @@ fn native(id: &str) -> InferenceRequest {
         body: Bytes::from(json!({"model": "m", "request_id": id, "payload": "hi"}).to_string()),
         json: None,
         stream: false,
+        headers: Default::default(),
     }
 }
 
@@ -169,6 +181,7 @@ fn chat_stream(id: &str) -> InferenceRequest {
         body: Bytes::from(v.to_string()),
         json: Some(v),
         stream: true,
+        headers: Default::default(),
     }
 }
 

@@ -46,7 +46,13 @@ fn backend_json(b: &Backend) -> Value {
         "degraded_since": b.degraded.as_ref().map(|o| rfc3339(o.since)),
         "degraded_by": b.degraded.as_ref().map(|o| o.by.as_str()),
         "consecutive_failures": health.consecutive_failures,
+        "cooldown_seconds": cooldown_seconds(b),
     })
+}
+
+/// What is left of the backend's upstream cool-down, in seconds (0: none).
+fn cooldown_seconds(b: &Backend) -> f64 {
+    b.runtime.cooldown.remaining().map(|d| (d.as_secs_f64() * 10.0).ceil() / 10.0).unwrap_or(0.0)
 }
 
 fn status_of(b: &Backend) -> &'static str {
@@ -78,6 +84,7 @@ pub async fn backend_health(State(state): State<SharedState>, Path(id): Path<Str
     body["kind"] = json!(b.kind());
     body["status"] = json!(status_of(b));
     body["degraded_reason"] = json!(b.degraded.as_ref().map(|o| o.reason.as_str()));
+    body["cooldown_seconds"] = json!(cooldown_seconds(b));
     Ok(axum::Json(body).into_response())
 }
 
@@ -129,6 +136,7 @@ pub async fn mark_healthy(
     let snapshot = state.core.config.load_full();
     let b = snapshot.backend(&id).ok_or_else(|| unknown_backend(&id))?;
     b.runtime.health.reset();
+    b.runtime.cooldown.clear();
     tracing::info!(backend_id = %id, "backend marked healthy by admin");
     Ok(axum::Json(backend_json(b)).into_response())
 }
@@ -176,7 +184,7 @@ pub async fn decisions(
                 filter.decision_type =
                     Some(serde_json::from_value::<DecisionType>(Value::String(v.clone())).map_err(|_| {
                         ApiError::InvalidRequest(format!(
-                            "unknown decision_type {v:?}: use PRIMARY, FAILOVER or NO_HEALTHY_BACKEND"
+                            "unknown decision_type {v:?}: use PRIMARY, FAILOVER, NO_HEALTHY_BACKEND or FALLBACK_MODEL"
                         ))
                     })?)
             }

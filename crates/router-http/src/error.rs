@@ -15,6 +15,7 @@ use router_core::limits::LimitError;
 use router_core::limits::gcra::RateInfo;
 use router_core::pipeline::RequestError;
 use router_core::usage::RecordError;
+use router_providers::translate::chat;
 use router_providers::transport::AttemptError;
 use serde_json::json;
 
@@ -107,6 +108,10 @@ fn request_status(e: &RequestError) -> StatusCode {
         }
         RequestError::Limits(LimitError::LimiterUnavailable | LimitError::BudgetServiceUnavailable)
         | RequestError::Usage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RequestError::Untranslatable(_) => StatusCode::BAD_REQUEST,
+        RequestError::CoolingDown { status, .. } => {
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
+        }
     }
 }
 
@@ -148,6 +153,8 @@ impl ApiError {
                 },
                 RequestError::Usage(RecordError::BufferFull) => "usage_buffer_full",
                 RequestError::Usage(RecordError::Unavailable(_)) => "usage_buffer_unavailable",
+                RequestError::Untranslatable(_) => "unsupported_parameter",
+                RequestError::CoolingDown { .. } => "upstream_rate_limited",
             },
         }
     }
@@ -171,22 +178,26 @@ impl ApiError {
         }
     }
 
-    fn rate_limited(&self) -> Option<(&RateInfo, u64)> {
+    /// `Retry-After`, and the rate limit for the `RateLimit-*` headers.
+    fn retry_after(&self) -> Option<(u64, Option<&RateInfo>)> {
         match self {
             ApiError::Request(RequestError::Limits(LimitError::RateLimited { info, retry_after_secs })) => {
-                Some((info, *retry_after_secs))
+                Some((*retry_after_secs, Some(info)))
             }
+            ApiError::Request(RequestError::CoolingDown { retry_after_secs, .. }) => Some((*retry_after_secs, None)),
             _ => None,
         }
     }
 
-    /// The headers every shape carries: `Retry-After` and `RateLimit-*` on a
-    /// 429, `X-Request-Id` when the request has one.
+    /// The headers every shape carries: `Retry-After` (and `RateLimit-*` on
+    /// our own 429), `X-Request-Id` when the request has one.
     fn finish(&self, mut response: Response, request_id: Option<&str>) -> Response {
-        if let Some((info, retry_after)) = self.rate_limited() {
+        if let Some((retry_after, info)) = self.retry_after() {
             let h = response.headers_mut();
             h.insert("retry-after", HeaderValue::from(retry_after));
-            rate_limit_headers(h, info);
+            if let Some(info) = info {
+                rate_limit_headers(h, info);
+            }
         }
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             response.headers_mut().insert("x-request-id", id);
@@ -213,9 +224,10 @@ impl ApiError {
                 error["remaining"] = json!(remaining);
                 error["reset_at"] = json!(time(reset_at));
             }
-            ApiError::Request(RequestError::Limits(LimitError::RateLimited { retry_after_secs, .. })) => {
-                error["retry_after"] = json!(retry_after_secs)
-            }
+            ApiError::Request(
+                RequestError::Limits(LimitError::RateLimited { retry_after_secs, .. })
+                | RequestError::CoolingDown { retry_after_secs, .. },
+            ) => error["retry_after"] = json!(retry_after_secs),
             _ => {}
         }
         let response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
@@ -225,16 +237,22 @@ impl ApiError {
     /// The OpenAI error shape, `{"error": {"message", "type", "param", "code"}}`,
     /// with the same status codes, so that SDKs raise their usual exceptions.
     pub fn openai(self, request_id: Option<&str>) -> Response {
-        let kind = match self.status().as_u16() {
-            401 => "authentication_error",
-            402 => "insufficient_quota",
-            403 => "permission_error",
-            404 | 400 | 413 => "invalid_request_error",
-            429 => "rate_limit_error",
-            _ => "server_error",
-        };
-        let body = json!({"error": {"message": self.message(), "type": kind, "param": null, "code": self.code()}});
-        let response = (self.status(), axum::Json(body)).into_response();
+        let status = self.status();
+        let body = chat::openai_error(status.as_u16(), &self.message(), Some(self.code()));
+        let response = (status, axum::Json(body)).into_response();
+        self.finish(response, request_id)
+    }
+
+    /// Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
+    /// with the same status codes (the SDK raises its usual exceptions), and
+    /// the request id in the body as Anthropic puts it.
+    pub fn anthropic(self, request_id: Option<&str>) -> Response {
+        let status = self.status();
+        let mut body = chat::anthropic_error(status.as_u16(), &self.message());
+        if let Some(id) = request_id {
+            body["request_id"] = json!(id);
+        }
+        let response = (status, axum::Json(body)).into_response();
         self.finish(response, request_id)
     }
 }
@@ -274,6 +292,8 @@ mod tests {
             (UpdateError::NotFound("x".into()).into(), 404, "not_found"),
             (AuthError::InvalidKey.into(), 401, "unauthorized"),
             (AdminAuthError::Disabled.into(), 403, "admin_disabled"),
+            (RequestError::Untranslatable("`n`".into()).into(), 400, "unsupported_parameter"),
+            (RequestError::CoolingDown { status: 429, retry_after_secs: 3 }.into(), 429, "upstream_rate_limited"),
         ];
         for (e, status, code) in cases {
             assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");

@@ -8,11 +8,13 @@
 //! own shape ([`respond`]). Errors become responses in one place,
 //! [`error`].
 //!
-//! Doors: [`native`] (`POST /v1/inference`) and [`openai`] (chat,
-//! completions, embeddings, models). [`admin`], [`audit`] and [`status`]
+//! Doors: [`native`] (`POST /v1/inference`), [`openai`] (chat,
+//! completions, embeddings, the Responses API, models) and [`anthropic`]
+//! (messages, token counting). [`admin`], [`audit`] and [`status`]
 //! serve the operators. [`track`] counts every answer by route and status.
 
 pub mod admin;
+pub mod anthropic;
 pub mod audit;
 pub mod credentials;
 pub mod error;
@@ -74,6 +76,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(openai::responses))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(openai::models))
         .route("/v1/status/healthz", get(status::healthz))
         .route("/v1/status/readyz", get(status::readyz))
@@ -124,22 +129,29 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
     Native,
+    /// Chat, completions and embeddings.
     OpenAi,
+    /// The Responses API: OpenAI's errors, its own stream events.
+    Responses,
+    Anthropic,
 }
 
 impl Shape {
     pub fn error(self, e: ApiError, request_id: Option<&str>) -> Response {
         match self {
             Shape::Native => e.native(request_id),
-            Shape::OpenAi => e.openai(request_id),
+            Shape::OpenAi | Shape::Responses => e.openai(request_id),
+            Shape::Anthropic => e.anthropic(request_id),
         }
     }
 
     /// The event that ends a stream that broke midway.
     fn break_event(self) -> BreakEvent {
         match self {
-            // The native door does not stream; OpenAI's event is the only one.
+            // The native door does not stream; OpenAI's event is as good as any.
             Shape::Native | Shape::OpenAi => openai::stream_error_event,
+            Shape::Responses => openai::responses_error_event,
+            Shape::Anthropic => anthropic::stream_error_event,
         }
     }
 }

@@ -66,7 +66,16 @@ pub fn parse(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest,
         }
     };
     drop(parsed);
-    Ok(InferenceRequest { request_id, organization_id, model, op: Operation::Native, body, json: None, stream: false })
+    Ok(InferenceRequest {
+        request_id,
+        organization_id,
+        model,
+        op: Operation::Native,
+        body,
+        json: None,
+        stream: false,
+        headers: Default::default(),
+    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,12 @@ pub async fn embeddings(State(state): State<SharedState>, headers: HeaderMap, bo
     handle(state, headers, body, Operation::Embeddings).await
 }
 
+/// `POST /v1/responses`: the Responses API, passed through to OpenAI and
+/// Azure backends.
+pub async fn responses(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, headers, body, Operation::Responses).await
+}
+
 async fn handle(state: SharedState, headers: HeaderMap, body: Body, op: Operation) -> Response {
     let request = match accept(&state, &headers, body, op).await {
         Ok(r) => r,
@@ -42,7 +48,8 @@ async fn handle(state: SharedState, headers: HeaderMap, body: Body, op: Operatio
     };
     let span =
         tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
-    respond(router_core::process(&state.core, request).instrument(span).await, Shape::OpenAi)
+    let shape = if op == Operation::Responses { Shape::Responses } else { Shape::OpenAi };
+    respond(router_core::process(&state.core, request).instrument(span).await, shape)
 }
 
 async fn accept(
@@ -74,17 +81,19 @@ pub fn parse(
         Some(_) => return Err(ApiError::InvalidRequest("`model` must be a string of 1-256 characters".into())),
         None => return Err(ApiError::InvalidRequest("you must provide a model parameter (`model`)".into())),
     };
+    // The Responses API can take its input from a stored prompt or
+    // conversation, so only the model is required there.
     let required = match op {
-        Operation::Chat => "messages",
-        Operation::Completions => "prompt",
-        Operation::Embeddings => "input",
-        Operation::Native => "payload",
+        Operation::Chat => Some("messages"),
+        Operation::Completions => Some("prompt"),
+        Operation::Embeddings => Some("input"),
+        _ => None,
     };
-    match (op, obj.get(required)) {
-        (_, None | Some(Value::Null)) => {
+    match (op, required.map(|r| (r, obj.get(r)))) {
+        (_, Some((required, None | Some(Value::Null)))) => {
             return Err(ApiError::InvalidRequest(format!("missing required parameter `{required}`")));
         }
-        (Operation::Chat, Some(m)) if !m.is_array() => {
+        (Operation::Chat, Some((_, Some(m)))) if !m.is_array() => {
             return Err(ApiError::InvalidRequest("`messages` must be an array".into()));
         }
         _ => {}
@@ -105,7 +114,27 @@ pub fn parse(
         Some(_) => return Err(ApiError::InvalidRequest(format!("invalid X-Request-Id: use {REQUEST_ID_RULES}"))),
         None => new_request_id(),
     };
-    Ok(InferenceRequest { request_id, organization_id, model, op, body, json: Some(v), stream })
+    Ok(InferenceRequest {
+        request_id,
+        organization_id,
+        model,
+        op,
+        body,
+        json: Some(v),
+        stream,
+        headers: Default::default(),
+    })
+}
+
+/// The SSE event that tells a Responses client the stream broke.
+pub fn responses_error_event(detail: &str) -> Bytes {
+    let body = json!({
+        "type": "error",
+        "code": "stream_interrupted",
+        "message": format!("the backend's stream broke midway: {detail}"),
+        "param": null,
+    });
+    Bytes::from(format!("event: error\ndata: {body}\n\n"))
 }
 
 /// The SSE event that tells an OpenAI client the stream broke.
@@ -131,7 +160,7 @@ pub async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Res
     let mut names: BTreeSet<&str> =
         snapshot.state.policies.keys().filter(|(o, _)| **o == *org).map(|(_, m)| m.as_str()).collect();
     if snapshot.state.default_route {
-        for b in snapshot.backend_list.iter().filter(|b| b.serves(Operation::Chat)) {
+        for b in snapshot.backend_list.iter().filter(|b| b.can_serve(Operation::Chat)) {
             names.extend(b.target.models.keys().map(String::as_str));
         }
     }

@@ -58,6 +58,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
             (None, false) => 0,
         };
         state.core.metrics.health_status.with_label_values(&[&*b.id]).set(value);
+        let cooldown = b.runtime.cooldown.remaining().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        state.core.metrics.cooldown_seconds.with_label_values(&[&*b.id]).set(cooldown);
     }
     // Per-organization denial counters exist, at 0, for every known
     // organization, so that a query or a grep finds them before any denial.

@@ -12,11 +12,25 @@ pub enum Operation {
     Completions,
     /// OpenAI embeddings.
     Embeddings,
+    /// The OpenAI Responses API.
+    Responses,
+    /// The Anthropic Messages API.
+    Messages,
+    /// Anthropic's token counting for a Messages request.
+    CountTokens,
 }
 
 impl Operation {
     /// Every operation, in a fixed order (the index of [`Operation::index`]).
-    pub const ALL: [Operation; 4] = [Operation::Native, Operation::Chat, Operation::Completions, Operation::Embeddings];
+    pub const ALL: [Operation; 7] = [
+        Operation::Native,
+        Operation::Chat,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::Responses,
+        Operation::Messages,
+        Operation::CountTokens,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -24,6 +38,9 @@ impl Operation {
             Operation::Chat => "chat",
             Operation::Completions => "completions",
             Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+            Operation::Messages => "messages",
+            Operation::CountTokens => "count_tokens",
         }
     }
 

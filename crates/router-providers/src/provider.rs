@@ -16,6 +16,8 @@ use crate::usage::Usage;
 /// The request as a provider sees it: what was asked, and the client's body.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamRequest<'a> {
+    /// The client's headers, for the ones a kind forwards (`anthropic-beta`).
+    pub headers: &'a http::HeaderMap,
     pub op: Operation,
     /// The model the client named (before any mapping).
     pub model: &'a str,
@@ -34,8 +36,26 @@ pub trait Provider: Send + Sync + 'static {
     /// The kind's name in configuration.
     fn name(&self) -> &'static str;
 
-    /// The upstream path of `op`, or `None` when this kind cannot serve it.
+    /// The upstream path of `op`, when it does not depend on the request;
+    /// `None` when this kind cannot serve `op`, or computes its URI
+    /// ([`Provider::uri`]).
     fn path(&self, op: Operation) -> Option<&'static str>;
+
+    /// Whether this kind serves `op` directly (in its own shape).
+    fn serves(&self, op: Operation) -> bool {
+        self.path(op).is_some()
+    }
+
+    /// The upstream URI of `op` for a kind whose paths depend on the
+    /// request (Azure deployments); the others use [`Provider::path`].
+    fn uri(&self, _target: &Target, _op: Operation, _model: &str) -> Option<Uri> {
+        None
+    }
+
+    /// Headers of this kind beyond the credential (`anthropic-version`).
+    fn headers(&self, _request: &UpstreamRequest<'_>, builder: http::request::Builder) -> http::request::Builder {
+        builder
+    }
 
     /// The credential header for `secret`: `Authorization: Bearer` unless the
     /// kind wants another.
@@ -90,10 +110,10 @@ impl Kind {
         self.0
     }
 
-    /// Whether this kind can serve `op`.
+    /// Whether this kind can serve `op` in its own shape.
     #[inline]
     pub fn serves(self, op: Operation) -> bool {
-        self.0.path(op).is_some()
+        self.0.serves(op)
     }
 
     /// Splits `kind+url` (or a bare `url`, of the default kind), as in
@@ -159,10 +179,13 @@ pub struct Target {
     pub kind: Kind,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com`.
     pub endpoint: String,
-    /// Model aliases: the name clients use → the backend's own name.
+    /// Model aliases: the name clients use → the backend's own name (an
+    /// Azure deployment).
     pub models: BTreeMap<String, String>,
     /// The credential header, marked sensitive (never logged).
     pub credential: Option<(HeaderName, HeaderValue)>,
+    /// The API version a kind sends (Azure's `api-version`).
+    pub api_version: Option<String>,
     uris: [Option<Uri>; Operation::ALL.len()],
     pub health_uri: Uri,
 }
@@ -197,13 +220,43 @@ impl Target {
         let provider = kind.provider();
         let uris = Operation::ALL.map(|op| provider.path(op).map(|p| join(&endpoint, p)));
         let health_uri = join(&endpoint, provider.health_path());
-        Self { kind, endpoint, models, credential, uris, health_uri }
+        Self { kind, endpoint, models, credential, api_version: None, uris, health_uri }
     }
 
-    /// The upstream URI of `op`, if this backend's kind serves it.
+    /// Per-backend settings: an API version (Azure) and a health path other
+    /// than the kind's.
+    pub fn with_settings(mut self, api_version: Option<String>, health_path: Option<&str>) -> Self {
+        self.api_version = api_version;
+        if let Some(path) = health_path {
+            self.health_uri = join(&self.endpoint, path);
+        }
+        self
+    }
+
+    /// The upstream URI of `op` when it does not depend on the request.
     #[inline]
     pub fn uri(&self, op: Operation) -> Option<&Uri> {
         self.uris[op.index()].as_ref()
+    }
+
+    /// The health probe: `GET` the health path with the credential and the
+    /// kind's headers (hosted providers answer only authenticated calls).
+    pub fn health_request(&self) -> Result<Request<Full<Bytes>>, String> {
+        let mut builder = Request::get(self.health_uri.clone());
+        if let Some((name, value)) = &self.credential {
+            builder = builder.header(name, value.clone());
+        }
+        let empty = http::HeaderMap::new();
+        let probe = UpstreamRequest {
+            headers: &empty,
+            op: Operation::Native,
+            model: "",
+            stream: false,
+            body: &Bytes::new(),
+            json: None,
+        };
+        builder = self.kind.provider().headers(&probe, builder);
+        builder.body(Full::new(Bytes::new())).map_err(|e| e.to_string())
     }
 
     /// The backend's own name for the client's `model`, if it maps it.
@@ -218,12 +271,16 @@ impl Target {
         request: &UpstreamRequest<'_>,
         headers: &[(&'static str, &str)],
     ) -> Result<Request<Full<Bytes>>, String> {
-        let uri = self
-            .uri(request.op)
-            .ok_or_else(|| format!("a {} backend cannot serve {}", self.kind, request.op.as_str()))?;
+        let provider = self.kind.provider();
+        let uri = match self.uri(request.op) {
+            Some(uri) => uri.clone(),
+            None => provider
+                .uri(self, request.op, request.model)
+                .ok_or_else(|| format!("a {} backend cannot serve {}", self.kind, request.op.as_str()))?,
+        };
         let mut builder = Request::builder()
             .method(Method::POST)
-            .uri(uri.clone())
+            .uri(uri)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in headers {
             builder = builder.header(*name, *value);
@@ -231,7 +288,8 @@ impl Target {
         if let Some((name, value)) = &self.credential {
             builder = builder.header(name, value.clone());
         }
-        builder.body(Full::new(self.kind.provider().body(request, self))).map_err(|e| e.to_string())
+        builder = provider.headers(request, builder);
+        builder.body(Full::new(provider.body(request, self))).map_err(|e| e.to_string())
     }
 }
 
@@ -242,7 +300,7 @@ mod tests {
     #[test]
     fn kinds_parse_by_name_and_from_endpoints() {
         assert_eq!(Kind::parse("openai").unwrap().name(), "openai");
-        assert!(Kind::parse("nope").unwrap_err().contains("native, openai"));
+        assert!(Kind::parse("nope").unwrap_err().contains("native, openai, anthropic, azure"));
         let (k, url) = Kind::split_endpoint("openai+https://api.openai.com").unwrap();
         assert_eq!((k.name(), url), ("openai", "https://api.openai.com"));
         let (k, url) = Kind::split_endpoint(" http://127.0.0.1:8001 ").unwrap();
@@ -258,7 +316,7 @@ mod tests {
         let t = Target::new(kind, "https://h:8443/", BTreeMap::new(), Some(credential));
         assert_eq!(t.uri(Operation::Chat).unwrap().to_string(), "https://h:8443/v1/chat/completions");
         assert!(t.uri(Operation::Native).is_none());
-        assert_eq!(t.health_uri.to_string(), "https://h:8443/health");
+        assert_eq!(t.health_uri.to_string(), "https://h:8443/v1/models");
         assert!(!format!("{t:?}").contains("s3cret"), "the secret is never in Debug output");
         let (name, value) = t.credential.as_ref().unwrap();
         assert_eq!((name.as_str(), value.is_sensitive()), ("authorization", true));

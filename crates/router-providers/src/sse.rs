@@ -52,52 +52,100 @@ impl StreamFacts {
     }
 }
 
-/// The longest SSE line kept while waiting for its end.
-const MAX_LINE: usize = 1 << 20;
+/// The longest SSE event kept while waiting for its end.
+const MAX_EVENT: usize = 1 << 20;
 
-/// Reads a stream's events as its bytes pass.
-pub struct Scanner {
-    kind: Kind,
-    op: Operation,
+/// Splits bytes into server-sent events across frame boundaries: each event
+/// is its `event:` name, if any, and its `data:` lines joined by newlines,
+/// complete at a blank line.
+#[derive(Default)]
+pub struct EventParser {
     partial: Vec<u8>,
-    event: Option<Vec<u8>>,
-    pub facts: StreamFacts,
+    event: Option<String>,
+    data: Vec<u8>,
+    has_data: bool,
 }
 
-impl Scanner {
-    pub fn new(kind: Kind, op: Operation) -> Self {
-        Self { kind, op, partial: Vec::new(), event: None, facts: StreamFacts::default() }
-    }
-
-    pub fn feed(&mut self, chunk: &[u8]) {
+impl EventParser {
+    /// Feeds bytes; calls `on_event(event, data)` for each event completed.
+    pub fn feed(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(Option<&str>, &[u8])) {
         let mut rest = chunk;
         while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
             if self.partial.is_empty() {
-                self.line(&rest[..nl]);
+                self.line(&rest[..nl], on_event);
             } else {
                 self.partial.extend_from_slice(&rest[..nl]);
                 let line = std::mem::take(&mut self.partial);
-                self.line(&line);
+                self.line(&line, on_event);
             }
             rest = &rest[nl + 1..];
         }
-        if self.partial.len() + rest.len() <= MAX_LINE {
+        if self.partial.len() + rest.len() <= MAX_EVENT {
             self.partial.extend_from_slice(rest);
         } else {
             self.partial.clear();
         }
     }
 
-    fn line(&mut self, line: &[u8]) {
+    /// The stream ended: an event left without its blank line still counts.
+    pub fn finish(&mut self, on_event: &mut dyn FnMut(Option<&str>, &[u8])) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line, on_event);
+        }
+        self.dispatch(on_event);
+    }
+
+    fn line(&mut self, line: &[u8], on_event: &mut dyn FnMut(Option<&str>, &[u8])) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            // The end of one event.
-            self.event = None;
+            self.dispatch(on_event);
         } else if let Some(name) = line.strip_prefix(b"event:") {
-            self.event = Some(name.trim_ascii().to_vec());
+            self.event = Some(String::from_utf8_lossy(name.trim_ascii()).into_owned());
         } else if let Some(data) = line.strip_prefix(b"data:") {
-            self.kind.provider().stream_event(self.op, self.event.as_deref(), data, &mut self.facts);
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            if self.has_data {
+                self.data.push(b'\n');
+            }
+            if self.data.len() + data.len() <= MAX_EVENT {
+                self.data.extend_from_slice(data);
+            }
+            self.has_data = true;
         }
+    }
+
+    fn dispatch(&mut self, on_event: &mut dyn FnMut(Option<&str>, &[u8])) {
+        if self.has_data {
+            on_event(self.event.as_deref(), &self.data);
+        }
+        self.event = None;
+        self.data.clear();
+        self.has_data = false;
+    }
+}
+
+/// Reads a stream's events as its bytes pass.
+pub struct Scanner {
+    kind: Kind,
+    op: Operation,
+    parser: EventParser,
+    pub facts: StreamFacts,
+}
+
+impl Scanner {
+    pub fn new(kind: Kind, op: Operation) -> Self {
+        Self { kind, op, parser: EventParser::default(), facts: StreamFacts::default() }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let (provider, op, facts) = (self.kind.provider(), self.op, &mut self.facts);
+        self.parser.feed(chunk, &mut |event, data| provider.stream_event(op, event.map(str::as_bytes), data, facts));
+    }
+
+    /// The stream ended.
+    pub fn finish(&mut self) {
+        let (provider, op, facts) = (self.kind.provider(), self.op, &mut self.facts);
+        self.parser.finish(&mut |event, data| provider.stream_event(op, event.map(str::as_bytes), data, facts));
     }
 }
 
@@ -112,11 +160,27 @@ mod tests {
         assert!(s.facts.usage.is_none());
         s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tok");
         s.feed(b"ens\":12,\"completion_tokens\":9,\"total_tokens\":21}}\n\ndata: [DONE]\n\n");
-        assert_eq!(s.facts.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 }));
+        assert_eq!(
+            s.facts.usage,
+            Some(Usage { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21, ..Default::default() })
+        );
         assert_eq!(s.facts.events, 2);
         let mut s = Scanner::new(Kind::parse("openai").unwrap(), Operation::Chat);
         s.feed(b"data: {\"usage\":null}\n");
+        s.finish();
         assert!(s.facts.usage.is_none());
+        assert_eq!(s.facts.events, 1, "the last event counts at the end, without its blank line");
+    }
+
+    #[test]
+    fn multi_line_data_is_one_event() {
+        let mut p = EventParser::default();
+        let mut seen = Vec::new();
+        p.feed(b"event: x\ndata: a\ndata: b\n\n: comment\ndata: c\n", &mut |e, d| {
+            seen.push((e.map(str::to_owned), String::from_utf8_lossy(d).into_owned()))
+        });
+        p.finish(&mut |e, d| seen.push((e.map(str::to_owned), String::from_utf8_lossy(d).into_owned())));
+        assert_eq!(seen, vec![(Some("x".into()), "a\nb".into()), (None, "c".into())]);
     }
 
     #[test]

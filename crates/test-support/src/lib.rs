@@ -2,7 +2,8 @@
 //! [`http`] (a client, JSON, metrics, waiting with a deadline), [`mock`] (the
 //! mock backend as a process), [`router`] (the router as a process),
 //! [`redis`], [`kafka`] and [`etcd`] (private servers on free ports),
-//! [`proxy`] (a TCP proxy that cuts connections), [`tls`] (certificates made
+//! [`proxy`] (a TCP proxy that cuts connections), [`python`] (the official
+//! SDKs driving a router), [`tls`] (certificates made
 //! at test time) and [`in_process`] (the mock served without sockets).
 //!
 //! Every wait is a condition with a deadline.
@@ -15,6 +16,7 @@ pub mod kafka;
 pub mod mock;
 pub mod process;
 pub mod proxy;
+pub mod python;
 pub mod redis;
 pub mod router;
 pub mod tls;

@@ -44,6 +44,8 @@ const AUDIT_CACHE_BYTES: usize = 4 << 20;
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditAttempt {
     pub backend_id: Arc<str>,
+    /// The model tried: the request's, or a fallback model.
+    pub model: Arc<str>,
     pub decision_type: DecisionType,
     pub status: Option<u16>,
     pub error: Option<String>,

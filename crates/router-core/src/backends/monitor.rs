@@ -20,7 +20,9 @@ pub trait Probe: Send + Sync + 'static {
     fn check(&self, backend: Arc<Backend>) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// The real probe: `GET` the health path within `timeout`.
+/// The real probe: `GET` the health path, with the backend's credential
+/// and its kind's headers (hosted providers answer only those), within
+/// `timeout`.
 pub struct TransportProbe {
     pub timeout: Duration,
 }
@@ -28,7 +30,10 @@ pub struct TransportProbe {
 impl Probe for TransportProbe {
     fn check(&self, backend: Arc<Backend>) -> impl Future<Output = Result<(), String>> + Send {
         let timeout = self.timeout;
-        async move { router_providers::transport::probe(&*backend.transport, &backend.target.health_uri, timeout).await }
+        async move {
+            let request = backend.target.health_request()?;
+            router_providers::transport::probe_with(&*backend.transport, request, timeout).await
+        }
     }
 }
 

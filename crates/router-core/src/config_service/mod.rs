@@ -25,11 +25,13 @@ use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, Guard};
 use router_providers::credential::CredentialRef;
+use router_providers::translate::Translation;
 use router_providers::transport::tls::TlsSpec;
 use router_providers::transport::{Transport, Transports};
 use router_providers::{Kind, Operation, Target};
 use serde::Serialize;
 
+use crate::backends::cooldown::Cooldown;
 use crate::backends::health::BackendHealth;
 use crate::limits::{OrgLimits, Price};
 use crate::metrics::{BackendMetrics, Metrics};
@@ -69,6 +71,10 @@ pub struct BackendSpec {
     pub models: BTreeMap<String, String>,
     /// TLS settings for an `https://` endpoint.
     pub tls: TlsSpec,
+    /// The API version a kind sends (Azure's `api-version`).
+    pub api_version: Option<String>,
+    /// The health probe's path, instead of the kind's.
+    pub health_path: Option<String>,
 }
 
 impl BackendSpec {
@@ -83,6 +89,8 @@ impl BackendSpec {
                 credential: None,
                 models: BTreeMap::new(),
                 tls: TlsSpec::default(),
+                api_version: None,
+                health_path: None,
             }),
             _ => Err(format!("an http:// or https:// URL with a host, got {url:?}")),
         }
@@ -116,6 +124,12 @@ pub struct BackendInput {
     /// TLS settings for an `https://` endpoint.
     #[serde(default)]
     pub tls: TlsSpec,
+    /// The API version a kind sends (Azure's `api-version`).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// The health probe's path (absolute), instead of the kind's.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 impl BackendInput {
@@ -134,8 +148,21 @@ impl BackendInput {
             (None, None) => None,
         };
         spec.tls = self.tls;
+        if let Some(v) = self.api_version.as_deref().filter(|v| !valid_query_value(v)) {
+            return Err(format!("api_version {v:?}: letters, digits, '-', '.' and '_' only"));
+        }
+        spec.api_version = self.api_version;
+        if let Some(p) = self.health_path.as_deref().filter(|p| !p.starts_with('/') || p.parse::<http::Uri>().is_err())
+        {
+            return Err(format!("health_path {p:?}: an absolute path, e.g. /health"));
+        }
+        spec.health_path = self.health_path;
         Ok(spec)
     }
+}
+
+fn valid_query_value(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 impl BackendSpec {
@@ -177,6 +204,7 @@ pub struct ConfigState {
 #[derive(Debug)]
 pub struct BackendRuntime {
     pub health: BackendHealth,
+    pub cooldown: Cooldown,
     pub metrics: BackendMetrics,
 }
 
@@ -201,16 +229,23 @@ impl Backend {
         &self.target.endpoint
     }
 
-    /// Whether this backend's kind can serve `op`.
+    /// Whether this backend can serve `op`: in its kind's own shape, or
+    /// through a translation.
     #[inline]
-    pub fn serves(&self, op: Operation) -> bool {
-        self.target.kind.serves(op)
+    pub fn can_serve(&self, op: Operation) -> bool {
+        Translation::between(op, self.target.kind).is_some()
     }
 
-    /// Routable: not degraded by an admin and not marked unhealthy.
+    /// Available: not degraded by an admin and not marked unhealthy.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.degraded.is_none() && self.runtime.health.is_healthy()
+    }
+
+    /// Routable: available, and not cooling down after an upstream 429.
     #[inline]
     pub fn is_routable(&self) -> bool {
-        self.degraded.is_none() && self.runtime.health.is_healthy()
+        self.is_available() && !self.runtime.cooldown.is_cooling()
     }
 }
 
@@ -312,6 +347,7 @@ impl Snapshot {
                 model: "*".into(),
                 backends: state.backends.keys().map(|id| PolicyBackend { backend_id: id.clone(), weight: 1 }).collect(),
                 failover_threshold: state.default_failover_threshold,
+                fallback_models: vec![],
             })
         });
         let api_keys = state.api_keys.iter().map(|(hash, org)| (*hash, Arc::from(org.as_str()))).collect();
@@ -332,7 +368,11 @@ impl RuntimeRegistry {
         if let Some(rt) = self.by_id.get(id) {
             return rt.clone();
         }
-        let rt = Arc::new(BackendRuntime { health: BackendHealth::default(), metrics: self.metrics.backend(id) });
+        let rt = Arc::new(BackendRuntime {
+            health: BackendHealth::default(),
+            cooldown: Cooldown::default(),
+            metrics: self.metrics.backend(id),
+        });
         self.by_id.insert(id.to_string(), rt.clone());
         rt
     }
@@ -356,6 +396,7 @@ impl RuntimeRegistry {
             }
         });
         Target::new(spec.kind, &spec.endpoint, spec.models.clone(), credential)
+            .with_settings(spec.api_version.clone(), spec.health_path.as_deref())
     }
 
     /// The transport for the backend's TLS settings. Files were checked when

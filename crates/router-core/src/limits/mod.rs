@@ -127,6 +127,12 @@ pub struct Price {
     pub input_per_1k: f64,
     #[serde(default)]
     pub output_per_1k: f64,
+    /// Input tokens read from the provider's cache (default: the input price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_per_1k: Option<f64>,
+    /// Input tokens written to the provider's cache (default: the input price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_per_1k: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_cost: Option<f64>,
 }
@@ -306,7 +312,15 @@ pub struct Reservation {
     request_id: Arc<str>,
     keys: Keys,
     price: Option<Price>,
+    billable: bool,
     store: Store,
+}
+
+impl Reservation {
+    /// Settles at `price` instead (the request was served by a fallback model).
+    pub fn reprice(&mut self, price: Option<Price>) {
+        self.price = price;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -343,6 +357,9 @@ pub struct AdmitRequest<'a> {
     pub model: &'a str,
     pub limits: Option<OrgLimits>,
     pub price: Option<Price>,
+    /// Whether it spends budget and tokens (not a token count): otherwise
+    /// only the rate limit and the request quota apply.
+    pub billable: bool,
 }
 
 impl Limits {
@@ -389,7 +406,11 @@ impl Limits {
             .rate_limit
             .or(self.settings.default_rate)
             .map(|r| (gcra::interval_us(r.requests_per_second), r.burst));
-        let estimate = req.price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost);
+        let estimate = if req.billable {
+            req.price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost)
+        } else {
+            0.0
+        };
         Plan {
             rate,
             budget: limits.budget.map(|b| ((b.amount * MICROS).round() as i64, b.period)),
@@ -397,7 +418,7 @@ impl Limits {
             quota_tokens: limits.quota.and_then(|q| q.tokens).map(|n| n as i64),
             quota_period: limits.quota.map(|q| q.period).unwrap_or(Period::Total),
             cost_micros: (estimate * MICROS).round() as i64,
-            tokens: self.settings.estimated_tokens as i64,
+            tokens: if req.billable { self.settings.estimated_tokens as i64 } else { 0 },
         }
     }
 
@@ -442,6 +463,7 @@ impl Limits {
             request_id: req.request_id.clone(),
             keys: keys.clone(),
             price: req.price,
+            billable: req.billable,
             store,
         }
     }
@@ -553,10 +575,12 @@ impl Limits {
     /// Settles a reservation to the actual usage (`Some`) or releases it
     /// (`None`). Never waits: the settler task applies it.
     pub fn finish(&self, reservation: Reservation, usage: Option<Option<Usage>>) {
-        let actual = usage.map(|u| {
-            let cost = self.cost(reservation.price, u);
-            let tokens = u.map(|u| u.total()).unwrap_or(0);
-            ((cost * MICROS).round() as i64, tokens as i64)
+        let actual = usage.map(|u| match reservation.billable {
+            true => {
+                let cost = self.cost(reservation.price, u);
+                ((cost * MICROS).round() as i64, u.map(|u| u.total()).unwrap_or(0) as i64)
+            }
+            false => (0, 0),
         });
         self.enqueue(Settlement { reservation, actual });
     }
@@ -566,7 +590,13 @@ impl Limits {
     pub fn cost(&self, price: Option<Price>, usage: Option<Usage>) -> f64 {
         match (usage, price) {
             (Some(u), Some(p)) if u.prompt_tokens + u.completion_tokens > 0 => {
-                (u.prompt_tokens as f64 * p.input_per_1k + u.completion_tokens as f64 * p.output_per_1k) / 1000.0
+                let read = p.cache_read_per_1k.unwrap_or(p.input_per_1k);
+                let write = p.cache_write_per_1k.unwrap_or(p.input_per_1k);
+                (u.uncached_prompt_tokens() as f64 * p.input_per_1k
+                    + u.cache_read_tokens as f64 * read
+                    + u.cache_write_tokens as f64 * write
+                    + u.completion_tokens as f64 * p.output_per_1k)
+                    / 1000.0
             }
             _ => price.and_then(|p| p.request_cost).unwrap_or(self.settings.default_request_cost),
         }
@@ -650,7 +680,14 @@ impl Limits {
         let now = SystemTime::now();
         let req_id: Arc<str> = Arc::from("");
         let org_arc: Arc<str> = Arc::from(org);
-        let plan = self.plan(&AdmitRequest { org: &org_arc, request_id: &req_id, model: "", limits, price: None });
+        let plan = self.plan(&AdmitRequest {
+            org: &org_arc,
+            request_id: &req_id,
+            model: "",
+            limits,
+            price: None,
+            billable: true,
+        });
         let keys = Keys::new(self.prefix(), org, "", &plan, now);
         let (spend, requests, tokens) = if let Some(svc) = &self.service {
             return svc.usage(org).await;

@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use router_providers::sse::Scanner;
+use router_providers::translate::stream::StreamTranslator;
 use router_providers::transport::{AttemptError, ResponseBody};
 
 use super::Finish;
@@ -44,13 +45,39 @@ pub struct MeteredBody {
     first: Option<Bytes>,
     rest: Option<ResponseBody>,
     scanner: Scanner,
+    /// Turns the backend's events into the door's, when they differ.
+    translator: Option<StreamTranslator>,
     finish: Option<(Finish, Arc<str>)>,
     break_event: Option<BreakEvent>,
 }
 
 impl MeteredBody {
-    pub(super) fn new(first: Bytes, rest: ResponseBody, scanner: Scanner, finish: Finish, backend: Arc<str>) -> Self {
-        Self { first: Some(first), rest: Some(rest), scanner, finish: Some((finish, backend)), break_event: None }
+    pub(super) fn new(
+        first: Bytes,
+        rest: ResponseBody,
+        scanner: Scanner,
+        translator: Option<StreamTranslator>,
+        finish: Finish,
+        backend: Arc<str>,
+    ) -> Self {
+        Self {
+            first: Some(first),
+            rest: Some(rest),
+            scanner,
+            translator,
+            finish: Some((finish, backend)),
+            break_event: None,
+        }
+    }
+
+    /// What the client gets of `data`: the same bytes, or their translation
+    /// (possibly nothing yet).
+    fn pass(&mut self, data: Bytes) -> Bytes {
+        self.scanner.feed(&data);
+        match &mut self.translator {
+            Some(t) => t.push(&data),
+            None => data,
+        }
     }
 
     /// The door's error event, sent when the backend's body breaks midway.
@@ -72,9 +99,9 @@ impl MeteredBody {
             // the error on the record).
             let usage = facts.usage.or_else(|| {
                 (!matches!(end, End::Complete) && facts.events > 0).then_some(Usage {
-                    prompt_tokens: 0,
                     completion_tokens: facts.events,
                     total_tokens: facts.events,
+                    ..Usage::default()
                 })
             });
             finish.stream_done(backend, usage, end);
@@ -89,8 +116,10 @@ impl Body for MeteredBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Some(first) = this.first.take() {
-            this.scanner.feed(&first);
-            return Poll::Ready(Some(Ok(Frame::data(first))));
+            let out = this.pass(first);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
         }
         loop {
             let Some(rest) = this.rest.as_mut() else { return Poll::Ready(None) };
@@ -98,8 +127,10 @@ impl Body for MeteredBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        this.scanner.feed(&data);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                        let out = this.pass(data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
                     }
                     // Trailers are not forwarded.
                     Err(_) => continue,
@@ -110,8 +141,10 @@ impl Body for MeteredBody {
                     return Poll::Ready(this.break_event.map(|event| Ok(Frame::data(event(&detail)))));
                 }
                 Poll::Ready(None) => {
+                    this.scanner.finish();
+                    let tail = this.translator.as_mut().map(StreamTranslator::finish).unwrap_or_default();
                     this.end(End::Complete);
-                    return Poll::Ready(None);
+                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
                 }
             }
         }

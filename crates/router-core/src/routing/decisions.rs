@@ -17,6 +17,9 @@ pub enum DecisionType {
     Failover,
     /// No backend of the policy was routable; nothing was tried.
     NoHealthyBackend,
+    /// Every backend for the model failed (or none was routable): the
+    /// request is tried under the policy of the policy's next fallback model.
+    FallbackModel,
 }
 
 impl DecisionType {
@@ -25,6 +28,7 @@ impl DecisionType {
             DecisionType::Primary => "PRIMARY",
             DecisionType::Failover => "FAILOVER",
             DecisionType::NoHealthyBackend => "NO_HEALTHY_BACKEND",
+            DecisionType::FallbackModel => "FALLBACK_MODEL",
         }
     }
 }

@@ -27,7 +27,14 @@ pub struct Policy {
     pub backends: Vec<PolicyBackend>,
     /// Consecutive failures after which a backend is marked unhealthy.
     pub failover_threshold: u32,
+    /// Models tried in order, each under its own policy, once every backend
+    /// of this one has failed (or none is routable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_models: Vec<String>,
 }
+
+/// The most fallback models one policy may list.
+pub const MAX_FALLBACK_MODELS: usize = 8;
 
 /// A policy as it arrives, before validation.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +44,8 @@ pub struct PolicyInput {
     pub model: Option<String>,
     pub backends: Option<Vec<PolicyBackendInput>>,
     pub failover_threshold: Option<i64>,
+    #[serde(default)]
+    pub fallback_models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,7 +103,20 @@ impl PolicyInput {
         if backends.iter().all(|b| b.weight == 0) {
             return Err("at least one backend must have a weight above 0".into());
         }
-        Ok(Policy { policy_id, organization_id, model, backends, failover_threshold })
+        let fallback_models = self.fallback_models.unwrap_or_default();
+        if fallback_models.len() > MAX_FALLBACK_MODELS {
+            return Err(format!("`fallback_models` lists at most {MAX_FALLBACK_MODELS} models"));
+        }
+        let mut seen_models = HashSet::from([model.as_str()]);
+        for m in &fallback_models {
+            if m.is_empty() || m.len() > 256 {
+                return Err("each of `fallback_models` must be 1-256 characters".into());
+            }
+            if !seen_models.insert(m.as_str()) {
+                return Err(format!("`fallback_models` names {m:?} twice, or the policy's own model"));
+            }
+        }
+        Ok(Policy { policy_id, organization_id, model, backends, failover_threshold, fallback_models })
     }
 }
 

@@ -15,12 +15,13 @@ use crate::config_service::{Backend, RoutePolicy};
 /// Small enough to stay on the stack for typical policies.
 pub type Candidates = Vec<(Arc<Backend>, u32)>;
 
-/// Only backends whose kind serves `op` are candidates.
+/// Only backends that can serve `op` (in their own shape or through a
+/// translation) are candidates; backends cooling down are left out too.
 pub fn candidates(policy: &RoutePolicy, op: Operation, rng: &mut fastrand::Rng) -> Candidates {
     let mut out: Candidates = Vec::with_capacity(policy.members.len());
     let mut total: u64 = 0;
     for (backend, weight) in &policy.members {
-        if *weight > 0 && backend.serves(op) && backend.is_routable() {
+        if *weight > 0 && backend.can_serve(op) && backend.is_routable() {
             total += u64::from(*weight);
             out.push((backend.clone(), *weight));
         }
@@ -46,7 +47,7 @@ pub fn candidates(policy: &RoutePolicy, op: Operation, rng: &mut fastrand::Rng) 
         total -= u64::from(out[i].1);
     }
     for (backend, weight) in &policy.members {
-        if *weight == 0 && backend.serves(op) && backend.is_routable() {
+        if *weight == 0 && backend.can_serve(op) && backend.is_routable() {
             out.push((backend.clone(), 0));
         }
     }
@@ -77,6 +78,7 @@ mod tests {
                     .map(|(id, w)| PolicyBackend { backend_id: id.to_string(), weight: *w })
                     .collect(),
                 failover_threshold: 3,
+                fallback_models: vec![],
             },
         );
         crate::config_service::test_store(s)

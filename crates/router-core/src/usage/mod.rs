@@ -26,7 +26,9 @@ use crate::routing::decisions::DecisionType;
 
 use self::buffer::Buffer;
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2 added `served_model`, `cache_read_tokens` and `cache_write_tokens`
+/// (optional; `docs/usage-records.md`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Why a usage record could not be taken: the request must then not be
 /// answered as served.
@@ -60,7 +62,11 @@ pub struct UsageRecord {
     pub schema_version: u32,
     pub request_id: Arc<str>,
     pub organization_id: Arc<str>,
+    /// The model the client asked for.
     pub model: Arc<str>,
+    /// The model that answered, when a fallback model did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<Arc<str>>,
     pub backend_id: Option<Arc<str>>,
     /// The decision type of the last attempt.
     pub decision_type: Option<DecisionType>,
@@ -75,6 +81,12 @@ pub struct UsageRecord {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    /// Of the prompt, tokens read from the provider's cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_read_tokens: Option<u64>,
+    /// Of the prompt, tokens written to the provider's cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
     /// In the currency of the price table; `None` without a price.
     pub cost: Option<f64>,
     #[serde(serialize_with = "crate::util::serialize_time")]

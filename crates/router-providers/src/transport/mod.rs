@@ -56,6 +56,9 @@ pub enum AttemptError {
     Io(String),
     /// The backend answered with a status that triggers failover (5xx, 429, 408).
     Status(StatusCode),
+    /// The backend asked to be left alone for a while: a 429, 503 or 529
+    /// with `Retry-After` or a provider's rate-limit reset header.
+    Throttled { status: StatusCode, retry_after: Duration },
 }
 
 impl AttemptError {
@@ -66,16 +69,33 @@ impl AttemptError {
             AttemptError::Tls(_) => "tls",
             AttemptError::Timeout => "timeout",
             AttemptError::Io(_) => "io",
-            AttemptError::Status(s) if s.is_server_error() => "status_5xx",
-            AttemptError::Status(s) if *s == StatusCode::TOO_MANY_REQUESTS => "status_429",
-            AttemptError::Status(_) => "status_408",
+            AttemptError::Status(s) | AttemptError::Throttled { status: s, .. } if s.is_server_error() => "status_5xx",
+            AttemptError::Status(s) | AttemptError::Throttled { status: s, .. }
+                if *s == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                "status_429"
+            }
+            AttemptError::Status(_) | AttemptError::Throttled { .. } => "status_408",
         }
     }
 
     /// Whether this failure counts towards ejecting the backend. 429 and 408
-    /// say "not now", not "broken": they fail over but do not eject.
+    /// say "not now", not "broken": they fail over but do not eject; nor
+    /// does a backend that said when to come back (it cools down instead).
     pub fn counts_against_health(&self) -> bool {
-        !matches!(self, AttemptError::Status(s) if !s.is_server_error())
+        match self {
+            AttemptError::Status(s) => s.is_server_error(),
+            AttemptError::Throttled { .. } => false,
+            _ => true,
+        }
+    }
+
+    /// The HTTP status the backend answered, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            AttemptError::Status(s) | AttemptError::Throttled { status: s, .. } => Some(*s),
+            _ => None,
+        }
     }
 
     pub const ERROR_TYPES: [&'static str; 7] =
@@ -102,6 +122,12 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Timeout => write!(f, "timed out"),
             AttemptError::Io(e) => write!(f, "connection error: {e}"),
             AttemptError::Status(s) => write!(f, "backend answered {}", s.as_u16()),
+            AttemptError::Throttled { status, retry_after } => write!(
+                f,
+                "backend answered {}, retry after {} s",
+                status.as_u16(),
+                retry_after.as_secs_f64().ceil() as u64
+            ),
         }
     }
 }
@@ -109,6 +135,71 @@ impl std::fmt::Display for AttemptError {
 /// Whether a backend status triggers failover.
 pub fn retryable_status(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+}
+
+/// The failure for a retryable status: [`AttemptError::Throttled`] when a
+/// 429, 503 or 529 says when to come back, else [`AttemptError::Status`].
+fn failed_status(parts: &http::response::Parts) -> AttemptError {
+    let waits = matches!(parts.status.as_u16(), 429 | 503 | 529);
+    match retry_after(&parts.headers, std::time::SystemTime::now()).filter(|_| waits) {
+        Some(retry_after) => AttemptError::Throttled { status: parts.status, retry_after },
+        None => AttemptError::Status(parts.status),
+    }
+}
+
+/// How long a backend asks to be left alone: `Retry-After` (seconds or an
+/// HTTP date) if present, else the latest of the providers' reset headers
+/// (OpenAI's `x-ratelimit-reset-*` durations such as `6m0s`, Anthropic's
+/// `anthropic-ratelimit-*-reset` timestamps).
+pub fn retry_after(headers: &http::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(v) = text("retry-after") {
+        if let Ok(secs) = v.parse::<f64>()
+            && secs.is_finite()
+            && secs >= 0.0
+        {
+            return Some(Duration::from_secs_f64(secs));
+        }
+        if let Ok(at) = httpdate::parse_http_date(v) {
+            return Some(at.duration_since(now).unwrap_or_default());
+        }
+    }
+    let mut latest: Option<Duration> = None;
+    for (name, value) in headers {
+        let Ok(value) = value.to_str() else { continue };
+        let name = name.as_str();
+        let wait = if name.starts_with("x-ratelimit-reset-") {
+            go_duration(value.trim())
+        } else if name.starts_with("anthropic-ratelimit-") && name.ends_with("-reset") {
+            humantime::parse_rfc3339(value.trim()).ok().map(|at| at.duration_since(now).unwrap_or_default())
+        } else {
+            None
+        };
+        latest = latest.max(wait);
+    }
+    latest
+}
+
+/// A duration as OpenAI writes it: `1s`, `6m0s`, `1h2m3.5s`, `20ms`.
+fn go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        total += n * match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+    }
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
 }
 
 /// A backend's answer body: hyper's, or any other body (the in-process
@@ -342,7 +433,7 @@ pub async fn send(
         let response = transport.send(request).await?;
         let (parts, body) = response.into_parts();
         if retryable_status(parts.status) {
-            return Err(AttemptError::Status(parts.status));
+            return Err(failed_status(&parts));
         }
         collect(parts, body).await
     };
@@ -361,7 +452,7 @@ pub async fn open_stream(
         let response = transport.send(request).await?;
         let (parts, mut body) = response.into_parts();
         if retryable_status(parts.status) {
-            return Err(AttemptError::Status(parts.status));
+            return Err(failed_status(&parts));
         }
         if !parts.status.is_success() {
             return collect(parts, body).await.map(Answer::Full);
@@ -414,7 +505,16 @@ pub async fn get(transport: &dyn Transport, uri: &Uri, timeout: Duration) -> Res
 /// An active health check: `GET uri` must answer 2xx within `timeout`. The
 /// same transport as traffic, so TLS problems show here too.
 pub async fn probe(transport: &dyn Transport, uri: &Uri, timeout: Duration) -> Result<(), String> {
-    let request = get_request(uri).map_err(|e| e.to_string())?;
+    probe_with(transport, get_request(uri).map_err(|e| e.to_string())?, timeout).await
+}
+
+/// [`probe`] with a request of the caller's (a backend's, with its
+/// credential: see `Target::health_request`).
+pub async fn probe_with(
+    transport: &dyn Transport,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<(), String> {
     let check = async {
         let response = transport.send(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
@@ -543,6 +643,37 @@ mod tests {
             let err = attempt(&trusting(&ca3, TlsSpec::default()), port).await;
             assert_eq!(err, AttemptError::Tls("client certificate refused".into()), "h2 {h2}: {err}");
         }
+    }
+
+    #[test]
+    fn retry_after_is_read_from_every_form_providers_use() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, v.parse().unwrap());
+            }
+            m
+        };
+        assert_eq!(retry_after(&h(&[("retry-after", "7")]), now), Some(Duration::from_secs(7)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(retry_after(&h(&[("retry-after", &date)]), now), Some(Duration::from_secs(30)));
+        let openai = h(&[("x-ratelimit-reset-requests", "1s"), ("x-ratelimit-reset-tokens", "6m0s")]);
+        assert_eq!(retry_after(&openai, now), Some(Duration::from_secs(360)), "the latest reset");
+        assert_eq!(go_duration("1h2m3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(go_duration("soon"), None);
+        let at = humantime::format_rfc3339(now + Duration::from_secs(12)).to_string();
+        assert_eq!(retry_after(&h(&[("anthropic-ratelimit-tokens-reset", &at)]), now), Some(Duration::from_secs(12)));
+        assert_eq!(
+            retry_after(&h(&[("retry-after", "3"), ("x-ratelimit-reset-tokens", "60s")]), now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(retry_after(&h(&[]), now), None);
+        let t =
+            AttemptError::Throttled { status: StatusCode::TOO_MANY_REQUESTS, retry_after: Duration::from_millis(6500) };
+        assert_eq!((t.error_type(), t.counts_against_health()), ("status_429", false));
+        assert_eq!(t.to_string(), "backend answered 429, retry after 7 s");
     }
 
     #[tokio::test]

@@ -1,0 +1,149 @@
+//! The Anthropic door: `POST /v1/messages` and
+//! `POST /v1/messages/count_tokens`, in the Anthropic Messages API's shape.
+//!
+//! The key comes as `x-api-key` or `Authorization: Bearer` (Anthropic's
+//! clients send one or the other). `anthropic-version` and `anthropic-beta`
+//! travel with the request for Anthropic backends. Like every door it only
+//! parses: the request goes through the same pipeline (limits, routing and
+//! failover, translation for OpenAI-shaped backends, usage, audit). Errors
+//! leave in Anthropic's shape: `{"type":"error","error":{"type","message"}}`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::Bytes;
+use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
+use router_core::{InferenceRequest, auth};
+use router_providers::Operation;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::{Shape, SharedState, credentials, read_body, respond};
+
+/// Client headers that go on to Anthropic backends.
+const FORWARDED: [&str; 2] = ["anthropic-version", "anthropic-beta"];
+
+pub async fn messages(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, headers, body, Operation::Messages).await
+}
+
+pub async fn count_tokens(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, headers, body, Operation::CountTokens).await
+}
+
+async fn handle(state: SharedState, headers: HeaderMap, body: Body, op: Operation) -> Response {
+    let request = match accept(&state, &headers, body, op).await {
+        Ok(r) => r,
+        Err(e) => return e.anthropic(None),
+    };
+    let span =
+        tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+    respond(router_core::process(&state.core, request).instrument(span).await, Shape::Anthropic)
+}
+
+async fn accept(
+    state: &SharedState,
+    headers: &HeaderMap,
+    body: Body,
+    op: Operation,
+) -> Result<InferenceRequest, ApiError> {
+    let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
+    let key = credentials::api_key(headers).filter(|k| !k.is_empty()).or_else(|| credentials::bearer(headers));
+    let organization_id = auth::organization(&state.core.config.load(), key)?;
+    parse(op, bytes, organization_id, headers)
+}
+
+/// Checks what the router relies on and what the API requires; everything
+/// else is the backend's (or the translation's) to judge.
+pub fn parse(
+    op: Operation,
+    body: Bytes,
+    organization_id: Arc<str>,
+    headers: &HeaderMap,
+) -> Result<InferenceRequest, ApiError> {
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = &v else {
+        return Err(ApiError::InvalidRequest("the body must be a JSON object".into()));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => Arc::from(m.as_str()),
+        Some(_) => return Err(ApiError::InvalidRequest("model: must be a string of 1-256 characters".into())),
+        None => return Err(ApiError::InvalidRequest("model: Field required".into())),
+    };
+    match obj.get("messages") {
+        Some(Value::Array(_)) => {}
+        Some(_) => return Err(ApiError::InvalidRequest("messages: must be an array".into())),
+        None => return Err(ApiError::InvalidRequest("messages: Field required".into())),
+    }
+    if op == Operation::Messages {
+        match obj.get("max_tokens") {
+            Some(n) if n.as_u64().is_some_and(|n| n >= 1) => {}
+            Some(_) => return Err(ApiError::InvalidRequest("max_tokens: must be an integer of at least 1".into())),
+            None => return Err(ApiError::InvalidRequest("max_tokens: Field required".into())),
+        }
+    }
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::InvalidRequest("stream: must be a boolean".into())),
+    };
+    if stream && op == Operation::CountTokens {
+        return Err(ApiError::InvalidRequest("stream: token counting does not stream".into()));
+    }
+    let request_id = match headers.get("x-request-id").and_then(|h| h.to_str().ok()) {
+        Some(id) if valid_request_id(id) => Arc::from(id),
+        Some(_) => return Err(ApiError::InvalidRequest(format!("invalid X-Request-Id: use {REQUEST_ID_RULES}"))),
+        None => new_request_id(),
+    };
+    let mut forwarded = HeaderMap::new();
+    for name in FORWARDED {
+        if let Some(value) = headers.get(name) {
+            forwarded.insert(name, value.clone());
+        }
+    }
+    Ok(InferenceRequest { request_id, organization_id, model, op, body, json: Some(v), stream, headers: forwarded })
+}
+
+/// The event that tells an Anthropic client its stream broke.
+pub fn stream_error_event(detail: &str) -> Bytes {
+    let body = json!({"type": "error", "error": {
+        "type": "api_error",
+        "message": format!("the backend's stream broke midway: {detail}"),
+    }});
+    Bytes::from(format!("event: error\ndata: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_json(op: Operation, v: Value) -> Result<InferenceRequest, ApiError> {
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-beta", "tools-2024-05-16".parse().unwrap());
+        h.insert("x-other", "dropped".parse().unwrap());
+        parse(op, Bytes::from(v.to_string()), Arc::from("o"), &h)
+    }
+
+    #[test]
+    fn what_the_messages_api_requires_is_checked() {
+        let ok = parse_json(Operation::Messages, json!({"model": "m", "max_tokens": 5, "messages": []})).unwrap();
+        assert_eq!(ok.headers.len(), 1, "only the anthropic headers travel");
+        assert_eq!(ok.headers["anthropic-beta"], "tools-2024-05-16");
+        let e = parse_json(Operation::Messages, json!({"model": "m", "messages": []})).unwrap_err();
+        assert!(e.message().contains("max_tokens"), "{e:?}");
+        let e = parse_json(Operation::Messages, json!({"model": "m", "max_tokens": 0, "messages": []})).unwrap_err();
+        assert!(e.message().contains("max_tokens"), "{e:?}");
+        assert!(parse_json(Operation::CountTokens, json!({"model": "m", "messages": []})).is_ok());
+        let e = parse_json(Operation::CountTokens, json!({"model": "m", "messages": [], "stream": true})).unwrap_err();
+        assert!(e.message().contains("stream"));
+        assert!(matches!(parse_json(Operation::Messages, json!({"model": 5})), Err(ApiError::InvalidRequest(_))));
+        assert!(matches!(
+            parse(Operation::Messages, Bytes::from_static(b"{oops"), Arc::from("o"), &HeaderMap::new()),
+            Err(ApiError::InvalidJson(_))
+        ));
+    }
+}
