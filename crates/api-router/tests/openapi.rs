@@ -80,8 +80,12 @@ async fn openapi_paths_exist_and_answers_match_the_schemas() {
     let spec = spec();
     let native = Mock::start("backend-1", &[]);
     let oa = Mock::start("openai-1", &[]);
+    let claude = Mock::start("anthropic-1", &[]);
     let router = RouterBuilder::new(&[])
-        .env("BACKEND_ENDPOINTS", &format!("{},{}", native.endpoint(), oa.openai_endpoint()))
+        .env(
+            "BACKEND_ENDPOINTS",
+            &format!("{},{},{}=anthropic+{}", native.endpoint(), oa.openai_endpoint(), claude.id, claude.url()),
+        )
         .env("KAFKA_BROKERS", &format!("127.0.0.1:{}", free_port()))
         .start();
     let admin = format!("Bearer {ADMIN_TOKEN}");
@@ -110,6 +114,27 @@ async fn openapi_paths_exist_and_answers_match_the_schemas() {
             "/v1/embeddings".into(),
             vec![("authorization", &bearer)],
             r#"{"model":"gpt-4o","input":"hi"}"#.into(),
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "/v1/responses".into(),
+            vec![("authorization", &bearer)],
+            r#"{"model":"gpt-4o","input":"hi"}"#.into(),
+        ),
+        (
+            "post",
+            "/v1/messages",
+            "/v1/messages".into(),
+            vec![("x-api-key", KEY_A)],
+            r#"{"model":"claude-x","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#.into(),
+        ),
+        (
+            "post",
+            "/v1/messages/count_tokens",
+            "/v1/messages/count_tokens".into(),
+            vec![("x-api-key", KEY_A)],
+            r#"{"model":"claude-x","messages":[{"role":"user","content":"hi"}]}"#.into(),
         ),
         ("get", "/v1/models", "/v1/models".into(), vec![("authorization", &bearer)], String::new()),
         ("get", "/v1/status/healthz", "/v1/status/healthz".into(), vec![], String::new()),

@@ -16,7 +16,7 @@
 //!   in a final chunk when `stream_options.include_usage`); a chat request
 //!   that offers tools gets a tool call, its arguments streamed in pieces.
 //! - `POST /v1/messages`, `POST /v1/messages/count_tokens`: Anthropic's
-//!   Messages API (needs `x-api-key` and `anthropic-version`), streamed as
+//!   Messages API (needs `anthropic-version`), streamed as
 //!   its documented events, with a `tool_use` when tools are offered.
 //! - `/openai/deployments/{deployment}/...?api-version=...` and
 //!   `/openai/v1/...`: Azure OpenAI's paths (need `api-key`).
