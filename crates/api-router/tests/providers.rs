@@ -20,8 +20,18 @@ const AZURE_SECRET: &str = "azure-upstream-secret";
 /// A router over `backends` (YAML entries) with one policy per
 /// (model, backend ids, fallback models).
 fn router(backends: &str, policies: &[(&str, &[&str], &[&str])], extra: &[(&str, &str)]) -> Router {
+    router_with(backends, policies, extra, "")
+}
+
+/// [`router`] with more of the YAML file (`prices:`, ...).
+fn router_with(
+    backends: &str,
+    policies: &[(&str, &[&str], &[&str])],
+    extra: &[(&str, &str)],
+    yaml_extra: &str,
+) -> Router {
     let dir = tempfile::tempdir().unwrap();
-    let mut yaml = format!("backends:\n{backends}\npolicies:\n");
+    let mut yaml = format!("{yaml_extra}backends:\n{backends}\npolicies:\n");
     for (model, ids, fallbacks) in policies {
         let members: Vec<String> = ids.iter().map(|id| format!("{{backend_id: {id}, weight: 1}}")).collect();
         yaml += &format!(
@@ -296,20 +306,38 @@ async fn the_same_tokens_count_the_same_through_every_door_and_kind() {
     let claude = Mock::start("claude-1", &[]);
     let gpt = Mock::start("gpt-1", &[]);
     let backends = anthropic_backend("claude-1", &claude) + &openai_backend("gpt-1", &gpt);
-    let router = router(&backends, &[("claude-x", &["claude-1"], &[]), ("gpt-x", &["gpt-1"], &[])], &[]);
+    // Per 1,000 tokens: uncached input 1, cache reads 0.1, cache writes 1.25, output 5.
+    let price = "{input_per_1k: 1, output_per_1k: 5, cache_read_per_1k: 0.1, cache_write_per_1k: 1.25}";
+    let prices = format!("prices:\n  claude-x: {price}\n  gpt-x: {price}\n");
+    let policies: &[(&str, &[&str], &[&str])] = &[("claude-x", &["claude-1"], &[]), ("gpt-x", &["gpt-1"], &[])];
+    let router = router_with(&backends, policies, &[], &prices);
+    let budget = json!({"budget": {"amount": 1000, "period": "monthly"}});
+    assert_eq!(router.admin_put("/v1/admin/organizations/org-a/limits", budget).await.status, 200);
+    let spent = || async {
+        router.admin_get("/v1/admin/organizations/org-a/usage").await.json()["budget"]["spent"].as_f64().unwrap()
+    };
     let tokens = |text: &str| {
         ["prompt", "completion", "cache_read", "cache_write"]
             .map(|t| metric(text, "api_router_tokens_total", &[("type", t)]))
     };
     let bearer = format!("Bearer {KEY_A}");
-    for (model, want) in [("claude-x", [12.0, 9.0, 4.0, 3.0]), ("gpt-x", [12.0, 9.0, 4.0, 0.0])] {
+    // (uncached 5, reads 4, writes 3, output 9) and (uncached 8, reads 4, output 9).
+    let claude_cost = (5.0 * 1.0 + 4.0 * 0.1 + 3.0 * 1.25 + 9.0 * 5.0) / 1000.0;
+    let gpt_cost = (8.0 * 1.0 + 4.0 * 0.1 + 9.0 * 5.0) / 1000.0;
+    for (model, want, cost) in
+        [("claude-x", [12.0, 9.0, 4.0, 3.0], claude_cost), ("gpt-x", [12.0, 9.0, 4.0, 0.0], gpt_cost)]
+    {
         for (path, body) in [("/v1/messages", messages_body(model)), ("/v1/chat/completions", chat_body(model))] {
-            let before = tokens(&router.metrics().await);
+            let (before, spent_before) = (tokens(&router.metrics().await), spent().await);
             let r = post(&router, path, &[("authorization", &bearer)], body).await;
             assert_eq!(r.status, 200, "{path} {model}: {}", r.text());
             let after = tokens(&router.metrics().await);
             let counted: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
             assert_eq!(counted, want, "{path} {model}");
+            let settled =
+                eventually(Duration::from_secs(5), || async { (spent().await - spent_before - cost).abs() < 1e-9 })
+                    .await;
+            assert!(settled, "{path} {model}: budget charged {} instead of {cost}", spent().await - spent_before);
         }
     }
 }
