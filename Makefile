@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench bench-http bench-quick bench-soak build clean stack stack-down
+.PHONY: run test lint fmt bench bench-http bench-quick bench-soak bench-keys build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -31,6 +31,12 @@ bench-quick:
 # 10 minutes at 1,000 requests/s with all features: p99 and RSS per minute.
 bench-soak:
 	bash scripts/bench-soak.sh 10 1000
+
+# How long a key revoked on one replica takes to be refused by another
+# (two release routers on one etcd, 100 keys): p50, p99, max.
+bench-keys:
+	scripts/deps.sh protoc:protobuf-compiler etcd:etcd-server etcdctl:etcd-client
+	cargo nextest run --release -p api-router --test keys --run-ignored only --no-capture revocation_reaches
 
 # The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
 stack:

@@ -50,6 +50,7 @@ async fn run(name: &str, limits: &Limits) -> Vec<router_core::limits::Reservatio
             limits: Some(org_limits),
             price: None,
             billable: true,
+            key: None,
         };
         let t0 = Instant::now();
         let admission = limits.admit(&req).await;

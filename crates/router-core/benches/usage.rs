@@ -27,6 +27,7 @@ fn record(i: u64) -> UsageRecord {
         schema_version: SCHEMA_VERSION,
         request_id: Arc::from(format!("bench-{i}-{}", fastrand::u64(..)).as_str()),
         organization_id: Arc::from("org-bench"),
+        key_id: None,
         model: Arc::from("gpt-4o"),
         served_model: None,
         backend_id: Some(Arc::from("backend-1")),

@@ -12,14 +12,34 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config_service::Snapshot;
+use crate::keys::KeyEntry;
+use crate::util::now_ms;
 
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthError {
     /// No API key on the request.
     MissingKey,
-    /// An API key that matches no organization.
+    /// An API key that matches no organization (or was revoked, or was
+    /// rotated out at the end of its grace period).
     InvalidKey,
+    /// A managed key past its expiry.
+    KeyExpired,
+}
+
+/// Who a request is from: the organization, and the managed key when it
+/// came with one (static keys from `API_KEYS` and the file have none).
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub organization_id: Arc<str>,
+    pub key: Option<Arc<KeyEntry>>,
+}
+
+impl Principal {
+    /// An organization's static key (no managed key).
+    pub fn organization(organization_id: impl Into<Arc<str>>) -> Principal {
+        Principal { organization_id: organization_id.into(), key: None }
+    }
 }
 
 /// Why an admin call was refused.
@@ -35,14 +55,36 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// The organization behind a presented key.
-pub fn organization(snapshot: &Snapshot, key: Option<&str>) -> Result<Arc<str>, AuthError> {
+/// Who is behind a presented key: a static key, or a managed key that is
+/// neither revoked, nor expired, nor a rotated-out key past its grace. A
+/// managed key's use is noted (one atomic store).
+pub fn authenticate(snapshot: &Snapshot, key: Option<&str>) -> Result<Principal, AuthError> {
     let key = key.filter(|k| !k.is_empty()).ok_or(AuthError::MissingKey)?;
     let hash = hash_key(key);
-    match snapshot.organization_for_key_hash(&hash) {
-        Some((stored, org)) if bool::from(stored.ct_eq(&hash)) => Ok(org.clone()),
-        _ => Err(AuthError::InvalidKey),
+    if let Some((stored, org)) = snapshot.organization_for_key_hash(&hash)
+        && bool::from(stored.ct_eq(&hash))
+    {
+        return Ok(Principal { organization_id: org.clone(), key: None });
     }
+    let Some((stored, managed)) = snapshot.managed_key(&hash) else { return Err(AuthError::InvalidKey) };
+    let entry = &managed.entry;
+    if !bool::from(stored.ct_eq(&hash)) || entry.revoked {
+        return Err(AuthError::InvalidKey);
+    }
+    let now = now_ms();
+    if managed.until_ms.is_some_and(|u| u <= now) {
+        return Err(AuthError::InvalidKey);
+    }
+    if entry.expires_at_ms.is_some_and(|e| e <= now) {
+        return Err(AuthError::KeyExpired);
+    }
+    entry.runtime.touch();
+    Ok(Principal { organization_id: entry.organization_id.clone(), key: Some(entry.clone()) })
+}
+
+/// The organization behind a presented key.
+pub fn organization(snapshot: &Snapshot, key: Option<&str>) -> Result<Arc<str>, AuthError> {
+    authenticate(snapshot, key).map(|p| p.organization_id)
 }
 
 /// Checks a presented admin token. `configured` is `None` when the admin

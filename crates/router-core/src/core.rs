@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditStore;
 use crate::backends::monitor::{self, TransportProbe};
 use crate::config_service::{ConfigState, ConfigStore, ConfigWriter, RemoteConfig};
+use crate::keys::{KeyFile, StoredKeys};
 use crate::limits::budget_service::BudgetServiceComponent;
 use crate::limits::redis::RedisLimits;
 use crate::limits::{LimitSettings, Limits, local::Ledger};
@@ -66,6 +67,7 @@ pub enum StartupError {
     Limits(String),
     Usage(String),
     Tls(TlsError),
+    Keys(String),
 }
 
 impl std::fmt::Display for StartupError {
@@ -75,6 +77,7 @@ impl std::fmt::Display for StartupError {
             StartupError::Limits(e) => write!(f, "cannot set up limits: {e}"),
             StartupError::Usage(e) => write!(f, "cannot set up usage publishing: {e}"),
             StartupError::Tls(e) => write!(f, "invalid TLS setting {e}"),
+            StartupError::Keys(e) => write!(f, "cannot read the managed API keys: {e}"),
         }
     }
 }
@@ -144,13 +147,23 @@ impl Core {
             Some(t) => t,
             None => Arc::new(Transports::new(settings.transport.clone()).map_err(StartupError::Tls)?),
         };
-        let config = Arc::new(ConfigStore::new(settings.initial_state.clone(), metrics.clone(), transports.clone()));
+        // Without etcd, managed keys live in the key file.
+        let key_file = Arc::new(KeyFile::new(&settings.data_dir));
+        let mut initial_state = settings.initial_state.clone();
+        let mut stored = StoredKeys::default();
+        if parts.remote.is_none() {
+            stored = key_file.load().map_err(StartupError::Keys)?;
+            initial_state.keys = std::mem::take(&mut stored.keys);
+        }
+        let config = Arc::new(ConfigStore::new(initial_state, metrics.clone(), transports.clone()));
+        config.key_runtimes().restore(&stored.last_used_ms);
         {
             let snapshot = config.load();
             tracing::info!(
                 backends = snapshot.backend_list.len(),
                 policies = snapshot.state.policies.len(),
                 api_keys = snapshot.state.api_keys.len(),
+                managed_keys = snapshot.state.keys.len(),
                 default_route = snapshot.state.default_route,
                 "backend registry initialized"
             );
@@ -166,7 +179,7 @@ impl Core {
         };
         let writer = match &remote {
             Some(r) => ConfigWriter::Remote(config.clone(), r.clone()),
-            None => ConfigWriter::Local(config.clone()),
+            None => ConfigWriter::Local(config.clone(), key_file),
         };
         let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone(), settings.audit_commit_interval)
             .map_err(|e| StartupError::Audit(e.to_string()))?;
@@ -214,6 +227,7 @@ impl Core {
             background.spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone()));
         }
         background.spawn(limits.ledger().clone().run_saver(cancel.clone()));
+        background.spawn(run_last_used_writer(core.writer.clone(), cancel.clone()));
         if let Some(redis) = limits.redis() {
             background.spawn(redis.clone().run_health(cancel.clone()));
         }
@@ -252,6 +266,27 @@ impl Running {
         // The settler may have applied settlements after the saver's last round.
         if let Err(e) = core.limits.ledger().save() {
             tracing::error!(error = %e, "cannot save the budget ledger at shutdown");
+        }
+    }
+}
+
+/// How often due `last_used_at` times are written out.
+const LAST_USED_FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes managed keys' `last_used_at` off the request path: every
+/// [`LAST_USED_FLUSH_EVERY`], the times that moved on by a minute, and once
+/// more at shutdown.
+async fn run_last_used_writer(writer: ConfigWriter, cancel: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tokio::time::sleep(LAST_USED_FLUSH_EVERY) => false,
+        };
+        if let Err(e) = writer.flush_last_used().await {
+            tracing::warn!(error = %e, "cannot record when API keys were last used; will retry");
+        }
+        if stop {
+            return;
         }
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! - [`request`]: the request model and the rules for request ids;
 //! - [`auth`]: API keys (hashed) and the admin token;
+//! - [`keys`]: API keys managed at run time (create, rotate, revoke, expire);
 //! - [`routing`]: policies, weighted selection with failover order, the decision log;
 //! - [`backends`]: health (circuit) and the active health monitor;
 //! - [`config_service`]: the routing state, compiled into snapshots swapped
@@ -29,6 +30,7 @@ pub mod backends;
 pub mod build_info;
 pub mod config_service;
 pub mod core;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use router_providers::Operation;
 
+use crate::keys::KeyEntry;
+
 /// A parsed, authenticated request. The door reads the body, finds the
 /// organization behind the key, and parses its own shape into this; the
 /// pipeline takes it from there.
@@ -25,6 +27,8 @@ pub struct InferenceRequest {
     /// Client headers that a backend kind may forward (`anthropic-version`,
     /// `anthropic-beta`); empty for the other doors.
     pub headers: http::HeaderMap,
+    /// The managed API key it came with (its models, limits, id).
+    pub key: Option<Arc<KeyEntry>>,
 }
 
 impl InferenceRequest {
@@ -51,6 +55,11 @@ impl InferenceRequest {
             json: if self.json.is_some() { json } else { None },
             ..self.clone()
         }
+    }
+
+    /// The managed key's id, if the request came with one.
+    pub fn key_id(&self) -> Option<Arc<str>> {
+        self.key.as_ref().map(|k| k.key_id.clone())
     }
 
     /// Whether an OpenAI client asked its stream for the usage chunk.

@@ -168,6 +168,7 @@ fn native(id: &str) -> InferenceRequest {
         json: None,
         stream: false,
         headers: Default::default(),
+        key: None,
     }
 }
 
@@ -182,6 +183,7 @@ fn chat_stream(id: &str) -> InferenceRequest {
         json: Some(v),
         stream: true,
         headers: Default::default(),
+        key: None,
     }
 }
 

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use router_core::config_service::{
     BackendInput, BackendSpec, Change, ConfigState, ConfigStore, Override, RemoteConfig, UpdateError, WriteFuture,
 };
+use router_core::keys::KeyRecord;
 use router_core::limits::OrgLimits;
 use router_core::metrics::Metrics;
 use router_core::readiness::Healthy;
@@ -59,6 +60,18 @@ enum Entry {
     Override(String, Option<Override>),
     Organization(String, OrgLimits),
     ApiKey([u8; 32], String),
+    /// A managed API key's record, at `keys/{key_id}`.
+    Key(Box<KeyRecord>),
+    /// When a managed key was last used (Unix ms), at `key-last-used/{key_id}`.
+    KeyLastUsed(String, u64),
+}
+
+/// What a guarded write expects to find at its key.
+enum Expect {
+    Anything,
+    Absent,
+    /// This exact stored value.
+    Value(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -237,11 +250,11 @@ impl EtcdSource {
     fn kind<'k>(&self, key: &'k str) -> Result<(&'k str, &'k str), Rejection> {
         let rest = key.strip_prefix(&self.key_prefix()).ok_or_else(|| reject("schema", "outside the prefix"))?;
         match rest.split_once('/') {
-            Some((kind @ ("policies" | "backends" | "backend-overrides" | "organizations" | "api-keys"), name))
-                if !name.is_empty() =>
-            {
-                Ok((kind, name))
-            }
+            Some((
+                kind @ ("policies" | "backends" | "backend-overrides" | "organizations" | "api-keys" | "keys"
+                | "key-last-used"),
+                name,
+            )) if !name.is_empty() => Ok((kind, name)),
             _ => Err(reject("schema", "key outside the schema")),
         }
     }
@@ -319,6 +332,24 @@ impl EtcdSource {
                 }
                 Ok(Entry::ApiKey(hash, org))
             }
+            "keys" => {
+                let record: KeyRecord =
+                    serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+                if record.key_id != name {
+                    return Err(reject("invalid", "key_id must match the key"));
+                }
+                if !valid_id(&record.organization_id) {
+                    return Err(reject("invalid", "invalid organization id"));
+                }
+                if record.hashes().is_empty() {
+                    return Err(reject("invalid", "hash must be a SHA-256 in hex"));
+                }
+                Ok(Entry::Key(Box::new(record)))
+            }
+            "key-last-used" => {
+                let ms = value.trim().parse().map_err(|_| reject("invalid", "expected Unix milliseconds"))?;
+                Ok(Entry::KeyLastUsed(name.to_string(), ms))
+            }
             _ => Err(reject("schema", "key outside the schema")),
         }
     }
@@ -354,7 +385,10 @@ impl EtcdSource {
                 Ok(Entry::ApiKey(h, org)) => {
                     state.api_keys.insert(h, org);
                 }
-                Ok(Entry::Backend(..) | Entry::Override(_, None)) | Err(_) => {}
+                Ok(Entry::Key(record)) => {
+                    state.keys.insert(record.key_id.clone(), *record);
+                }
+                Ok(Entry::Backend(..) | Entry::Override(_, None) | Entry::KeyLastUsed(..)) | Err(_) => {}
             }
         }
         state
@@ -362,21 +396,36 @@ impl EtcdSource {
 
     /// Builds and swaps in the snapshot of the accepted state at `revision`.
     fn apply(&self, revision: i64, full: bool) {
-        let (state, cache) = {
+        let (state, cache, last_used) = {
             let mut acc = self.lock();
             if !full && revision <= acc.1 {
                 return;
             }
             acc.1 = revision;
-            (self.compose(&acc.0), Arc::new(Cache { revision, kvs: acc.0.clone() }))
+            let last_used = self.last_used(&acc.0);
+            (self.compose(&acc.0), Arc::new(Cache { revision, kvs: acc.0.clone() }), last_used)
         };
         self.store.replace(state, revision.max(0) as u64);
+        self.store.key_runtimes().restore(&last_used);
         self.metrics.config_revision.set(revision);
         self.metrics.config_updates.inc();
         self.last_sync_ms.store(now_ms(), Ordering::Relaxed);
         let _ = self.cache_tx.send(Some(cache));
         self.applied.send_replace(revision);
         tracing::info!(revision, "config snapshot applied");
+    }
+
+    /// Every key's last use, as stored.
+    fn last_used(&self, accepted: &BTreeMap<String, String>) -> BTreeMap<String, u64> {
+        let prefix = format!("{}key-last-used/", self.key_prefix());
+        accepted
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(k, v)| match self.parse(k, v) {
+                Ok(Entry::KeyLastUsed(id, ms)) => Some((id, ms)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn load_cache(&self) {
@@ -534,6 +583,13 @@ impl EtcdSource {
                     EventType::Put => {
                         let value = String::from_utf8_lossy(kv.value()).into_owned();
                         match self.accept(&acc.0, &key, &value) {
+                            // Another replica's note of a key's use: no
+                            // snapshot to rebuild.
+                            Ok(Entry::KeyLastUsed(id, ms)) => {
+                                acc.0.insert(key, value);
+                                drop(acc);
+                                self.store.key_runtimes().get(&id).seen(ms);
+                            }
                             Ok(_) => {
                                 acc.0.insert(key, value);
                                 changed = true;
@@ -577,15 +633,30 @@ impl EtcdSource {
     /// Writes `key` (or deletes it with `None`) and waits until this replica
     /// has applied the write.
     pub async fn write(&self, key: &str, value: Option<String>) -> Result<(), UpdateError> {
+        self.write_if(key, value, Expect::Anything).await
+    }
+
+    /// [`EtcdSource::write`], if the key holds what `expect` says; else
+    /// nothing is written and the answer is a conflict.
+    async fn write_if(&self, key: &str, value: Option<String>, expect: Expect) -> Result<(), UpdateError> {
         let key = format!("{}{key}", self.key_prefix());
         let unavailable = UpdateError::Unavailable;
         let mut client = self.client().await.map_err(unavailable)?;
-        let revision = match value {
-            Some(v) => client.put(key, v, None).await.map(|r| r.header().map(|h| h.revision())),
-            None => client.delete(key, None).await.map(|r| r.header().map(|h| h.revision())),
+        let compare = match expect {
+            Expect::Anything => None,
+            Expect::Absent => Some(Compare::version(key.clone(), CompareOp::Equal, 0)),
+            Expect::Value(v) => Some(Compare::value(key.clone(), CompareOp::Equal, v)),
         };
-        let revision = match revision {
-            Ok(r) => r.unwrap_or(0),
+        let op = match value {
+            Some(v) => TxnOp::put(key.clone(), v, None),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let txn = Txn::new().when(compare.into_iter().collect::<Vec<_>>()).and_then([op]);
+        let revision = match client.txn(txn).await {
+            Ok(r) if !r.succeeded() => {
+                return Err(UpdateError::Conflict(format!("{key} changed meanwhile; read it and try again")));
+            }
+            Ok(r) => r.header().map(|h| h.revision()).unwrap_or(0),
             Err(e) => {
                 self.forget_client().await;
                 return Err(unavailable(e.to_string()));
@@ -596,6 +667,20 @@ impl EtcdSource {
         match waited {
             Ok(Ok(_)) => Ok(()),
             _ => Err(unavailable(format!("written at revision {revision} but not yet applied by this replica"))),
+        }
+    }
+}
+
+impl EtcdSource {
+    /// What a key's record must still be for a change to it: absent for a
+    /// new key, else the stored text, if it is still what the caller read.
+    fn expect_key(&self, key: &str, before: Option<&KeyRecord>) -> Result<Expect, UpdateError> {
+        let Some(before) = before else { return Ok(Expect::Absent) };
+        match self.lock().0.get(&format!("{}{key}", self.key_prefix())) {
+            Some(raw) if serde_json::from_str::<KeyRecord>(raw).ok().as_ref() == Some(before) => {
+                Ok(Expect::Value(raw.clone()))
+            }
+            _ => Err(UpdateError::Conflict(format!("{key} changed meanwhile; read it and try again"))),
         }
     }
 }
@@ -626,12 +711,43 @@ impl Healthy for EtcdSource {
 impl RemoteConfig for EtcdSource {
     fn write(&self, change: Change) -> WriteFuture<'_> {
         Box::pin(async move {
-            let (key, value) = match &change {
-                Change::Policy(p) => (format!("policies/{}/{}", p.organization_id, p.model), Some(json(p)?)),
-                Change::Override(id, over) => (format!("backend-overrides/{id}"), over.as_ref().map(override_value)),
-                Change::OrgLimits(org, limits) => (format!("organizations/{org}"), Some(json(limits)?)),
+            let (key, value, expect) = match &change {
+                Change::Policy(p) => {
+                    (format!("policies/{}/{}", p.organization_id, p.model), Some(json(p)?), Expect::Anything)
+                }
+                Change::Override(id, over) => {
+                    (format!("backend-overrides/{id}"), over.as_ref().map(override_value), Expect::Anything)
+                }
+                Change::OrgLimits(org, limits) => {
+                    (format!("organizations/{org}"), Some(json(limits)?), Expect::Anything)
+                }
+                Change::Key { before, after } => {
+                    let key = format!("keys/{}", after.key_id);
+                    let expect = self.expect_key(&key, before.as_deref())?;
+                    (key, Some(json(after)?), expect)
+                }
             };
-            EtcdSource::write(self, &key, value).await
+            self.write_if(&key, value, expect).await
+        })
+    }
+
+    fn write_last_used(&self, times: Vec<(String, u64)>) -> WriteFuture<'_> {
+        Box::pin(async move {
+            let mut client = self.client().await.map_err(UpdateError::Unavailable)?;
+            // etcd takes at most 128 operations in one transaction.
+            for chunk in times.chunks(100) {
+                let puts: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|(id, ms)| {
+                        TxnOp::put(format!("{}key-last-used/{id}", self.key_prefix()), ms.to_string(), None)
+                    })
+                    .collect();
+                if let Err(e) = client.txn(Txn::new().and_then(puts)).await {
+                    self.forget_client().await;
+                    return Err(UpdateError::Unavailable(e.to_string()));
+                }
+            }
+            Ok(())
         })
     }
 

@@ -101,7 +101,7 @@ fn optional_json<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Resul
     serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
-async fn small_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn small_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     crate::read_body(body, headers, 64 * 1024).await
 }
 

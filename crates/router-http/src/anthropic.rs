@@ -15,8 +15,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
+use router_core::InferenceRequest;
+use router_core::auth::{self, Principal};
 use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
-use router_core::{InferenceRequest, auth};
 use router_providers::Operation;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -53,8 +54,8 @@ async fn accept(
 ) -> Result<InferenceRequest, ApiError> {
     let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
     let key = credentials::api_key(headers).filter(|k| !k.is_empty()).or_else(|| credentials::bearer(headers));
-    let organization_id = auth::organization(&state.core.config.load(), key)?;
-    parse(op, bytes, organization_id, headers)
+    let principal = auth::authenticate(&state.core.config.load(), key)?;
+    parse(op, bytes, principal, headers)
 }
 
 /// Checks what the router relies on and what the API requires; everything
@@ -62,7 +63,7 @@ async fn accept(
 pub fn parse(
     op: Operation,
     body: Bytes,
-    organization_id: Arc<str>,
+    principal: Principal,
     headers: &HeaderMap,
 ) -> Result<InferenceRequest, ApiError> {
     let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
@@ -105,7 +106,17 @@ pub fn parse(
             forwarded.insert(name, value.clone());
         }
     }
-    Ok(InferenceRequest { request_id, organization_id, model, op, body, json: Some(v), stream, headers: forwarded })
+    Ok(InferenceRequest {
+        request_id,
+        organization_id: principal.organization_id,
+        model,
+        op,
+        body,
+        json: Some(v),
+        stream,
+        headers: forwarded,
+        key: principal.key,
+    })
 }
 
 /// The event that tells an Anthropic client its stream broke.
@@ -125,7 +136,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("anthropic-beta", "tools-2024-05-16".parse().unwrap());
         h.insert("x-other", "dropped".parse().unwrap());
-        parse(op, Bytes::from(v.to_string()), Arc::from("o"), &h)
+        parse(op, Bytes::from(v.to_string()), Principal::organization("o"), &h)
     }
 
     #[test]
@@ -142,7 +153,7 @@ mod tests {
         assert!(e.message().contains("stream"));
         assert!(matches!(parse_json(Operation::Messages, json!({"model": 5})), Err(ApiError::InvalidRequest(_))));
         assert!(matches!(
-            parse(Operation::Messages, Bytes::from_static(b"{oops"), Arc::from("o"), &HeaderMap::new()),
+            parse(Operation::Messages, Bytes::from_static(b"{oops"), Principal::organization("o"), &HeaderMap::new()),
             Err(ApiError::InvalidJson(_))
         ));
     }

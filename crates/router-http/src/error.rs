@@ -23,8 +23,10 @@ use serde_json::json;
 pub enum ApiError {
     /// No API key on the request.
     MissingApiKey,
-    /// An API key that matches no organization.
+    /// An API key that matches no organization (or a revoked one).
     InvalidApiKey,
+    /// A managed API key past its expiry.
+    KeyExpired,
     PayloadTooLarge {
         limit: usize,
     },
@@ -37,6 +39,8 @@ pub enum ApiError {
     /// Missing or wrong admin token.
     AdminUnauthorized,
     NotFound(String),
+    /// Someone else changed the thing first; nothing was written.
+    Conflict(String),
     /// etcd could not take (or this replica could not apply) an admin write.
     ConfigServiceUnavailable(String),
     /// The pipeline's errors: routing, backends, limits, usage.
@@ -67,6 +71,7 @@ impl From<AuthError> for ApiError {
         match e {
             AuthError::MissingKey => ApiError::MissingApiKey,
             AuthError::InvalidKey => ApiError::InvalidApiKey,
+            AuthError::KeyExpired => ApiError::KeyExpired,
         }
     }
 }
@@ -86,6 +91,8 @@ impl From<UpdateError> for ApiError {
             UpdateError::Invalid(m) => ApiError::InvalidRequest(m),
             UpdateError::NotFound(m) => ApiError::NotFound(m),
             UpdateError::Unavailable(m) => ApiError::ConfigServiceUnavailable(m),
+            UpdateError::Conflict(m) => ApiError::Conflict(m),
+            UpdateError::Internal(m) => ApiError::Internal(m),
         }
     }
 }
@@ -99,6 +106,7 @@ pub fn status_of(e: &RequestError) -> u16 {
 fn request_status(e: &RequestError) -> StatusCode {
     match e {
         RequestError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+        RequestError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
         RequestError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
         RequestError::BackendsFailed { last: AttemptError::Timeout, .. } => StatusCode::GATEWAY_TIMEOUT,
         RequestError::BackendsFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -118,10 +126,13 @@ fn request_status(e: &RequestError) -> StatusCode {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::KeyExpired | ApiError::AdminUnauthorized => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ConfigServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Request(e) => request_status(e),
@@ -132,15 +143,18 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => "unauthorized",
+            ApiError::KeyExpired => "key_expired",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::AdminDisabled => "admin_disabled",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::ConfigServiceUnavailable(_) => "config_service_unavailable",
             ApiError::Internal(_) => "internal_error",
             ApiError::Request(e) => match e {
                 RequestError::ModelNotFound(_) => "model_not_found",
+                RequestError::ModelNotAllowed(_) => "model_not_allowed",
                 RequestError::NoHealthyBackend => "no_healthy_backend",
                 RequestError::BackendsFailed { last: AttemptError::Timeout, .. } => "backend_timeout",
                 RequestError::BackendsFailed { .. } => "backend_unavailable",
@@ -163,11 +177,12 @@ impl ApiError {
         match self {
             ApiError::MissingApiKey => "missing API key: send it in the X-API-Key header".into(),
             ApiError::InvalidApiKey => "invalid API key".into(),
+            ApiError::KeyExpired => "this API key has expired".into(),
             ApiError::PayloadTooLarge { limit } => {
                 format!("request body is larger than the limit of {limit} bytes")
             }
             ApiError::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
-            ApiError::InvalidRequest(e) | ApiError::NotFound(e) => e.clone(),
+            ApiError::InvalidRequest(e) | ApiError::NotFound(e) | ApiError::Conflict(e) => e.clone(),
             ApiError::AdminDisabled => "the admin API is disabled: ADMIN_TOKEN is not set".into(),
             ApiError::AdminUnauthorized => {
                 "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
@@ -181,7 +196,7 @@ impl ApiError {
     /// `Retry-After`, and the rate limit for the `RateLimit-*` headers.
     fn retry_after(&self) -> Option<(u64, Option<&RateInfo>)> {
         match self {
-            ApiError::Request(RequestError::Limits(LimitError::RateLimited { info, retry_after_secs })) => {
+            ApiError::Request(RequestError::Limits(LimitError::RateLimited { info, retry_after_secs, .. })) => {
                 Some((*retry_after_secs, Some(info)))
             }
             ApiError::Request(RequestError::CoolingDown { retry_after_secs, .. }) => Some((*retry_after_secs, None)),
@@ -213,7 +228,13 @@ impl ApiError {
         let mut error = json!({"code": self.code(), "message": self.message()});
         let time = |t: &Option<SystemTime>| t.map(router_core::util::rfc3339);
         match &self {
-            ApiError::Request(RequestError::Limits(LimitError::BudgetExceeded { limit, remaining, reset_at })) => {
+            ApiError::Request(RequestError::Limits(LimitError::BudgetExceeded {
+                limit,
+                remaining,
+                reset_at,
+                scope,
+            })) => {
+                error["scope"] = json!(scope.as_str());
                 error["limit"] = json!(limit);
                 error["remaining"] = json!(remaining);
                 error["reset_at"] = json!(time(reset_at));
@@ -294,6 +315,8 @@ mod tests {
             (AdminAuthError::Disabled.into(), 403, "admin_disabled"),
             (RequestError::Untranslatable("`n`".into()).into(), 400, "unsupported_parameter"),
             (RequestError::CoolingDown { status: 429, retry_after_secs: 3 }.into(), 429, "upstream_rate_limited"),
+            (AuthError::KeyExpired.into(), 401, "key_expired"),
+            (RequestError::ModelNotAllowed("m".into()).into(), 403, "model_not_allowed"),
         ];
         for (e, status, code) in cases {
             assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");

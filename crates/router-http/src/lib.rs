@@ -18,6 +18,7 @@ pub mod anthropic;
 pub mod audit;
 pub mod credentials;
 pub mod error;
+pub mod keys;
 pub mod native;
 pub mod openai;
 pub mod status;
@@ -69,6 +70,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/admin/organizations/{org_id}/usage", get(admin::usage))
         .route("/v1/admin/usage/buffer", get(admin::buffer_status))
         .route("/v1/admin/usage/buffer/retry", post(admin::buffer_retry))
+        .route("/v1/admin/keys", post(keys::create).get(keys::list))
+        .route("/v1/admin/keys/{key_id}", get(keys::show).delete(keys::revoke))
+        .route("/v1/admin/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/v1/admin/keys/{key_id}/usage", get(keys::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin));
 
     Router::new()

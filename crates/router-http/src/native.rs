@@ -10,8 +10,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
+use router_core::InferenceRequest;
+use router_core::auth::{self, Principal};
 use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
-use router_core::{InferenceRequest, auth};
 use router_providers::Operation;
 use serde::Deserialize;
 use tracing::Instrument;
@@ -32,8 +33,8 @@ pub async fn inference(State(state): State<SharedState>, headers: HeaderMap, bod
 /// The body within its limit, the organization behind the key, the parse.
 async fn accept(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<InferenceRequest, ApiError> {
     let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
-    let organization_id = auth::organization(&state.core.config.load(), credentials::api_key(headers))?;
-    parse(bytes, organization_id)
+    let principal = auth::authenticate(&state.core.config.load(), credentials::api_key(headers))?;
+    parse(bytes, principal)
 }
 
 #[derive(Deserialize)]
@@ -46,7 +47,7 @@ struct NativeBody<'a> {
 
 /// `{"request_id", "model", "payload"}`: a valid `request_id` (or a new one)
 /// and a `model`; the rest is the backend's to judge.
-pub fn parse(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest, ApiError> {
+pub fn parse(body: Bytes, principal: Principal) -> Result<InferenceRequest, ApiError> {
     let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
         _ => ApiError::InvalidJson(e.to_string()),
@@ -68,13 +69,14 @@ pub fn parse(body: Bytes, organization_id: Arc<str>) -> Result<InferenceRequest,
     drop(parsed);
     Ok(InferenceRequest {
         request_id,
-        organization_id,
+        organization_id: principal.organization_id,
         model,
         op: Operation::Native,
         body,
         json: None,
         stream: false,
         headers: Default::default(),
+        key: principal.key,
     })
 }
 
@@ -84,8 +86,7 @@ mod tests {
 
     #[test]
     fn native_parse_errors() {
-        let org: Arc<str> = Arc::from("o");
-        let p = |b: &'static str| parse(Bytes::from_static(b.as_bytes()), org.clone());
+        let p = |b: &'static str| parse(Bytes::from_static(b.as_bytes()), Principal::organization("o"));
         assert!(matches!(p("{not json"), Err(ApiError::InvalidJson(_))));
         assert!(matches!(p(r#"{"payload":1}"#), Err(ApiError::InvalidRequest(m)) if m.contains("model")));
         assert!(matches!(p(r#"{"model":"m","request_id":"bad id"}"#), Err(ApiError::InvalidRequest(_))));

@@ -14,8 +14,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use router_core::InferenceRequest;
+use router_core::auth::{self, Principal};
 use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
-use router_core::{InferenceRequest, auth};
 use router_providers::Operation;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -59,8 +60,8 @@ async fn accept(
     op: Operation,
 ) -> Result<InferenceRequest, ApiError> {
     let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
-    let organization_id = auth::organization(&state.core.config.load(), credentials::bearer_or_api_key(headers))?;
-    parse(op, bytes, organization_id, headers)
+    let principal = auth::authenticate(&state.core.config.load(), credentials::bearer_or_api_key(headers))?;
+    parse(op, bytes, principal, headers)
 }
 
 /// Checks what the router relies on and what SDK users most often get wrong;
@@ -69,7 +70,7 @@ async fn accept(
 pub fn parse(
     op: Operation,
     body: Bytes,
-    organization_id: Arc<str>,
+    principal: Principal,
     headers: &HeaderMap,
 ) -> Result<InferenceRequest, ApiError> {
     let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
@@ -116,13 +117,14 @@ pub fn parse(
     };
     Ok(InferenceRequest {
         request_id,
-        organization_id,
+        organization_id: principal.organization_id,
         model,
         op,
         body,
         json: Some(v),
         stream,
         headers: Default::default(),
+        key: principal.key,
     })
 }
 
@@ -150,15 +152,17 @@ pub fn stream_error_event(detail: &str) -> Bytes {
 
 /// `GET /v1/models`: the models the caller's organization can route to: its
 /// policies' models, and with the default route, every model alias of the
-/// backends that serve this door.
+/// backends that serve this door; for a managed key with allowed models,
+/// only those.
 pub async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let snapshot = state.core.config.load_full();
-    let org = match auth::organization(&snapshot, credentials::bearer_or_api_key(&headers)) {
-        Ok(org) => org,
+    let principal = match auth::authenticate(&snapshot, credentials::bearer_or_api_key(&headers)) {
+        Ok(p) => p,
         Err(e) => return ApiError::from(e).openai(None),
     };
+    let org = &*principal.organization_id;
     let mut names: BTreeSet<&str> =
-        snapshot.state.policies.keys().filter(|(o, _)| **o == *org).map(|(_, m)| m.as_str()).collect();
+        snapshot.state.policies.keys().filter(|(o, _)| o == org).map(|(_, m)| m.as_str()).collect();
     if snapshot.state.default_route {
         for b in snapshot.backend_list.iter().filter(|b| b.can_serve(Operation::Chat)) {
             names.extend(b.target.models.keys().map(String::as_str));
@@ -166,6 +170,7 @@ pub async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Res
     }
     let data: Vec<Value> = names
         .into_iter()
+        .filter(|m| principal.key.as_ref().is_none_or(|k| k.allows(m)))
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "api-router"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

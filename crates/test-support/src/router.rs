@@ -256,6 +256,11 @@ impl Router {
         .await
     }
 
+    pub async fn admin_delete(&self, path: &str) -> Resp {
+        send(Method::DELETE, &self.url(path), &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))], String::new())
+            .await
+    }
+
     pub async fn readiness(&self) -> Value {
         get_json(&self.url("/v1/status/readyz"), &[]).await.1
     }

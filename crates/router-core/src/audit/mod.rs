@@ -58,6 +58,9 @@ pub struct AuditAttempt {
 pub struct AuditRecord {
     pub request_id: Arc<str>,
     pub organization_id: Arc<str>,
+    /// The managed API key the request came with; absent for static keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Arc<str>>,
     pub model: Arc<str>,
     /// The HTTP status the client received.
     pub status: u16,
@@ -92,7 +95,7 @@ fn storage<E: std::fmt::Display>(e: E) -> AuditError {
 }
 
 enum Msg {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -135,7 +138,7 @@ impl AuditStore {
     /// Queues a record without waiting. If the queue is full (the disk is far
     /// behind), waits for room on a tracked task instead, so nothing is lost.
     pub fn submit(&self, record: AuditRecord, tasks: &tokio_util::task::TaskTracker) {
-        match self.tx.try_send(Msg::Record(record)) {
+        match self.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 let tx = self.tx.clone();
@@ -293,7 +296,7 @@ async fn writer(
         let mut next = Some(first);
         loop {
             match next.take() {
-                Some(Msg::Record(r)) => batch.push(r),
+                Some(Msg::Record(r)) => batch.push(*r),
                 Some(Msg::Flush(ack)) => acks.push(ack),
                 None => {}
             }
@@ -354,6 +357,7 @@ mod tests {
         AuditRecord {
             request_id: Arc::from(id),
             organization_id: Arc::from(org),
+            key_id: None,
             model: Arc::from("m"),
             status: 200,
             backend_id: Some(Arc::from("b1")),

@@ -33,6 +33,7 @@ use serde::Serialize;
 
 use crate::backends::cooldown::Cooldown;
 use crate::backends::health::BackendHealth;
+use crate::keys::{self, KeyEntry, KeyFile, KeyRecord, KeyRuntimes, NewKey, Previous};
 use crate::limits::{OrgLimits, Price};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::readiness::Healthy;
@@ -47,12 +48,20 @@ pub enum UpdateError {
     NotFound(String),
     /// etcd could not take (or this replica could not apply) the write.
     Unavailable(String),
+    /// Someone else changed it first; nothing was written. Read and retry.
+    Conflict(String),
+    /// The write could not be prepared (the system's random generator or the
+    /// local store failed).
+    Internal(String),
 }
 
 impl std::fmt::Display for UpdateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UpdateError::Invalid(e) | UpdateError::NotFound(e) => f.write_str(e),
+            UpdateError::Invalid(e)
+            | UpdateError::NotFound(e)
+            | UpdateError::Conflict(e)
+            | UpdateError::Internal(e) => f.write_str(e),
             UpdateError::Unavailable(e) => write!(f, "the config service (etcd) is unavailable: {e}"),
         }
     }
@@ -198,6 +207,16 @@ pub struct ConfigState {
     /// Route a model without a policy to every backend, equally weighted.
     pub default_route: bool,
     pub default_failover_threshold: u32,
+    /// API keys managed at run time, by key id.
+    pub keys: BTreeMap<String, KeyRecord>,
+}
+
+/// One working key of a managed key: the current one, or during a rotation
+/// the previous one, which stops working at `until_ms`.
+#[derive(Debug)]
+pub struct ManagedKey {
+    pub entry: Arc<KeyEntry>,
+    pub until_ms: Option<u64>,
 }
 
 /// What outlives snapshots for one backend id.
@@ -267,6 +286,9 @@ pub struct Snapshot {
     policies: HashMap<String, HashMap<String, Arc<RoutePolicy>>>,
     default_policy: Option<Arc<RoutePolicy>>,
     api_keys: HashMap<[u8; 32], Arc<str>>,
+    /// Managed keys by the hash of each working key (a rotating key has two).
+    managed: HashMap<[u8; 32], ManagedKey>,
+    managed_by_id: HashMap<String, Arc<KeyEntry>>,
 }
 
 impl Snapshot {
@@ -293,18 +315,43 @@ impl Snapshot {
         self.state.prices.get(model).copied()
     }
 
-    /// Every known organization: those with an API key or limits.
+    /// Every known organization: those with an API key (static or
+    /// managed), limits or a policy.
     pub fn organizations(&self) -> std::collections::BTreeSet<&str> {
-        self.state.organizations.keys().map(String::as_str).chain(self.api_keys.values().map(|o| &**o)).collect()
+        self.state
+            .organizations
+            .keys()
+            .map(String::as_str)
+            .chain(self.api_keys.values().map(|o| &**o))
+            .chain(self.state.keys.values().map(|k| k.organization_id.as_str()))
+            .chain(self.policies.keys().map(String::as_str))
+            .collect()
     }
 
-    /// An organization is known if it has an API key or limits.
     pub fn knows_organization(&self, org: &str) -> bool {
-        self.state.organizations.contains_key(org) || self.api_keys.values().any(|o| &**o == org)
+        self.organizations().contains(org)
     }
 
     pub fn organization_for_key_hash(&self, hash: &[u8; 32]) -> Option<(&[u8; 32], &Arc<str>)> {
         self.api_keys.get_key_value(hash)
+    }
+
+    /// The managed key behind a hash.
+    pub fn managed_key(&self, hash: &[u8; 32]) -> Option<(&[u8; 32], &ManagedKey)> {
+        self.managed.get_key_value(hash)
+    }
+
+    /// A managed key by id.
+    pub fn key(&self, key_id: &str) -> Option<&Arc<KeyEntry>> {
+        self.managed_by_id.get(key_id)
+    }
+
+    /// Whether a model is named anywhere for `org`: its policies, a price, or
+    /// a backend's model names.
+    pub fn knows_model(&self, org: &str, model: &str) -> bool {
+        self.policy(org, model).is_some()
+            || self.state.prices.contains_key(model)
+            || self.backend_list.iter().any(|b| b.target.models.contains_key(model))
     }
 
     /// Whether at least one backend can take traffic.
@@ -351,7 +398,26 @@ impl Snapshot {
             })
         });
         let api_keys = state.api_keys.iter().map(|(hash, org)| (*hash, Arc::from(org.as_str()))).collect();
-        Snapshot { revision, state, backends, backend_list, policies, default_policy, api_keys }
+        let mut managed = HashMap::new();
+        let mut managed_by_id = HashMap::new();
+        for (id, record) in &state.keys {
+            let entry = Arc::new(KeyEntry {
+                key_id: Arc::from(id.as_str()),
+                organization_id: Arc::from(record.organization_id.as_str()),
+                expires_at_ms: record.expires_at_ms,
+                revoked: record.revoked_at_ms.is_some(),
+                models: record.models.clone(),
+                rate_limit: record.rate_limit,
+                budget: record.budget,
+                runtime: runtimes.keys.get(id),
+            });
+            for (hash, until) in record.hashes() {
+                managed.insert(hash, ManagedKey { entry: entry.clone(), until_ms: until });
+            }
+            managed_by_id.insert(id.clone(), entry);
+        }
+        runtimes.keys.retain(&state.keys);
+        Snapshot { revision, state, backends, backend_list, policies, default_policy, api_keys, managed, managed_by_id }
     }
 }
 
@@ -361,6 +427,7 @@ struct RuntimeRegistry {
     metrics: Metrics,
     transports: Arc<Transports>,
     by_id: HashMap<String, Arc<BackendRuntime>>,
+    keys: Arc<KeyRuntimes>,
 }
 
 impl RuntimeRegistry {
@@ -414,13 +481,20 @@ impl RuntimeRegistry {
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     writer: Mutex<RuntimeRegistry>,
+    keys: Arc<KeyRuntimes>,
 }
 
 impl ConfigStore {
     pub fn new(state: ConfigState, metrics: Metrics, transports: Arc<Transports>) -> Self {
-        let mut runtimes = RuntimeRegistry { metrics, transports, by_id: HashMap::new() };
+        let keys = Arc::new(KeyRuntimes::default());
+        let mut runtimes = RuntimeRegistry { metrics, transports, by_id: HashMap::new(), keys: keys.clone() };
         let snapshot = Snapshot::build(1, state, &mut runtimes);
-        Self { current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(runtimes) }
+        Self { current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(runtimes), keys }
+    }
+
+    /// Every managed key's runtime (its last use), across snapshots.
+    pub fn key_runtimes(&self) -> &Arc<KeyRuntimes> {
+        &self.keys
     }
 
     /// The current snapshot, without taking a lock.
@@ -450,6 +524,13 @@ impl ConfigStore {
 }
 
 impl ConfigStore {
+    /// Runs `f` on the current state under the writer lock: no change is
+    /// swapped in meanwhile.
+    fn with_writer<T>(&self, f: impl FnOnce(&ConfigState) -> T) -> T {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        f(&self.current.load().state)
+    }
+
     /// Swaps in a snapshot of `state` at `revision` (the etcd source).
     pub fn replace(&self, state: ConfigState, revision: u64) -> Arc<Snapshot> {
         let mut runtimes = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -466,6 +547,12 @@ pub enum Change {
     /// Set (`Some`) or clear (`None`) a backend's degraded override.
     Override(String, Option<Override>),
     OrgLimits(String, OrgLimits),
+    /// Create (`before: None`) or change a managed key, if it is still
+    /// `before` (so two admins rotating one key cannot both win).
+    Key {
+        before: Option<Box<KeyRecord>>,
+        after: Box<KeyRecord>,
+    },
 }
 
 pub type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), UpdateError>> + Send + 'a>>;
@@ -476,6 +563,9 @@ pub trait RemoteConfig: Healthy {
     /// Writes `change`; resolves once this replica has applied it
     /// (read-your-writes).
     fn write(&self, change: Change) -> WriteFuture<'_>;
+    /// Records when keys were last used (key id, Unix ms), for every
+    /// replica; no snapshot is rebuilt for it.
+    fn write_last_used(&self, times: Vec<(String, u64)>) -> WriteFuture<'_>;
     /// Seconds since the source last confirmed this replica's state.
     fn seconds_since_sync(&self) -> f64;
     /// Spawns the source's background work (its watch) on `tasks`, until
@@ -487,23 +577,37 @@ pub trait RemoteConfig: Healthy {
 /// source and applied when this replica's watch sees them.
 #[derive(Clone)]
 pub enum ConfigWriter {
-    Local(Arc<ConfigStore>),
+    /// In process; managed keys are kept in `DATA_DIR/keys.json`.
+    Local(Arc<ConfigStore>, Arc<KeyFile>),
     Remote(Arc<ConfigStore>, Arc<dyn RemoteConfig>),
 }
 
 impl ConfigWriter {
     fn store(&self) -> &ConfigStore {
         match self {
-            ConfigWriter::Local(store) | ConfigWriter::Remote(store, _) => store,
+            ConfigWriter::Local(store, _) | ConfigWriter::Remote(store, _) => store,
         }
     }
 
     /// Applies a validated change, here or through the shared source.
     async fn apply(&self, change: Change) -> Result<(), UpdateError> {
         match self {
-            ConfigWriter::Local(store) => store
+            ConfigWriter::Local(store, file) => store
                 .update(|s| {
                     match change {
+                        Change::Key { before, after } => {
+                            if s.keys.get(&after.key_id) != before.as_deref() {
+                                return Err(UpdateError::Conflict(format!(
+                                    "key {} changed meanwhile; read it and try again",
+                                    after.key_id
+                                )));
+                            }
+                            let mut keys = s.keys.clone();
+                            keys.insert(after.key_id.clone(), *after);
+                            // On disk first: a key that is not saved is not made.
+                            file.save(&keys, store.keys.last_used()).map_err(UpdateError::Internal)?;
+                            s.keys = keys;
+                        }
                         Change::Policy(p) => {
                             s.policies.insert((p.organization_id.clone(), p.model.clone()), p);
                         }
@@ -543,11 +647,120 @@ impl ConfigWriter {
         self.apply(Change::OrgLimits(org.to_string(), limits)).await
     }
 
+    /// Creates a managed key for a known organization, limited to known
+    /// models. `budgets`: whether per-key budgets can be kept (not with an
+    /// external budget service). Returns the key, shown only now.
+    pub async fn create_key(&self, new: NewKey, budgets: bool) -> Result<(String, KeyRecord), UpdateError> {
+        {
+            let snapshot = self.store().load();
+            let org = &new.organization_id;
+            if !snapshot.knows_organization(org) {
+                return Err(UpdateError::Invalid(format!(
+                    "unknown organization {org:?}: give it an API key, limits or a policy first"
+                )));
+            }
+            if let Some(m) = new.models.iter().flatten().find(|m| !snapshot.knows_model(org, m)) {
+                return Err(UpdateError::Invalid(format!(
+                    "unknown model {m:?}: no policy of {org:?}, price or backend names it"
+                )));
+            }
+        }
+        if new.budget.is_some() && !budgets {
+            return Err(UpdateError::Invalid(
+                "per-key budgets are not available with BUDGET_SERVICE_URL: the service keeps the budgets".into(),
+            ));
+        }
+        let (key, hash, prefix) = keys::generate().map_err(|e| UpdateError::Internal(e.0))?;
+        let key_id = keys::new_key_id().map_err(|e| UpdateError::Internal(e.0))?;
+        let record = new.into_record(key_id, hash, prefix, crate::util::now_ms());
+        self.apply(Change::Key { before: None, after: Box::new(record.clone()) }).await?;
+        Ok((key, record))
+    }
+
+    /// A new key under the same id; the old one keeps working for
+    /// `grace_secs` (a rotation during a rotation ends the first one's grace).
+    pub async fn rotate_key(&self, key_id: &str, grace_secs: u64) -> Result<(String, KeyRecord), UpdateError> {
+        if grace_secs > keys::MAX_GRACE_SECS {
+            return Err(UpdateError::Invalid(format!(
+                "`grace_period_secs` must be at most {} (30 days)",
+                keys::MAX_GRACE_SECS
+            )));
+        }
+        let before = self.key_record(key_id)?;
+        let now = crate::util::now_ms();
+        match before.status(now) {
+            keys::KeyStatus::Revoked => return Err(UpdateError::Invalid(format!("key {key_id} is revoked"))),
+            keys::KeyStatus::Expired => {
+                return Err(UpdateError::Invalid(format!("key {key_id} has expired; create a new one")));
+            }
+            keys::KeyStatus::Active | keys::KeyStatus::Rotating => {}
+        }
+        let (key, hash, prefix) = keys::generate().map_err(|e| UpdateError::Internal(e.0))?;
+        let mut after = before.clone();
+        let previous = Previous {
+            hash: std::mem::replace(&mut after.hash, hash),
+            prefix: std::mem::replace(&mut after.prefix, prefix),
+            until_ms: now + grace_secs * 1000,
+        };
+        after.previous = (grace_secs > 0).then_some(previous);
+        self.apply(Change::Key { before: Some(Box::new(before)), after: Box::new(after.clone()) }).await?;
+        Ok((key, after))
+    }
+
+    /// Revokes a key (and a rotating key's previous one) at once; revoking
+    /// a revoked key changes nothing.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<KeyRecord, UpdateError> {
+        let before = self.key_record(key_id)?;
+        if before.revoked_at_ms.is_some() {
+            return Ok(before);
+        }
+        let mut after = before.clone();
+        after.revoked_at_ms = Some(crate::util::now_ms());
+        after.previous = None;
+        self.apply(Change::Key { before: Some(Box::new(before)), after: Box::new(after.clone()) }).await?;
+        Ok(after)
+    }
+
+    fn key_record(&self, key_id: &str) -> Result<KeyRecord, UpdateError> {
+        self.store()
+            .load()
+            .state
+            .keys
+            .get(key_id)
+            .cloned()
+            .ok_or_else(|| UpdateError::NotFound(format!("unknown key {key_id:?}")))
+    }
+
+    /// Writes out the keys' last-use times that are due (at most about once
+    /// a minute per key). Returns how many.
+    pub async fn flush_last_used(&self) -> Result<usize, UpdateError> {
+        let times = self.store().keys.due();
+        if times.is_empty() {
+            return Ok(0);
+        }
+        let n = times.len();
+        match self {
+            ConfigWriter::Local(store, file) => {
+                let (store, file) = (store.clone(), file.clone());
+                tokio::task::spawn_blocking(move || {
+                    // Under the writer lock, so that a key change is not
+                    // overwritten with an older key list.
+                    store.with_writer(|state| file.save(&state.keys, store.keys.last_used()))
+                })
+                .await
+                .map_err(|e| UpdateError::Internal(e.to_string()))?
+                .map_err(UpdateError::Internal)?;
+            }
+            ConfigWriter::Remote(_, remote) => remote.write_last_used(times).await?,
+        }
+        Ok(n)
+    }
+
     /// Seconds since the shared source confirmed this replica's state, if
     /// there is one.
     pub fn seconds_since_sync(&self) -> Option<f64> {
         match self {
-            ConfigWriter::Local(_) => None,
+            ConfigWriter::Local(..) => None,
             ConfigWriter::Remote(_, remote) => Some(remote.seconds_since_sync()),
         }
     }

@@ -67,7 +67,12 @@ impl ReserveDenial {
                 reset_at: self.reset_at,
             }
         } else {
-            LimitError::BudgetExceeded { limit: self.limit, remaining: self.remaining, reset_at: self.reset_at }
+            LimitError::BudgetExceeded {
+                limit: self.limit,
+                remaining: self.remaining,
+                reset_at: self.reset_at,
+                scope: super::Scope::Organization,
+            }
         }
     }
 }

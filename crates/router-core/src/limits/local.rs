@@ -78,6 +78,7 @@ impl Ledger {
         let now_s = unix_secs(now);
         let budget_expiry = plan.budget.and_then(|(_, p)| p.ttl_secs(now)).map(|ttl| now_s + ttl);
         let quota_expiry = plan.quota_period.ttl_secs(now).map(|ttl| now_s + ttl);
+        let key_expiry = plan.key.and_then(|k| k.period.ttl_secs(now)).map(|ttl| now_s + ttl);
         let mut st = self.lock();
         if st.reservations.contains_key(&keys.reservation) {
             return Decision::Allowed { rate: None };
@@ -90,6 +91,12 @@ impl Ledger {
             let spent = read(&st, &keys.spend);
             if spent + plan.cost_micros > limit {
                 return Decision::Budget { spent };
+            }
+        }
+        if let Some(limit) = plan.key.and_then(|k| k.budget) {
+            let spent = read(&st, &keys.key_spend);
+            if spent + plan.cost_micros > limit {
+                return Decision::KeyBudget { spent };
             }
         }
         if let Some(limit) = plan.quota_requests {
@@ -118,6 +125,10 @@ impl Ledger {
         if held.token_quota {
             add(&keys.tokens, held.tokens, quota_expiry);
         }
+        if held.key {
+            add(&keys.key_spend, held.key_cost, key_expiry);
+            add(&keys.key_tokens, held.key_tokens, key_expiry);
+        }
         st.reservations.insert(keys.reservation.clone(), held);
         self.dirty.store(true, Ordering::Relaxed);
         Decision::Allowed { rate: None }
@@ -140,6 +151,8 @@ impl Ledger {
                 add(&keys.spend, -held.cost);
                 add(&keys.requests, -held.requests);
                 add(&keys.tokens, -held.tokens);
+                add(&keys.key_spend, -held.key_cost);
+                add(&keys.key_tokens, -held.key_tokens);
             }
             Some((cost, tokens)) => {
                 if held.budget {
@@ -147,6 +160,10 @@ impl Ledger {
                 }
                 if held.token_quota {
                     add(&keys.tokens, tokens - held.tokens);
+                }
+                if held.key {
+                    add(&keys.key_spend, cost - held.key_cost);
+                    add(&keys.key_tokens, tokens - held.key_tokens);
                 }
             }
         }
@@ -205,11 +222,35 @@ mod tests {
             quota_tokens: None,
             quota_period: Period::Daily,
             tokens: 0,
+            key: None,
         }
     }
 
     fn keys(rid: &str) -> Keys {
-        Keys::new("", "org", rid, &plan(None, 0, None), SystemTime::now())
+        Keys::new("", "org", rid, &plan(None, 0, None), SystemTime::now(), None)
+    }
+
+    #[test]
+    fn a_keys_budget_applies_on_top_of_its_organizations_and_settles_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let key = crate::limits::KeyPlan { rate: None, budget: Some(3), period: Period::Daily };
+        let p = Plan { key: Some(key), ..plan(Some(10), 1, None) };
+        let now = SystemTime::now();
+        let keys = |rid: &str| Keys::new("", "org", rid, &p, now, Some("key_1"));
+        for i in 0..3 {
+            assert!(matches!(l.reserve(&keys(&format!("r{i}")), &p, now), Decision::Allowed { .. }));
+        }
+        assert!(matches!(l.reserve(&keys("r3"), &p, now), Decision::KeyBudget { spent: 3 }));
+        assert_eq!(l.get(&keys("x").spend), 3, "the key's denial charged the organization nothing");
+        // Settled at 2 each: both counters move; a release gives back both.
+        l.finish(&keys("r0"), Some((2, 40)));
+        assert_eq!((l.get(&keys("x").spend), l.get(&keys("x").key_spend), l.get(&keys("x").key_tokens)), (4, 4, 40));
+        l.finish(&keys("r1"), None);
+        assert_eq!((l.get(&keys("x").spend), l.get(&keys("x").key_spend)), (3, 3));
+        // Another key of the organization has its own budget.
+        let other = |rid: &str| Keys::new("", "org", rid, &p, now, Some("key_2"));
+        assert!(matches!(l.reserve(&other("o1"), &p, now), Decision::Allowed { .. }));
     }
 
     #[test]

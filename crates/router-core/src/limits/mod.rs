@@ -35,9 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::KeyEntry;
 use crate::metrics::Metrics;
 
-use self::gcra::{Gcra, RateInfo};
+use self::gcra::RateInfo;
 use self::period::Period;
 
 /// One micro-unit of currency: amounts are integers of these.
@@ -182,10 +183,10 @@ pub use router_providers::Usage;
 /// maps each to its status and shape; the text is the message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LimitError {
-    /// Over the organization's rate limit.
-    RateLimited { info: RateInfo, retry_after_secs: u64 },
-    /// The reservation would exceed the organization's budget.
-    BudgetExceeded { limit: f64, remaining: f64, reset_at: Option<SystemTime> },
+    /// Over the organization's (or the API key's) rate limit.
+    RateLimited { info: RateInfo, retry_after_secs: u64, scope: Scope },
+    /// The reservation would exceed the organization's (or the key's) budget.
+    BudgetExceeded { limit: f64, remaining: f64, reset_at: Option<SystemTime>, scope: Scope },
     /// The reservation would exceed a quota (`kind`: requests or tokens).
     QuotaExceeded { kind: &'static str, limit: u64, remaining: u64, reset_at: Option<SystemTime> },
     /// Redis is down and `RATE_LIMIT_FAILURE_MODE=closed`.
@@ -194,14 +195,36 @@ pub enum LimitError {
     BudgetServiceUnavailable,
 }
 
+/// Whose limit a denial is: the organization's, or the API key's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Organization,
+    Key,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Organization => "organization",
+            Scope::Key => "key",
+        }
+    }
+}
+
 impl std::fmt::Display for LimitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LimitError::RateLimited { retry_after_secs, .. } => {
+            LimitError::RateLimited { retry_after_secs, scope: Scope::Organization, .. } => {
                 write!(f, "rate limit exceeded for this organization; retry after {retry_after_secs} s")
             }
-            LimitError::BudgetExceeded { limit, remaining, .. } => {
+            LimitError::RateLimited { retry_after_secs, scope: Scope::Key, .. } => {
+                write!(f, "rate limit exceeded for this API key; retry after {retry_after_secs} s")
+            }
+            LimitError::BudgetExceeded { limit, remaining, scope: Scope::Organization, .. } => {
                 write!(f, "budget exceeded: {remaining} of {limit} remaining in this period")
+            }
+            LimitError::BudgetExceeded { limit, remaining, scope: Scope::Key, .. } => {
+                write!(f, "this API key's budget exceeded: {remaining} of {limit} remaining in this period")
             }
             LimitError::QuotaExceeded { kind, limit, remaining, .. } => {
                 write!(f, "{kind} quota exceeded: {remaining} of {limit} remaining in this period")
@@ -231,11 +254,26 @@ pub struct Plan {
     /// The reservation: estimated cost in micros, and tokens.
     pub cost_micros: i64,
     pub tokens: i64,
+    /// The API key's own limits and counters, for a managed key.
+    pub key: Option<KeyPlan>,
+}
+
+/// A managed API key's part of the check: its own rate limit and budget on
+/// top of the organization's, and its spend and token counters (kept for
+/// every managed key, for its usage endpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyPlan {
+    /// (interval in µs, burst)
+    pub rate: Option<(u64, u32)>,
+    /// Limit in micros, per `period`.
+    pub budget: Option<i64>,
+    /// The counters' period: the key's budget's, else monthly.
+    pub period: Period,
 }
 
 impl Plan {
     fn needs_ledger(&self) -> bool {
-        self.budget.is_some() || self.quota_requests.is_some() || self.quota_tokens.is_some()
+        self.budget.is_some() || self.quota_requests.is_some() || self.quota_tokens.is_some() || self.key.is_some()
     }
 }
 
@@ -247,18 +285,32 @@ pub struct Keys {
     pub requests: String,
     pub tokens: String,
     pub reservation: String,
+    /// The API key's counters; empty without a managed key.
+    pub key_rate: String,
+    pub key_spend: String,
+    pub key_tokens: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str, org: &str, request_id: &str, plan: &Plan, now: SystemTime) -> Self {
+    pub fn new(prefix: &str, org: &str, request_id: &str, plan: &Plan, now: SystemTime, key_id: Option<&str>) -> Self {
         let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
         let qp = plan.quota_period.key(now);
+        let (key_rate, key_spend, key_tokens) = match (key_id, plan.key) {
+            (Some(id), Some(k)) => {
+                let kp = k.period.key(now);
+                (format!("{prefix}krl:{id}"), format!("{prefix}kspend:{id}:{kp}"), format!("{prefix}ktok:{id}:{kp}"))
+            }
+            _ => Default::default(),
+        };
         Keys {
             rate: format!("{prefix}rl:{org}"),
             spend: format!("{prefix}spend:{org}:{bp}"),
             requests: format!("{prefix}qreq:{org}:{qp}"),
             tokens: format!("{prefix}qtok:{org}:{qp}"),
             reservation: format!("{prefix}res:{org}:{request_id}"),
+            key_rate,
+            key_spend,
+            key_tokens,
         }
     }
 }
@@ -271,6 +323,13 @@ pub struct Held {
     pub requests: i64,
     pub token_quota: bool,
     pub tokens: i64,
+    /// The API key's counters hold the estimate too.
+    #[serde(default)]
+    pub key: bool,
+    #[serde(default)]
+    pub key_cost: i64,
+    #[serde(default)]
+    pub key_tokens: i64,
 }
 
 impl Held {
@@ -283,6 +342,9 @@ impl Held {
             requests: i64::from(plan.quota_requests.is_some()),
             token_quota,
             tokens: if token_quota { plan.tokens } else { 0 },
+            key: plan.key.is_some(),
+            key_cost: if plan.key.is_some() { plan.cost_micros } else { 0 },
+            key_tokens: if plan.key.is_some() { plan.tokens } else { 0 },
         }
     }
 }
@@ -295,6 +357,8 @@ pub enum Decision {
     Budget { spent: i64 },
     QuotaRequests { used: i64 },
     QuotaTokens { used: i64 },
+    KeyRateLimited { retry_after_us: u64, info: RateInfo },
+    KeyBudget { spent: i64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +400,15 @@ struct Settlement {
     actual: Option<(i64, i64)>,
 }
 
+/// A key's part of the plan.
+fn key_plan(k: &KeyEntry) -> KeyPlan {
+    KeyPlan {
+        rate: k.rate_limit.map(|r| (gcra::interval_us(r.requests_per_second), r.burst)),
+        budget: k.budget.map(|b| (b.amount * MICROS).round() as i64),
+        period: k.budget.map(|b| b.period).unwrap_or(Period::Monthly),
+    }
+}
+
 /// The most settlements waiting for a store that is down.
 const SETTLE_QUEUE: usize = 100_000;
 
@@ -360,6 +433,9 @@ pub struct AdmitRequest<'a> {
     /// Whether it spends budget and tokens (not a token count): otherwise
     /// only the rate limit and the request quota apply.
     pub billable: bool,
+    /// The managed API key the request came with, if any: its own limits
+    /// apply on top of the organization's, in the same check.
+    pub key: Option<&'a KeyEntry>,
 }
 
 impl Limits {
@@ -419,6 +495,7 @@ impl Limits {
             quota_period: limits.quota.map(|q| q.period).unwrap_or(Period::Total),
             cost_micros: (estimate * MICROS).round() as i64,
             tokens: if req.billable { self.settings.estimated_tokens as i64 } else { 0 },
+            key: req.key.map(key_plan),
         }
     }
 
@@ -429,12 +506,15 @@ impl Limits {
             return Ok(Admission::default());
         }
         let now = SystemTime::now();
-        let keys = Keys::new(self.prefix(), req.org, req.request_id, &plan, now);
+        let key_id = req.key.map(|k| &*k.key_id);
+        let keys = Keys::new(self.prefix(), req.org, req.request_id, &plan, now, key_id);
         let reservation = |store| self.reservation(req, &keys, store);
 
-        // Budget service: rate limit here, budget and quota there.
+        // Budget service: rate limits here, budget and quota there. (Key
+        // budgets and counters need Redis or the embedded ledger.)
         if let Some(service) = &self.service {
-            let rate_only = Plan { budget: None, quota_requests: None, quota_tokens: None, ..plan };
+            let key = plan.key.map(|k| KeyPlan { budget: None, ..k }).filter(|k| k.rate.is_some());
+            let rate_only = Plan { budget: None, quota_requests: None, quota_tokens: None, key, ..plan };
             let rate = match self.check_shared(&keys, &rate_only, now, req).await?.0 {
                 Decision::Allowed { rate } => rate,
                 other => return Err(self.deny(other, &plan, req, now)),
@@ -501,10 +581,7 @@ impl Limits {
                         return Err(LimitError::LimiterUnavailable);
                     }
                     FailureMode::Open => Decision::Allowed { rate: None },
-                    FailureMode::Local => match plan.rate {
-                        Some((interval, burst)) => self.rate_local(keys, interval, burst),
-                        None => Decision::Allowed { rate: None },
-                    },
+                    FailureMode::Local => self.rate_local(keys, plan),
                 };
                 let label = if matches!(outcome, Decision::Allowed { .. }) { "allowed" } else { "denied" };
                 self.metrics.limits_degraded.with_label_values(&[mode.as_str(), label]).inc();
@@ -513,20 +590,22 @@ impl Limits {
         }
     }
 
-    fn rate_local(&self, keys: &Keys, interval: u64, burst: u32) -> Decision {
-        match self.local_rate.check(&keys.rate, gcra::now_us(), interval, burst) {
-            Gcra::Allowed { info, .. } => Decision::Allowed { rate: Some(info) },
-            Gcra::Denied { retry_after_us, info } => Decision::RateLimited { retry_after_us, info },
+    /// The organization's rate limit and the key's, in process: both
+    /// allow, or neither is charged.
+    fn rate_local(&self, keys: &Keys, plan: &Plan) -> Decision {
+        let org = plan.rate.map(|(interval, burst)| (keys.rate.as_str(), interval, burst));
+        let key = plan.key.and_then(|k| k.rate).map(|(interval, burst)| (keys.key_rate.as_str(), interval, burst));
+        match self.local_rate.check_all(&[org, key], gcra::now_us()) {
+            Ok(info) => Decision::Allowed { rate: info },
+            Err((0, retry_after_us, info)) => Decision::RateLimited { retry_after_us, info },
+            Err((_, retry_after_us, info)) => Decision::KeyRateLimited { retry_after_us, info },
         }
     }
 
     fn check_local(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Decision {
-        let rate = match plan.rate {
-            Some((interval, burst)) => match self.rate_local(keys, interval, burst) {
-                Decision::Allowed { rate } => rate,
-                denied => return denied,
-            },
-            None => None,
+        let rate = match self.rate_local(keys, plan) {
+            Decision::Allowed { rate } => rate,
+            denied => return denied,
         };
         if !plan.needs_ledger() {
             return Decision::Allowed { rate };
@@ -539,10 +618,15 @@ impl Limits {
 
     fn deny(&self, decision: Decision, plan: &Plan, req: &AdmitRequest<'_>, now: SystemTime) -> LimitError {
         let org = &**req.org;
+        let retry = |us: u64| us.div_ceil(1_000_000).max(1);
         match decision {
             Decision::RateLimited { retry_after_us, info } => {
                 self.metrics.rate_limit_denials.with_label_values(&[org]).inc();
-                LimitError::RateLimited { info, retry_after_secs: retry_after_us.div_ceil(1_000_000).max(1) }
+                LimitError::RateLimited { info, retry_after_secs: retry(retry_after_us), scope: Scope::Organization }
+            }
+            Decision::KeyRateLimited { retry_after_us, info } => {
+                self.metrics.rate_limit_denials.with_label_values(&[org]).inc();
+                LimitError::RateLimited { info, retry_after_secs: retry(retry_after_us), scope: Scope::Key }
             }
             Decision::Budget { spent } => {
                 self.metrics.budget_denials.with_label_values(&[org]).inc();
@@ -551,6 +635,17 @@ impl Limits {
                     limit: limit as f64 / MICROS,
                     remaining: (limit - spent).max(0) as f64 / MICROS,
                     reset_at: period.reset_at(now),
+                    scope: Scope::Organization,
+                }
+            }
+            Decision::KeyBudget { spent } => {
+                self.metrics.budget_denials.with_label_values(&[org]).inc();
+                let (limit, period) = plan.key.map(|k| (k.budget.unwrap_or(0), k.period)).unwrap_or((0, Period::Total));
+                LimitError::BudgetExceeded {
+                    limit: limit as f64 / MICROS,
+                    remaining: (limit - spent).max(0) as f64 / MICROS,
+                    reset_at: period.reset_at(now),
+                    scope: Scope::Key,
                 }
             }
             Decision::QuotaRequests { used } | Decision::QuotaTokens { used } => {
@@ -675,6 +770,47 @@ impl Limits {
         }
     }
 
+    /// A managed key's spend and tokens in the current period (its budget's,
+    /// else the month), as [`Limits::usage`] gives an organization's.
+    pub async fn key_usage(&self, key: &KeyEntry) -> Result<serde_json::Value, LimitError> {
+        let now = SystemTime::now();
+        let plan = Plan {
+            rate: None,
+            budget: None,
+            quota_requests: None,
+            quota_tokens: None,
+            quota_period: Period::Total,
+            cost_micros: 0,
+            tokens: 0,
+            key: Some(key_plan(key)),
+        };
+        let keys = Keys::new(self.prefix(), &key.organization_id, "", &plan, now, Some(&key.key_id));
+        let (spend, tokens) = match &self.redis {
+            Some(r) => r.key_counters(&keys).await.map_err(|_| LimitError::LimiterUnavailable)?,
+            None => (self.ledger.get(&keys.key_spend), self.ledger.get(&keys.key_tokens)),
+        };
+        let period = plan.key.map(|k| k.period).unwrap_or(Period::Monthly);
+        let time = |t: Option<SystemTime>| t.map(crate::util::rfc3339);
+        let spent = spend as f64 / MICROS;
+        Ok(serde_json::json!({
+            "key_id": &*key.key_id,
+            "organization_id": &*key.organization_id,
+            "period": period,
+            "reset_at": time(period.reset_at(now)),
+            "spent": spent,
+            "tokens_used": tokens,
+            "budget": key.budget.map(|b| serde_json::json!({
+                "period": b.period,
+                "limit": b.amount,
+                "spent": spent,
+                "remaining": (b.amount - spent).max(0.0),
+                "reset_at": time(b.period.reset_at(now)),
+            })),
+            "rate_limit": key.rate_limit,
+            "source": if self.redis.is_some() { "redis" } else { "local" },
+        }))
+    }
+
     /// Current spend and quota use of an organization.
     pub async fn usage(&self, org: &str, limits: Option<OrgLimits>) -> Result<serde_json::Value, LimitError> {
         let now = SystemTime::now();
@@ -687,8 +823,9 @@ impl Limits {
             limits,
             price: None,
             billable: true,
+            key: None,
         });
-        let keys = Keys::new(self.prefix(), org, "", &plan, now);
+        let keys = Keys::new(self.prefix(), org, "", &plan, now, None);
         let (spend, requests, tokens) = if let Some(svc) = &self.service {
             return svc.usage(org).await;
         } else if let Some(r) = &self.redis {

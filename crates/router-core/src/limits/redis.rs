@@ -27,35 +27,59 @@ use crate::readiness::Healthy;
 const RESERVATION_TTL_SECS: u64 = 3600;
 const PING_EVERY: Duration = Duration::from_secs(1);
 
-/// KEYS: rate, spend, requests, tokens, reservation.
-/// ARGV: interval_us (0: no rate limit), burst, budget limit (-1: none), cost,
-///       request quota (-1), token quota (-1), tokens, budget ttl, quota ttl
-///       (0: never), reservation ttl.
+/// KEYS: 1 rate, 2 spend, 3 requests, 4 tokens, 5 reservation, 6 key rate,
+///       7 key spend, 8 key tokens (the key's: placeholders without one).
+/// ARGV: 1 interval_us (0: no rate limit), 2 burst, 3 budget limit (-1: none),
+///       4 cost, 5 request quota (-1), 6 token quota (-1), 7 tokens, 8 budget
+///       ttl, 9 quota ttl (0: never), 10 reservation ttl, 11 key interval_us
+///       (0: none), 12 key burst, 13 key budget limit (-1: none), 14 key
+///       cost (-1: no managed key, nothing counted), 15 key counters' ttl
+///       (0: never), 16 key tokens.
 /// Returns {code, a, b}: 0 allowed (a remaining, b reset µs; a = -1 when the
-/// reservation already existed), 1 rate limited (a retry-after µs, b reset µs),
-/// 2 budget (a spent), 3 request quota (a used), 4 token quota (a used).
+/// reservation already existed), 1 rate limited (a retry-after µs, b reset
+/// µs), 2 budget (a spent), 3 request quota (a used), 4 token quota (a used),
+/// 5 the key's rate limit (as 1), 6 the key's budget (a spent).
+/// Nothing is charged unless every limit allows.
 const ADMIT: &str = r#"
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
 if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -1, 0} end
-local now, new_tat, remaining, reset = 0, 0, -1, 0
-if interval > 0 then
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local kinterval, kburst = tonumber(ARGV[11]), tonumber(ARGV[12])
+local now = 0
+if interval > 0 or kinterval > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local v = redis.call('GET', KEYS[1])
+end
+local function gcra(key, iv, b)
+  local v = redis.call('GET', key)
   local tat = now
   if v then tat = math.max(tonumber(v), now) end
-  new_tat = tat + interval
-  local allow_at = new_tat - burst * interval
-  if now < allow_at then return {1, allow_at - now, tat - now} end
-  remaining = math.min(math.floor((now - allow_at) / interval), burst)
-  reset = new_tat - now
+  local new_tat = tat + iv
+  local allow_at = new_tat - b * iv
+  if now < allow_at then return false, allow_at - now, tat - now end
+  return true, math.min(math.floor((now - allow_at) / iv), b), new_tat
+end
+local remaining, reset, new_tat, knew_tat = -1, 0, 0, 0
+if interval > 0 then
+  local ok, a, b = gcra(KEYS[1], interval, burst)
+  if not ok then return {1, a, b} end
+  remaining, new_tat, reset = a, b, b - now
+end
+if kinterval > 0 then
+  local ok, a, b = gcra(KEYS[6], kinterval, kburst)
+  if not ok then return {5, a, b} end
+  knew_tat = b
+  if remaining < 0 or a < remaining then remaining, reset = a, b - now end
 end
 local function get(k) local v = redis.call('GET', k); if v then return tonumber(v) end; return 0 end
 local budget, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 if budget >= 0 then
   local spent = get(KEYS[2])
   if spent + cost > budget then return {2, spent, 0} end
+end
+local kbudget, kcost = tonumber(ARGV[13]), tonumber(ARGV[14])
+if kbudget >= 0 then
+  local spent = get(KEYS[7])
+  if spent + kcost > kbudget then return {6, spent, 0} end
 end
 local rq = tonumber(ARGV[5])
 if rq >= 0 then
@@ -70,7 +94,10 @@ end
 if interval > 0 then
   redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 end
-local bttl, qttl = tonumber(ARGV[8]), tonumber(ARGV[9])
+if kinterval > 0 then
+  redis.call('SET', KEYS[6], string.format('%d', knew_tat), 'PX', math.ceil((knew_tat - now) / 1000) + 1000)
+end
+local bttl, qttl, kttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[15])
 local function add(k, by, ttl)
   redis.call('INCRBY', k, by)
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
@@ -79,27 +106,37 @@ local held = false
 if budget >= 0 then add(KEYS[2], cost, bttl); held = true end
 if rq >= 0 then add(KEYS[3], 1, qttl); held = true end
 if tq >= 0 then add(KEYS[4], tokens, qttl); held = true end
+local counted, ktokens = kcost >= 0, tonumber(ARGV[16])
+if counted then add(KEYS[7], kcost, kttl); add(KEYS[8], ktokens, kttl); held = true end
 if held then
   redis.call('HSET', KEYS[5], 'b', budget >= 0 and 1 or 0, 'c', budget >= 0 and cost or 0,
-    'r', rq >= 0 and 1 or 0, 'tq', tq >= 0 and 1 or 0, 't', tq >= 0 and tokens or 0)
+    'r', rq >= 0 and 1 or 0, 'tq', tq >= 0 and 1 or 0, 't', tq >= 0 and tokens or 0,
+    'k', counted and 1 or 0, 'kc', counted and kcost or 0, 'kt', counted and ktokens or 0)
   redis.call('EXPIRE', KEYS[5], ARGV[10])
 end
 return {0, remaining, reset}
 "#;
 
-/// KEYS: spend, requests, tokens, reservation. ARGV: release (1/0), cost, tokens.
+/// KEYS: spend, requests, tokens, reservation, key spend, key tokens.
+/// ARGV: release (1/0), cost, tokens.
 /// Returns 1 if applied, 0 if the reservation was already settled or unknown.
 const FINISH: &str = r#"
-local h = redis.call('HMGET', KEYS[4], 'b', 'c', 'r', 'tq', 't')
+local h = redis.call('HMGET', KEYS[4], 'b', 'c', 'r', 'tq', 't', 'k', 'kc', 'kt')
 if not h[1] then return 0 end
 local b, c, r, tq, t = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
+local k, kc, kt = tonumber(h[6] or 0), tonumber(h[7] or 0), tonumber(h[8] or 0)
 if ARGV[1] == '1' then
   if b == 1 then redis.call('INCRBY', KEYS[1], -c) end
   if r == 1 then redis.call('INCRBY', KEYS[2], -1) end
   if tq == 1 then redis.call('INCRBY', KEYS[3], -t) end
+  if k == 1 then redis.call('INCRBY', KEYS[5], -kc); redis.call('INCRBY', KEYS[6], -kt) end
 else
   if b == 1 then redis.call('INCRBY', KEYS[1], tonumber(ARGV[2]) - c) end
   if tq == 1 then redis.call('INCRBY', KEYS[3], tonumber(ARGV[3]) - t) end
+  if k == 1 then
+    redis.call('INCRBY', KEYS[5], tonumber(ARGV[2]) - kc)
+    redis.call('INCRBY', KEYS[6], tonumber(ARGV[3]) - kt)
+  end
 end
 redis.call('DEL', KEYS[4])
 return 1
@@ -175,6 +212,15 @@ impl RedisLimits {
         let ttl = |p: Option<super::period::Period>| p.and_then(|p| p.ttl_secs(now)).unwrap_or(0);
         let mut inv = self.admit.prepare_invoke();
         inv.key(&keys.rate).key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
+        // Without a managed key its three keys are never touched: the
+        // organization's rate key stands in for them.
+        let (kr, ks, kt) = if keys.key_rate.is_empty() {
+            (&keys.rate, &keys.rate, &keys.rate)
+        } else {
+            (&keys.key_rate, &keys.key_spend, &keys.key_tokens)
+        };
+        inv.key(kr).key(ks).key(kt);
+        let (kinterval, kburst) = plan.key.and_then(|k| k.rate).unwrap_or((0, 0));
         inv.arg(interval)
             .arg(burst)
             .arg(plan.budget.map(|(l, _)| l).unwrap_or(-1))
@@ -184,7 +230,13 @@ impl RedisLimits {
             .arg(held.tokens)
             .arg(ttl(plan.budget.map(|(_, p)| p)))
             .arg(ttl(Some(plan.quota_period)))
-            .arg(RESERVATION_TTL_SECS);
+            .arg(RESERVATION_TTL_SECS)
+            .arg(kinterval)
+            .arg(kburst)
+            .arg(plan.key.and_then(|k| k.budget).unwrap_or(-1))
+            .arg(if held.key { held.key_cost } else { -1 })
+            .arg(ttl(plan.key.map(|k| k.period)))
+            .arg(held.key_tokens);
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(r)) => r,
@@ -217,6 +269,11 @@ impl RedisLimits {
             2 => Decision::Budget { spent: a },
             3 => Decision::QuotaRequests { used: a },
             4 => Decision::QuotaTokens { used: a },
+            5 => Decision::KeyRateLimited {
+                retry_after_us: a.max(0) as u64,
+                info: RateInfo { limit: kburst, remaining: 0, reset_secs: secs(b) },
+            },
+            6 => Decision::KeyBudget { spent: a },
             other => return Err(self.failed("admit", &format!("unexpected reply code {other}"))),
         })
     }
@@ -224,6 +281,9 @@ impl RedisLimits {
     pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
         let mut inv = self.finish.prepare_invoke();
         inv.key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
+        let (ks, kt) =
+            if keys.key_spend.is_empty() { (&keys.spend, &keys.spend) } else { (&keys.key_spend, &keys.key_tokens) };
+        inv.key(ks).key(kt);
         let (cost, tokens) = actual.unwrap_or((0, 0));
         inv.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
         let mut conn = self.conn.clone();
@@ -250,6 +310,21 @@ impl RedisLimits {
             };
         let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
         Ok((v(0), v(1), v(2)))
+    }
+
+    /// (spend, tokens) of a key's current period, in one MGET.
+    pub async fn key_counters(&self, keys: &Keys) -> Result<(i64, i64), String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&keys.key_spend).arg(&keys.key_tokens);
+        let values: Vec<Option<i64>> =
+            match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
+                Err(_) => return Err(self.failed("usage", "timed out")),
+            };
+        let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        Ok((v(0), v(1)))
     }
 
     /// Pings every second; flips the health flag and logs transitions.

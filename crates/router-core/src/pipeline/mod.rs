@@ -78,6 +78,8 @@ pub enum RequestError {
     /// Every backend for the model is cooling down after telling the router
     /// to wait (`status`: 429, or 503 when none said 429).
     CoolingDown { status: u16, retry_after_secs: u64 },
+    /// The request's API key may not use this model.
+    ModelNotAllowed(String),
 }
 
 impl RequestError {
@@ -109,6 +111,7 @@ impl std::fmt::Display for RequestError {
             RequestError::CoolingDown { retry_after_secs, .. } => {
                 write!(f, "every backend for this model is rate limited upstream; retry after {retry_after_secs} s")
             }
+            RequestError::ModelNotAllowed(m) => write!(f, "this API key may not use model {m:?}"),
         }
     }
 }
@@ -156,9 +159,16 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
         )
     };
 
-    // Step 1: a full usage buffer refuses work it could not record.
+    // Step 1: a full usage buffer refuses work it could not record; a key
+    // restricted to some models refuses the others (audited, as denials are).
     if let Err(e) = core.usage.check_capacity() {
         return failed(RequestError::Usage(e), None);
+    }
+    if request.key.as_ref().is_some_and(|k| !k.allows(&request.model)) {
+        let e = RequestError::ModelNotAllowed(request.model.to_string());
+        let ending = Ending { status: (core.status_of)(&e), backend_id: None, error: Some(e.to_string()), usage: None };
+        audit(core, &request, started_at, started, ending, Vec::new());
+        return failed(e, None);
     }
 
     // Step 2: rate limit, budget and quota, in one check. Denials are audited.
@@ -170,6 +180,7 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
         limits: org_limits,
         price,
         billable,
+        key: request.key.as_deref(),
     };
     let admission = match core.limits.admit(&admit).await {
         Ok(a) => a,
@@ -195,6 +206,9 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
         let Err(error) = &result else { break };
         if !error.allows_fallback() {
             break;
+        }
+        if request.key.as_ref().is_some_and(|k| !k.allows(model)) {
+            continue;
         }
         let next = core.config.load().route(&request.organization_id, model).cloned();
         let reason = format!("model {} failed ({error}); trying model {model}", request.model);
@@ -330,6 +344,7 @@ impl Finish {
             schema_version: usage::SCHEMA_VERSION,
             request_id: request.request_id.clone(),
             organization_id: request.organization_id.clone(),
+            key_id: request.key_id(),
             model: request.model.clone(),
             served_model: self.served_model.clone(),
             backend_id: backend_id.clone(),
@@ -418,6 +433,7 @@ fn record_decision(
     core.decisions.record(RoutingDecision {
         request_id: request.request_id.clone(),
         organization_id: request.organization_id.clone(),
+        key_id: request.key_id(),
         model: request.model.clone(),
         backend_id,
         decision_type: t,
@@ -656,6 +672,7 @@ fn audit(
     let record = AuditRecord {
         request_id: request.request_id.clone(),
         organization_id: request.organization_id.clone(),
+        key_id: request.key_id(),
         model: request.model.clone(),
         status: ending.status,
         backend_id: ending.backend_id,

@@ -37,6 +37,9 @@ impl DecisionType {
 pub struct RoutingDecision {
     pub request_id: Arc<str>,
     pub organization_id: Arc<str>,
+    /// The managed API key the request came with; absent for static keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Arc<str>>,
     pub model: Arc<str>,
     pub backend_id: Option<Arc<str>>,
     pub decision_type: DecisionType,
@@ -98,6 +101,7 @@ mod tests {
         RoutingDecision {
             request_id: Arc::from(format!("r{i}").as_str()),
             organization_id: Arc::from("o"),
+            key_id: None,
             model: Arc::from("m"),
             backend_id: Some(Arc::from(backend)),
             decision_type: t,

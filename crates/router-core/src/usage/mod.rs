@@ -26,8 +26,8 @@ use crate::routing::decisions::DecisionType;
 
 use self::buffer::Buffer;
 
-/// 2 added `served_model`, `cache_read_tokens` and `cache_write_tokens`
-/// (optional; `docs/usage-records.md`).
+/// 2 added `key_id`, `served_model`, `cache_read_tokens` and
+/// `cache_write_tokens` (optional; `docs/usage-records.md`).
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// Why a usage record could not be taken: the request must then not be
@@ -62,6 +62,9 @@ pub struct UsageRecord {
     pub schema_version: u32,
     pub request_id: Arc<str>,
     pub organization_id: Arc<str>,
+    /// The managed API key the request came with; absent for static keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Arc<str>>,
     /// The model the client asked for.
     pub model: Arc<str>,
     /// The model that answered, when a fallback model did.
