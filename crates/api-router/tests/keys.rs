@@ -184,7 +184,7 @@ async fn a_key_is_created_used_listed_and_recorded_under_its_id_but_never_shown_
     let msgs = consume(&broker, 2, Duration::from_secs(30)).await;
     let record = |rid: &str| msgs.iter().find(|(k, _)| k == rid).map(|(_, v)| v.clone()).unwrap();
     assert_eq!(record("with-managed-key")["key_id"], id.as_str());
-    assert_eq!(record("with-managed-key")["schema_version"], 2);
+    assert_eq!(record("with-managed-key")["schema_version"], 3);
     assert!(record("with-static-key").get("key_id").is_none());
     let audit = wait_audit(&router, "with-managed-key", &[("x-api-key", &key)]).await;
     assert_eq!(audit["key_id"], id.as_str());

@@ -94,6 +94,9 @@ async fn openapi_paths_exist_and_answers_match_the_schemas() {
     assert_eq!(r.status, 200);
     wait_audit(&router, "openapi-1", &[("x-api-key", KEY_A)]).await;
     let policy = policy("org-a", "gpt-4o", &[("backend-1", 1)], 3).to_string();
+    let made = router.admin_post("/v1/admin/keys", json!({"organization_id": "org-a"})).await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let key_id = made.json()["key_id"].as_str().unwrap().to_string();
     let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).to_string();
 
     // (method, path template, concrete path, headers, body)
@@ -232,6 +235,31 @@ async fn openapi_paths_exist_and_answers_match_the_schemas() {
             vec![("authorization", &admin)],
             String::new(),
         ),
+        (
+            "post",
+            "/v1/admin/keys",
+            "/v1/admin/keys".into(),
+            vec![("authorization", &admin)],
+            r#"{"organization_id":"org-a","name":"openapi","models":["gpt-4o"],"budget":{"amount":5,"period":"daily"}}"#
+                .into(),
+        ),
+        ("get", "/v1/admin/keys", "/v1/admin/keys?organization_id=org-a".into(), vec![("authorization", &admin)], String::new()),
+        ("get", "/v1/admin/keys/{keyID}", format!("/v1/admin/keys/{key_id}"), vec![("authorization", &admin)], String::new()),
+        (
+            "post",
+            "/v1/admin/keys/{keyID}/rotate",
+            format!("/v1/admin/keys/{key_id}/rotate"),
+            vec![("authorization", &admin)],
+            r#"{"grace_period_secs":60}"#.into(),
+        ),
+        (
+            "get",
+            "/v1/admin/keys/{keyID}/usage",
+            format!("/v1/admin/keys/{key_id}/usage"),
+            vec![("authorization", &admin)],
+            String::new(),
+        ),
+        ("delete", "/v1/admin/keys/{keyID}", format!("/v1/admin/keys/{key_id}"), vec![("authorization", &admin)], String::new()),
     ];
 
     let documented: BTreeSet<(String, String)> = spec["paths"]

@@ -59,7 +59,7 @@ async fn a_thousand_requests_give_a_thousand_records() {
     assert_eq!(keys, ids.iter().cloned().collect::<HashSet<_>>());
     assert_eq!(msgs.len(), 1000, "no duplicates without failures");
     for (key, record) in &msgs {
-        assert_eq!(record["schema_version"], 2);
+        assert_eq!(record["schema_version"], 3);
         assert_eq!(&record["request_id"], key);
         assert_eq!(record["organization_id"], "org-a");
         assert_eq!(record["model"], "gpt-4o");

@@ -26,9 +26,9 @@ use crate::routing::decisions::DecisionType;
 
 use self::buffer::Buffer;
 
-/// 2 added `key_id`, `served_model`, `cache_read_tokens` and
-/// `cache_write_tokens` (optional; `docs/usage-records.md`).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 2 added `served_model`, `cache_read_tokens` and `cache_write_tokens`; 3
+/// added `key_id` (all optional; `docs/usage-records.md`).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Why a usage record could not be taken: the request must then not be
 /// answered as served.
