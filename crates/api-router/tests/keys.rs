@@ -129,7 +129,11 @@ async fn assert_refused_by_every_door(router: &Router, key: &str, model: &str, s
 /// A router over one backend with policies for org-a's `gpt-4o` and
 /// `gpt-4o-mini` (so both are known models).
 async fn router_with_policies(b: RouterBuilder) -> Router {
-    let router = b.start();
+    router_with_policies_on(b.start()).await
+}
+
+/// Posts org-a's policies (again, on a restarted router: they were in memory).
+async fn router_with_policies_on(router: Router) -> Router {
     for model in ["gpt-4o", "gpt-4o-mini"] {
         let r = router.admin_post("/v1/admin/routing/policies", policy("org-a", model, &[("backend-1", 1)], 3)).await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -356,7 +360,7 @@ async fn keys_and_their_state_survive_a_restart_without_etcd() {
     let (new, _) = seen.rotate(&router, c, 600).await;
 
     router.restart();
-    // Policies were in memory; the keys were on disk.
+    // The policies were in memory; the keys were on disk.
     let router = router_with_policies_on(router).await;
     assert_eq!(native(&router, &used, "gpt-4o").await.status, 200);
     native(&router, &used, "gpt-4o-mini").await.assert_error(403, "model_not_allowed");
@@ -369,15 +373,6 @@ async fn keys_and_their_state_survive_a_restart_without_etcd() {
     let after = seen.key(&router, a).await["last_used_at"].clone();
     assert!(after.is_string() && after.as_str() >= last_used.as_str(), "{last_used} then {after}");
     seen.assert_no_leak(&[&router], &[&m1], &[key_file(&router)]).await;
-}
-
-/// Posts org-a's policies again on a restarted router.
-async fn router_with_policies_on(router: Router) -> Router {
-    for model in ["gpt-4o", "gpt-4o-mini"] {
-        let r = router.admin_post("/v1/admin/routing/policies", policy("org-a", model, &[("backend-1", 1)], 3)).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
-    router
 }
 
 // ---- bad input: 400 (or 404) and nothing stored, one test each ----

@@ -299,32 +299,28 @@ impl RedisLimits {
 
     /// (spend, requests, tokens) of the current period, in one MGET.
     pub async fn counters(&self, keys: &Keys) -> Result<(i64, i64, i64), String> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(&keys.spend).arg(&keys.requests).arg(&keys.tokens);
-        let values: Vec<Option<i64>> =
-            match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
-                Err(_) => return Err(self.failed("usage", "timed out")),
-            };
-        let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
-        Ok((v(0), v(1), v(2)))
+        let v = self.mget(&[&keys.spend, &keys.requests, &keys.tokens]).await?;
+        Ok((v[0], v[1], v[2]))
     }
 
     /// (spend, tokens) of a key's current period, in one MGET.
     pub async fn key_counters(&self, keys: &Keys) -> Result<(i64, i64), String> {
+        let v = self.mget(&[&keys.key_spend, &keys.key_tokens]).await?;
+        Ok((v[0], v[1]))
+    }
+
+    /// The counters at `keys`, 0 where absent; always `keys.len()` values.
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<i64>, String> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("MGET");
-        cmd.arg(&keys.key_spend).arg(&keys.key_tokens);
+        cmd.arg(keys);
         let values: Vec<Option<i64>> =
             match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
                 Err(_) => return Err(self.failed("usage", "timed out")),
             };
-        let v = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
-        Ok((v(0), v(1)))
+        Ok((0..keys.len()).map(|i| values.get(i).copied().flatten().unwrap_or(0)).collect())
     }
 
     /// Pings every second; flips the health flag and logs transitions.
