@@ -62,19 +62,23 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
         .await
         .map_err(|e| AppError::Bind(format!("{}: {e}", settings.http_addr)))?;
     let addr = listener.local_addr().map_err(|e| AppError::Bind(e.to_string()))?;
-    let state = Arc::new(HttpState { core: running.core.clone(), settings: settings.http.clone() });
+    let state = Arc::new(HttpState::new(running.core.clone(), settings.http.clone()));
 
-    tracing::info!(addr = %addr, "HTTP server starting");
+    tracing::info!(
+        addr = %addr,
+        tls = settings.server.tls.is_some(),
+        max_connections = settings.server.max_connections,
+        "HTTP server starting"
+    );
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<Instant>();
-    // `into_make_service` resolves the routes once; serving a `Router`
-    // directly rebuilds its route table for every connection (~9 KB each).
-    let app = router_http::router(state).into_make_service();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let app = router_http::router(state);
+    let metrics = running.core.metrics.clone();
+    let server = router_http::server::serve(listener, app, settings.server.clone(), metrics, async move {
         shutdown_signal().await;
         tracing::info!("shutting down gracefully");
         let _ = signalled_tx.send(Instant::now());
     });
-    let mut server = std::pin::pin!(server.into_future());
+    let mut server = std::pin::pin!(server);
 
     // Serve until a signal; then give in-flight requests until the deadline,
     // keeping a little time back for the flushes below.

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use settings::{LogFormat, Settings};
 
 fn main() -> ExitCode {
+    let nofile = settings::raise_nofile_limit();
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format);
+    tracing::debug!(nofile, max_connections = settings.server.max_connections, "open-file limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -24,6 +24,8 @@ use router_core::usage::{Fsync, FullPolicy, UsageSettings};
 use router_core::util::valid_id;
 use router_etcd::EtcdSettings;
 use router_http::HttpSettings;
+use router_http::server::ServerSettings;
+use router_http::server::tls::{TlsFiles, load_pair};
 use router_providers::transport::TransportSettings;
 use router_providers::transport::tls;
 
@@ -62,6 +64,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub http: HttpSettings,
+    /// The server's connection limits and TLS.
+    pub server: ServerSettings,
     pub core: CoreSettings,
     /// The shared routing state, when `CONFIG_SERVICE_ENDPOINTS` is set.
     pub etcd: Option<EtcdSettings>,
@@ -191,6 +195,9 @@ impl Settings {
                 .map_err(|why| ConfigError::new("ROUTER_CONFIG", &policy.policy_id, why))?;
         }
 
+        let server = server_settings(&var)?;
+        let body_read_timeout = ms("HTTP_BODY_READ_TIMEOUT_MS", 30_000)?;
+
         let transport = TransportSettings {
             ca_file: match var("BACKEND_CA_FILE") {
                 None => None,
@@ -213,13 +220,19 @@ impl Settings {
             http_addr,
             shutdown_timeout,
             log_format,
-            http: HttpSettings { max_body_bytes, admin_token },
+            http: HttpSettings { max_body_bytes, admin_token, body_read_timeout },
+            server,
             core: CoreSettings {
                 instance_id,
                 data_dir,
                 health_check_interval,
                 health_check_timeout,
                 backend_timeout,
+                max_response_bytes: positive_u64(
+                    "BACKEND_MAX_RESPONSE_BYTES",
+                    var("BACKEND_MAX_RESPONSE_BYTES"),
+                    32 << 20,
+                )? as usize,
                 audit_retention,
                 audit_commit_interval,
                 decisions_capacity,
@@ -232,6 +245,73 @@ impl Settings {
             etcd: config_service,
         })
     }
+}
+
+/// Client connections allowed by default with `nofile` file descriptors:
+/// half of what is left after a reserve for the router's own (stores,
+/// Redis, etcd, Kafka), since each client request may hold a backend
+/// connection too; at most 10,000.
+pub fn default_max_connections(nofile: u64) -> usize {
+    (nofile.saturating_sub(128) / 2).clamp(16, 10_000) as usize
+}
+
+/// The process's open-file limit (soft), as raised at start-up.
+fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Raises the open-file limit to the hard limit, as servers do (nginx's
+/// `worker_rlimit_nofile`); returns the limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum });
+    }
+    nofile_limit()
+}
+
+fn server_settings(var: &impl Fn(&str) -> Option<String>) -> Result<ServerSettings, ConfigError> {
+    let ms = |name: &str, default: u64| -> Result<Duration, ConfigError> {
+        positive_u64(name, var(name), default).map(Duration::from_millis)
+    };
+    let max_header_bytes = positive_u64("HTTP_MAX_HEADER_BYTES", var("HTTP_MAX_HEADER_BYTES"), 16 * 1024)?;
+    if !(1024..=1 << 20).contains(&max_header_bytes) {
+        return Err(ConfigError::new("HTTP_MAX_HEADER_BYTES", &max_header_bytes.to_string(), "1024 to 1048576"));
+    }
+    let max_headers = positive_u64("HTTP_MAX_HEADERS", var("HTTP_MAX_HEADERS"), 100)?;
+    if max_headers > 1000 {
+        return Err(ConfigError::new("HTTP_MAX_HEADERS", &max_headers.to_string(), "1 to 1000"));
+    }
+    let max_connections = positive_u64(
+        "HTTP_MAX_CONNECTIONS",
+        var("HTTP_MAX_CONNECTIONS"),
+        default_max_connections(nofile_limit()) as u64,
+    )? as usize;
+    let tls = match (var("TLS_CERT_FILE"), var("TLS_KEY_FILE")) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert_file: PathBuf::from(cert.trim()), key_file: PathBuf::from(key.trim()) };
+            load_pair(&files).map_err(|e| {
+                ConfigError::new(
+                    "TLS_CERT_FILE",
+                    &files.cert_file.display().to_string(),
+                    format!("a usable pair ({})", e.0),
+                )
+            })?;
+            Some(files)
+        }
+        (Some(_), None) => return Err(ConfigError::new("TLS_KEY_FILE", "", "set with TLS_CERT_FILE")),
+        (None, Some(_)) => return Err(ConfigError::new("TLS_CERT_FILE", "", "set with TLS_KEY_FILE")),
+    };
+    Ok(ServerSettings {
+        header_read_timeout: ms("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
+        idle_timeout: ms("HTTP_IDLE_TIMEOUT_MS", 60_000)?,
+        max_connections,
+        max_header_bytes: max_header_bytes as usize,
+        max_headers: max_headers as usize,
+        tls,
+    })
 }
 
 fn usage_settings(var: &impl Fn(&str) -> Option<String>) -> Result<UsageSettings, ConfigError> {
@@ -330,7 +410,7 @@ fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings
         default_rate: (rps > 0.0).then_some(RateLimit { requests_per_second: rps, burst }),
         failure_mode,
         redis_url,
-        redis_timeout: Duration::from_millis(positive_u64("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS"), 20)?),
+        redis_timeout: Duration::from_millis(positive_u64("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS"), 250)?),
         redis_prefix: format!("{prefix}:"),
         default_request_cost: number("BUDGET_DEFAULT_REQUEST_COST", 0.0)?,
         estimated_tokens: number("BUDGET_ESTIMATED_TOKENS", 0.0)? as u64,

@@ -135,6 +135,19 @@ async fn failover_recovery_with_a_killed_backend() {
     assert!(failovers[0]["reason"].as_str().unwrap().contains("backend-1"));
     let text = router.metrics().await;
     assert!(metric(&text, "router_failover_total", &[("backend_id", "backend-1")]) >= 1.0);
+    // The runbook's review command, as written, still shows them after ~500
+    // routine decisions.
+    let runbook = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/runbook.md")).unwrap();
+    let command = runbook.lines().find(|l| l.contains(r#"select(.decision_type == "FAILOVER")"#)).unwrap();
+    let out = std::process::Command::new("bash")
+        .args(["-c", &format!("set -eo pipefail; {command}")])
+        .env("ROUTER", format!("http://{}", router.addr))
+        .env("ADMIN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(shown.matches(r#""decision_type": "FAILOVER""#).count(), failovers.len(), "{shown}");
 
     // After failover_threshold consecutive failures the dead backend gets no
     // more attempts.

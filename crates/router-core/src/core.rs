@@ -47,6 +47,8 @@ pub struct CoreSettings {
     pub health_check_timeout: Duration,
     /// Per attempt at a backend (to the first byte for streams).
     pub backend_timeout: Duration,
+    /// The largest backend answer read whole (`BACKEND_MAX_RESPONSE_BYTES`).
+    pub max_response_bytes: usize,
     pub audit_retention: Duration,
     /// How long the audit writer gathers records before one commit.
     pub audit_commit_interval: Duration,
@@ -89,6 +91,8 @@ impl std::error::Error for StartupError {}
 pub struct Core {
     pub instance_id: Arc<str>,
     pub backend_timeout: Duration,
+    /// The largest backend answer read whole; streams are forwarded.
+    pub max_response_bytes: usize,
     /// The longest upstream cool-down (`UPSTREAM_COOLDOWN_MAX_SECS`).
     pub cooldown_max: Duration,
     pub config: Arc<ConfigStore>,
@@ -198,6 +202,7 @@ impl Core {
         let core = Arc::new(Core {
             instance_id: Arc::from(settings.instance_id.as_str()),
             backend_timeout: settings.backend_timeout,
+            max_response_bytes: settings.max_response_bytes,
             cooldown_max: settings.upstream_cooldown_max,
             config: config.clone(),
             writer,

@@ -59,6 +59,12 @@ pub struct Inner {
     pub tokens: IntCounterVec,
     pub cooldowns: IntCounterVec,
     pub cooldown_seconds: prometheus::GaugeVec,
+    pub http_connections: prometheus::IntGauge,
+    pub http_connections_refused: IntCounter,
+    pub http_accept_errors: IntCounter,
+    pub http_connections_closed: IntCounterVec,
+    pub http_requests_refused: IntCounterVec,
+    pub admin_auth_failures: IntCounter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -321,6 +327,41 @@ impl Metrics {
                 &["backend_id"],
             ),
         );
+        let http_connections =
+            reg(&r, prometheus::IntGauge::new("api_router_http_connections", "Client connections open now."));
+        let http_connections_refused = reg(
+            &r,
+            IntCounter::new(
+                "api_router_http_connections_refused_total",
+                "Client connections closed at once because HTTP_MAX_CONNECTIONS were open.",
+            ),
+        );
+        let http_accept_errors = reg(
+            &r,
+            IntCounter::new(
+                "api_router_http_accept_errors_total",
+                "Failures to accept a client connection (e.g. out of file descriptors).",
+            ),
+        );
+        let http_connections_closed = counter(
+            &r,
+            "api_router_http_connections_closed_total",
+            "Client connections closed by the router, by reason (header_timeout, idle, tls_handshake).",
+            &["reason"],
+        );
+        let http_requests_refused = counter(
+            &r,
+            "api_router_http_requests_refused_total",
+            "Requests refused before a door read them, by reason (ambiguous_framing: both Content-Length and Transfer-Encoding, or several Transfer-Encodings).",
+            &["reason"],
+        );
+        let admin_auth_failures = reg(
+            &r,
+            IntCounter::new(
+                "api_router_admin_auth_failures_total",
+                "Admin API calls with a missing or wrong admin token.",
+            ),
+        );
         let build_info = reg(
             &r,
             IntGaugeVec::new(
@@ -382,6 +423,12 @@ impl Metrics {
             tokens,
             cooldowns,
             cooldown_seconds,
+            http_connections,
+            http_connections_refused,
+            http_accept_errors,
+            http_connections_closed,
+            http_requests_refused,
+            admin_auth_failures,
         }))
     }
 

@@ -87,6 +87,7 @@ async fn setup(kind: &str, weights: &[(&'static str, u32)], org: Option<OrgLimit
         health_check_interval: Duration::from_secs(3600),
         health_check_timeout: Duration::from_secs(1),
         backend_timeout: BACKEND_TIMEOUT,
+        max_response_bytes: 1 << 20,
         audit_retention: Duration::from_secs(86_400),
         audit_commit_interval: Duration::from_millis(10),
         decisions_capacity: 100,

@@ -14,7 +14,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use router_core::auth::check_admin;
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use router_core::auth::{AdminAuthError, check_admin};
 use router_core::config_service::{Backend, Override};
 use router_core::limits::OrgLimits;
 use router_core::routing::decisions::{DecisionFilter, DecisionType};
@@ -28,9 +31,31 @@ use crate::error::ApiError;
 /// The most decisions one call returns.
 const MAX_DECISIONS: usize = 10_000;
 
+/// Every admin route: the token checked in constant time. A failure is
+/// counted and logged (with the client's address and the path, never what
+/// was presented), and after repeated failures from one address answered
+/// only after a growing delay ([`crate::throttle`]).
 pub async fn require_admin(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     match check_admin(state.settings.admin_token.as_deref(), bearer(request.headers())) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            if let Some(ip) = peer {
+                state.admin_throttle.succeeded(ip);
+            }
+            next.run(request).await
+        }
+        Err(e @ AdminAuthError::Unauthorized) => {
+            state.core.metrics.admin_auth_failures.inc();
+            let delay = peer.map(|ip| state.admin_throttle.failed(ip)).unwrap_or_default();
+            tracing::warn!(
+                client = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
+                path = %request.uri().path(),
+                delay_ms = delay.as_millis() as u64,
+                "admin authentication failed"
+            );
+            tokio::time::sleep(delay).await;
+            ApiError::from(e).into_response()
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -101,8 +126,8 @@ fn optional_json<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Resul
     serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
-pub(crate) async fn small_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    crate::read_body(body, headers, 64 * 1024).await
+pub(crate) async fn small_body(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    crate::read_body(body, headers, 64 * 1024, state.settings.body_read_timeout).await
 }
 
 pub async fn degrade(
@@ -111,7 +136,7 @@ pub async fn degrade(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let input: DegradeBody = optional_json(&small_body(&headers, body).await?)?;
+    let input: DegradeBody = optional_json(&small_body(&state, &headers, body).await?)?;
     let reason = input.reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "degraded by admin".into());
     if reason.len() > 1024 {
         return Err(ApiError::InvalidRequest("`reason` must be at most 1024 characters".into()));
@@ -131,7 +156,7 @@ pub async fn mark_healthy(
     body: Body,
 ) -> Result<Response, ApiError> {
     // The body carries nothing, but if one is sent it must be JSON.
-    let _: Option<Value> = optional_json(&small_body(&headers, body).await?)?;
+    let _: Option<Value> = optional_json(&small_body(&state, &headers, body).await?)?;
     state.core.writer.set_override(&id, None).await?;
     let snapshot = state.core.config.load_full();
     let b = snapshot.backend(&id).ok_or_else(|| unknown_backend(&id))?;
@@ -146,7 +171,7 @@ pub async fn upsert_policy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = small_body(&headers, body).await?;
+    let bytes = small_body(&state, &headers, body).await?;
     let input: PolicyInput = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid policy: {e}")),
         _ => ApiError::InvalidJson(e.to_string()),
@@ -232,7 +257,7 @@ pub async fn put_limits(
     if !valid_id(&org) {
         return Err(ApiError::InvalidRequest(format!("organization id must be {ID_RULES}")));
     }
-    let bytes = small_body(&headers, body).await?;
+    let bytes = small_body(&state, &headers, body).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     if !value.is_object() {
         return Err(ApiError::InvalidRequest("invalid limits: expected a JSON object".into()));

@@ -17,7 +17,6 @@ use axum::response::Response;
 use bytes::Bytes;
 use router_core::InferenceRequest;
 use router_core::auth::{self, Principal};
-use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
 use router_providers::Operation;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -52,7 +51,7 @@ async fn accept(
     body: Body,
     op: Operation,
 ) -> Result<InferenceRequest, ApiError> {
-    let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, headers, state.settings.max_body_bytes, state.settings.body_read_timeout).await?;
     let key = credentials::api_key(headers).filter(|k| !k.is_empty()).or_else(|| credentials::bearer(headers));
     let principal = auth::authenticate(&state.core.config.load(), key)?;
     parse(op, bytes, principal, headers)
@@ -95,11 +94,7 @@ pub fn parse(
     if stream && op == Operation::CountTokens {
         return Err(ApiError::InvalidRequest("stream: token counting does not stream".into()));
     }
-    let request_id = match headers.get("x-request-id").and_then(|h| h.to_str().ok()) {
-        Some(id) if valid_request_id(id) => Arc::from(id),
-        Some(_) => return Err(ApiError::InvalidRequest(format!("invalid X-Request-Id: use {REQUEST_ID_RULES}"))),
-        None => new_request_id(),
-    };
+    let request_id = crate::request_id_header(headers)?;
     let mut forwarded = HeaderMap::new();
     for name in FORWARDED {
         if let Some(value) = headers.get(name) {

@@ -30,6 +30,10 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: usize,
     },
+    /// The body did not arrive within `HTTP_BODY_READ_TIMEOUT_MS`.
+    RequestTimeout {
+        after: std::time::Duration,
+    },
     /// The body is not JSON.
     InvalidJson(String),
     /// JSON, but not a valid request (missing `model`, bad `request_id`, ...).
@@ -130,6 +134,7 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -145,6 +150,7 @@ impl ApiError {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::AdminUnauthorized => "unauthorized",
             ApiError::KeyExpired => "key_expired",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::AdminDisabled => "admin_disabled",
@@ -181,6 +187,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit } => {
                 format!("request body is larger than the limit of {limit} bytes")
             }
+            ApiError::RequestTimeout { after } => {
+                format!("the request body did not arrive within {} ms", after.as_millis())
+            }
             ApiError::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
             ApiError::InvalidRequest(e) | ApiError::NotFound(e) | ApiError::Conflict(e) => e.clone(),
             ApiError::AdminDisabled => "the admin API is disabled: ADMIN_TOKEN is not set".into(),
@@ -216,6 +225,10 @@ impl ApiError {
         }
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             response.headers_mut().insert("x-request-id", id);
+        }
+        // The rest of the body may still be on its way: start afresh.
+        if matches!(self, ApiError::PayloadTooLarge { .. } | ApiError::RequestTimeout { .. }) {
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

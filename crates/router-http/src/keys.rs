@@ -37,7 +37,7 @@ fn json_body(bytes: &[u8]) -> Result<Value, ApiError> {
 
 /// `POST /v1/admin/keys` → 201 with the metadata and the `key`, shown only here.
 pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let value = json_body(&small_body(&headers, body).await?)?;
+    let value = json_body(&small_body(&state, &headers, body).await?)?;
     let new = NewKey::from_json(value, now_ms()).map_err(|e| ApiError::InvalidRequest(format!("invalid key: {e}")))?;
     let budgets = state.core.limits.service().is_none();
     let (key, record) = state.core.writer.create_key(new, budgets).await?;
@@ -105,7 +105,7 @@ pub async fn rotate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let value = json_body(&small_body(&headers, body).await?)?;
+    let value = json_body(&small_body(&state, &headers, body).await?)?;
     let Value::Object(obj) = value else {
         return Err(ApiError::InvalidRequest("the body must be a JSON object".into()));
     };

@@ -10,8 +10,9 @@
 //!
 //! Doors: [`native`] (`POST /v1/inference`), [`openai`] (chat,
 //! completions, embeddings, the Responses API, models) and [`anthropic`]
-//! (messages, token counting). [`admin`], [`audit`] and [`status`]
-//! serve the operators. [`track`] counts every answer by route and status.
+//! (messages, token counting). [`admin`], [`keys`], [`audit`] and
+//! [`status`] serve the operators. [`track`] counts every answer by route
+//! and status. [`server`] accepts and serves the connections.
 
 pub mod admin;
 pub mod anthropic;
@@ -21,10 +22,12 @@ pub mod error;
 pub mod keys;
 pub mod native;
 pub mod openai;
+pub mod server;
 pub mod status;
+pub mod throttle;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -47,12 +50,22 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     /// `None` disables the admin API (403).
     pub admin_token: Option<String>,
+    /// Time to receive a whole request body (`HTTP_BODY_READ_TIMEOUT_MS`).
+    pub body_read_timeout: Duration,
 }
 
 /// Everything a handler can reach.
 pub struct HttpState {
     pub core: Arc<Core>,
     pub settings: HttpSettings,
+    /// Failed admin authentications, per client address.
+    pub admin_throttle: throttle::AdminThrottle,
+}
+
+impl HttpState {
+    pub fn new(core: Arc<Core>, settings: HttpSettings) -> Self {
+        Self { core, settings, admin_throttle: Default::default() }
+    }
 }
 
 pub type SharedState = Arc<HttpState>;
@@ -112,22 +125,79 @@ async fn track(State(state): State<SharedState>, request: Request, next: Next) -
     response
 }
 
-/// Reads a request body within `limit`: refused on `Content-Length` before
-/// reading, and reading stops at the limit for chunked bodies.
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// How much of an oversized body is read and thrown away, so that a client
+/// still sending gets to read its 413 rather than a reset (nginx's lingering
+/// close); past this, or [`DRAIN_TIME`], the connection is closed.
+const DRAIN_LIMIT: u64 = 8 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads a request body within `limit` bytes and `timeout`: 413 on a
+/// `Content-Length` over the limit before reading, or when a chunked body
+/// passes it; 408 when the body is not in within the timeout (both close the
+/// connection); 400 when the client's framing breaks.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut body = body;
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(&mut body).await;
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::InvalidRequest(format!("could not read the request body: {e}"))
+    let read = async {
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut total = 0;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| Some(ApiError::InvalidRequest(format!("could not read the request body: {e}"))))?;
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                if total > limit {
+                    return Err(None);
+                }
+                frames.push(data);
+            }
+        }
+        Ok(match frames.len() {
+            1 => frames.pop().unwrap_or_default(),
+            _ => Bytes::from(frames.concat()),
+        })
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(Some(e))) => Err(e),
+        Ok(Err(None)) => {
+            drain(&mut body).await;
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(_) => Err(ApiError::RequestTimeout { after: timeout }),
+    }
+}
+
+/// Reads and discards up to [`DRAIN_LIMIT`] bytes for [`DRAIN_TIME`].
+async fn drain(body: &mut Body) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut drained = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if drained > DRAIN_LIMIT {
+                return;
+            }
         }
     })
+    .await;
+}
+
+/// The request id from `X-Request-Id` (a new one without it); a value that
+/// breaks the rules, or is not text, is a 400.
+pub fn request_id_header(headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
+    use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
+    match headers.get("x-request-id").map(|h| h.to_str()) {
+        None => Ok(new_request_id()),
+        Some(Ok(id)) if valid_request_id(id) => Ok(Arc::from(id)),
+        Some(_) => Err(ApiError::InvalidRequest(format!("invalid X-Request-Id: use {REQUEST_ID_RULES}"))),
+    }
 }
 
 /// The shape a door answers in.
@@ -170,10 +240,13 @@ pub fn respond(processed: Processed, shape: Shape) -> Response {
             let mut r = (response.status, response.body).into_response();
             let content_type = response.content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
             r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            if let Some(encoding) = response.content_encoding {
+                r.headers_mut().insert(header::CONTENT_ENCODING, encoding);
+            }
             ids(&mut r, &request_id, &backend_id);
             r
         }
-        Outcome::Streaming { status, content_type, backend_id, body } => {
+        Outcome::Streaming { status, content_type, content_encoding, backend_id, body } => {
             let mut r = Response::new(Body::new((*body).with_break_event(shape.break_event())));
             *r.status_mut() = status;
             let h = r.headers_mut();
@@ -182,6 +255,9 @@ pub fn respond(processed: Processed, shape: Shape) -> Response {
                 content_type.unwrap_or_else(|| HeaderValue::from_static("text/event-stream")),
             );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            if let Some(encoding) = content_encoding {
+                h.insert(header::CONTENT_ENCODING, encoding);
+            }
             ids(&mut r, &request_id, &backend_id);
             r
         }

@@ -32,7 +32,7 @@ pub async fn inference(State(state): State<SharedState>, headers: HeaderMap, bod
 
 /// The body within its limit, the organization behind the key, the parse.
 async fn accept(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<InferenceRequest, ApiError> {
-    let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, headers, state.settings.max_body_bytes, state.settings.body_read_timeout).await?;
     let principal = auth::authenticate(&state.core.config.load(), credentials::api_key(headers))?;
     parse(bytes, principal)
 }
@@ -45,9 +45,46 @@ struct NativeBody<'a> {
     model: Option<Cow<'a, str>>,
 }
 
+/// JSON nested deeper than this is refused, as the other doors' parser does:
+/// a backend's parser may recurse on it.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether JSON text nests arrays and objects deeper than `max` (a linear
+/// scan; strings are skipped).
+pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// `{"request_id", "model", "payload"}`: a valid `request_id` (or a new one)
-/// and a `model`; the rest is the backend's to judge.
+/// and a `model`; the rest is the backend's to judge, once it is known to be
+/// JSON no deeper than [`MAX_JSON_DEPTH`].
 pub fn parse(body: Bytes, principal: Principal) -> Result<InferenceRequest, ApiError> {
+    if nests_deeper_than(&body, MAX_JSON_DEPTH) {
+        return Err(ApiError::InvalidJson(format!("nested deeper than {MAX_JSON_DEPTH} levels")));
+    }
     let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
         _ => ApiError::InvalidJson(e.to_string()),
@@ -95,5 +132,9 @@ mod tests {
         assert_eq!(ok.request_id.len(), 36, "generated UUID");
         let ok = p(r#"{"model":"m","request_id":"abc"}"#).unwrap();
         assert_eq!(&*ok.request_id, "abc");
+        let deep = format!(r#"{{"model":"m","payload":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(parse(Bytes::from(deep), Principal::organization("o")), Err(ApiError::InvalidJson(_))));
+        let fine = format!(r#"{{"model":"m","payload":{}"[[[[\"]"{}}}"#, "[".repeat(100), "]".repeat(100));
+        assert!(parse(Bytes::from(fine), Principal::organization("o")).is_ok(), "brackets in strings do not count");
     }
 }

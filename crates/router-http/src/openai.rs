@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use router_core::InferenceRequest;
 use router_core::auth::{self, Principal};
-use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
 use router_providers::Operation;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -59,7 +58,7 @@ async fn accept(
     body: Body,
     op: Operation,
 ) -> Result<InferenceRequest, ApiError> {
-    let bytes = read_body(body, headers, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, headers, state.settings.max_body_bytes, state.settings.body_read_timeout).await?;
     let principal = auth::authenticate(&state.core.config.load(), credentials::bearer_or_api_key(headers))?;
     parse(op, bytes, principal, headers)
 }
@@ -110,11 +109,7 @@ pub fn parse(
     if !matches!(obj.get("stream_options"), None | Some(Value::Null | Value::Object(_))) {
         return Err(ApiError::InvalidRequest("`stream_options` must be an object".into()));
     }
-    let request_id = match headers.get("x-request-id").and_then(|h| h.to_str().ok()) {
-        Some(id) if valid_request_id(id) => Arc::from(id),
-        Some(_) => return Err(ApiError::InvalidRequest(format!("invalid X-Request-Id: use {REQUEST_ID_RULES}"))),
-        None => new_request_id(),
-    };
+    let request_id = crate::request_id_header(headers)?;
     Ok(InferenceRequest {
         request_id,
         organization_id: principal.organization_id,

@@ -2,7 +2,8 @@
 //! [`http`] (a client, JSON, metrics, waiting with a deadline), [`mock`] (the
 //! mock backend as a process), [`router`] (the router as a process),
 //! [`redis`], [`kafka`] and [`etcd`] (private servers on free ports),
-//! [`proxy`] (a TCP proxy that cuts connections), [`python`] (the official
+//! [`proxy`] (a TCP fault proxy), [`raw`] (a backend and a client that
+//! misbehave at the byte level), [`python`] (the official
 //! SDKs driving a router), [`tls`] (certificates made
 //! at test time) and [`in_process`] (the mock served without sockets).
 //!
@@ -17,6 +18,7 @@ pub mod mock;
 pub mod process;
 pub mod proxy;
 pub mod python;
+pub mod raw;
 pub mod redis;
 pub mod router;
 pub mod tls;
@@ -26,7 +28,8 @@ pub use http::*;
 pub use kafka::{Broker, TOPIC, consume, distinct_keys};
 pub use mock::Mock;
 pub use process::{Proc, free_port, log_message};
-pub use proxy::Proxy;
+pub use proxy::{Fault, Proxy};
+pub use raw::{Misbehaviour, RawBackend, RawReply, raw_exchange, read_until_closed};
 pub use redis::RedisServer;
 pub use router::*;
 

@@ -22,12 +22,14 @@ pub struct Router {
     pub proc: Proc,
     pub data_dir: PathBuf,
     env: HashMap<String, String>,
+    wrapper: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 pub struct RouterBuilder {
     env: HashMap<String, String>,
     data_dir: Option<PathBuf>,
+    wrapper: Vec<String>,
 }
 
 impl RouterBuilder {
@@ -45,7 +47,7 @@ impl RouterBuilder {
         if !backends.is_empty() {
             env.insert("BACKEND_ENDPOINTS".into(), backends.iter().map(|m| m.endpoint()).collect::<Vec<_>>().join(","));
         }
-        RouterBuilder { env, data_dir: None }
+        RouterBuilder { env, data_dir: None, wrapper: Vec::new() }
     }
 
     /// The backends as OpenAI-compatible ones.
@@ -65,6 +67,12 @@ impl RouterBuilder {
         self
     }
 
+    /// Starts the router under a command, e.g. `["prlimit", "--nofile=256"]`.
+    pub fn wrapped(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     pub fn data_dir(mut self, dir: &Path) -> Self {
         self.data_dir = Some(dir.to_path_buf());
         self
@@ -79,9 +87,9 @@ impl RouterBuilder {
                 (Some(t), d)
             }
         };
-        let proc = spawn_router(&self.env, &data_dir);
+        let proc = spawn_router(&self.env, &data_dir, &self.wrapper);
         let addr = wait_started(&proc);
-        Router { addr, proc, data_dir, env: self.env, _tmp: tmp }
+        Router { addr, proc, data_dir, env: self.env, wrapper: self.wrapper, _tmp: tmp }
     }
 }
 
@@ -97,8 +105,15 @@ impl RouterBuilder {
     }
 }
 
-fn spawn_router(env: &HashMap<String, String>, data_dir: &Path) -> Proc {
-    let mut cmd = Command::new(crate::bin("api-router"));
+fn spawn_router(env: &HashMap<String, String>, data_dir: &Path, wrapper: &[String]) -> Proc {
+    let mut cmd = match wrapper.split_first() {
+        None => Command::new(crate::bin("api-router")),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(crate::bin("api-router"));
+            c
+        }
+    };
     cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).envs(env).env("DATA_DIR", data_dir);
     Proc::spawn(cmd)
 }
@@ -120,7 +135,7 @@ impl Router {
         self.proc.signal("TERM");
         let status = self.proc.wait_exit(Duration::from_secs(15)).expect("router did not stop");
         assert!(status.success(), "router exited with {status}");
-        self.proc = spawn_router(&self.env, &self.data_dir);
+        self.proc = spawn_router(&self.env, &self.data_dir, &self.wrapper);
         self.addr = wait_started(&self.proc);
     }
 

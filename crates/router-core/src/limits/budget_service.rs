@@ -26,6 +26,9 @@ use super::LimitError;
 use crate::metrics::Metrics;
 use crate::readiness::{Component, ComponentStatus};
 
+/// The largest answer read from the budget service.
+const ANSWER_LIMIT: usize = 1 << 20;
+
 #[derive(Debug, Deserialize)]
 struct ReserveReply {
     allowed: bool,
@@ -193,14 +196,14 @@ impl BudgetService {
         body: serde_json::Value,
     ) -> Result<transport::BackendResponse, transport::AttemptError> {
         let request = transport::post_json(uri, body.to_string().into())?;
-        transport::send(&*self.transport, request, self.settings.timeout).await
+        transport::send(&*self.transport, request, self.settings.timeout, ANSWER_LIMIT).await
     }
 
     /// The service's usage answer; one it cannot give, or that is not JSON,
     /// is the service being unavailable.
     pub async fn usage(&self, org: &str) -> Result<serde_json::Value, LimitError> {
         let uri = uri(&self.settings.url, &format!("/v1/budget/usage/{org}"));
-        match transport::get(&*self.transport, &uri, self.settings.timeout).await {
+        match transport::get(&*self.transport, &uri, self.settings.timeout, ANSWER_LIMIT).await {
             Ok(a) if a.status.is_success() => {
                 serde_json::from_slice(&a.body).map_err(|_| LimitError::BudgetServiceUnavailable)
             }

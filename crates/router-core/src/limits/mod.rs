@@ -14,8 +14,9 @@
 //! - with `BUDGET_SERVICE_URL`: budgets and quotas are asked of that service;
 //! - otherwise: in this process ([`gcra::LocalLimiter`], [`local::Ledger`]).
 //!
-//! Redis down (a call that fails or takes longer than `REDIS_TIMEOUT_MS`):
-//! `RATE_LIMIT_FAILURE_MODE` decides. `local` (default) falls back to the
+//! Redis down (known down: its PING failed, or calls failed or took longer
+//! than `REDIS_TIMEOUT_MS` several times in a row; and for the one call that
+//! failed): `RATE_LIMIT_FAILURE_MODE` decides. A slow Redis is waited for. `local` (default) falls back to the
 //! in-process limiter, `open` admits, `closed` refuses with 503. Budgets and
 //! quotas cannot be checked without the shared ledger, so under `local` and
 //! `open` they are not enforced (counted in

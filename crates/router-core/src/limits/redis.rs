@@ -2,15 +2,21 @@
 //! checked and reserved together, in one round trip) and one per settlement.
 //!
 //! The connection is redis-rs's `ConnectionManager`: async, multiplexed, and
-//! reconnecting by itself. Every call is bounded by `REDIS_TIMEOUT_MS`
-//! (default 20 ms); a call that fails or times out marks Redis unhealthy and
-//! the caller applies the failure mode. A pinger checks Redis every second,
-//! so that a recovered Redis is noticed (and reconnected) within a couple of
-//! seconds even without traffic. All keys expire by themselves: the rate key
+//! reconnecting by itself.
+//!
+//! A slow Redis is not a Redis that is down. A request waits for Redis's
+//! answer up to `REDIS_TIMEOUT_MS` (default 250 ms): a busy machine or a slow
+//! network delays the answer but keeps the limits exact across replicas.
+//! Redis is known to be down after [`FAILURES_TO_DOWN`] failed calls in a row
+//! (an error or the bound passed), or when the pinger's PING fails; only
+//! then, and for the call that failed, does the caller apply the failure
+//! mode, and while it is down requests do not wait on it at all. The pinger
+//! checks Redis every second, so that a recovered Redis is noticed (and
+//! reconnected) within a couple of seconds even without traffic. All keys expire by themselves: the rate key
 //! when its bucket is full again, period counters a day after their period,
 //! reservations after `RESERVATION_TTL`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -26,6 +32,9 @@ use crate::readiness::Healthy;
 /// amount then stays counted: the safe direction).
 const RESERVATION_TTL_SECS: u64 = 3600;
 const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Failed calls in a row that mark Redis down.
+pub const FAILURES_TO_DOWN: u32 = 3;
 
 /// KEYS: 1 rate, 2 spend, 3 requests, 4 tokens, 5 reservation, 6 key rate,
 ///       7 key spend, 8 key tokens (the key's: placeholders without one).
@@ -148,6 +157,8 @@ pub struct RedisLimits {
     finish: Script,
     timeout: Duration,
     healthy: AtomicBool,
+    /// Failed calls in a row.
+    failures: AtomicU32,
     metrics: Metrics,
 }
 
@@ -167,6 +178,7 @@ impl RedisLimits {
             finish: Script::new(FINISH),
             timeout,
             healthy: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             metrics,
         })
     }
@@ -186,19 +198,41 @@ impl RedisLimits {
         }
     }
 
+    /// A failed call: counted; the [`FAILURES_TO_DOWN`]th in a row (or a
+    /// failed PING) marks Redis down.
     fn failed(&self, op: &str, e: &str) -> String {
         self.metrics.redis_errors.with_label_values(&[op]).inc();
-        if self.healthy.swap(false, Ordering::Relaxed) {
+        let in_a_row = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if (op == "ping" || in_a_row >= FAILURES_TO_DOWN) && self.healthy.swap(false, Ordering::Relaxed) {
             tracing::error!(error = %e, "Redis unavailable: limits use RATE_LIMIT_FAILURE_MODE until it is back");
         }
         format!("redis {op}: {e}")
     }
 
-    /// Pings once at start-up; on success Redis is healthy from the start.
+    /// A call that Redis answered.
+    fn answered(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Pings once at start-up and loads the scripts; on success Redis is
+    /// healthy from the start.
     pub async fn connect(&self) -> Result<(), String> {
         self.ping(Duration::from_secs(2)).await?;
+        self.load_scripts().await;
         self.healthy.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Loads the scripts, so that the first admissions after a (re)start of
+    /// Redis do not pay for a missing script (two more round trips) on the
+    /// request path. Best effort: a missing script is loaded on demand.
+    async fn load_scripts(&self) {
+        let mut conn = self.conn.clone();
+        for script in [&self.admit, &self.finish] {
+            let _ = tokio::time::timeout(Duration::from_secs(2), script.load_async(&mut conn)).await;
+        }
     }
 
     pub async fn admit(&self, keys: &Keys, plan: &Plan, now: SystemTime) -> Result<Decision, String> {
@@ -239,14 +273,14 @@ impl RedisLimits {
             .arg(held.key_tokens);
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
-            // Slow, not necessarily down: down for this request only. The
-            // pinger decides whether Redis as a whole is unhealthy.
-            Err(_) => {
-                self.metrics.redis_errors.with_label_values(&["admit_timeout"]).inc();
-                return Err(format!("redis admit: no answer within {:?}", self.timeout));
+            Ok(Ok(r)) => {
+                self.answered();
+                r
             }
+            Ok(Err(e)) => return Err(self.failed("admit", &e.to_string())),
+            // Past the bound: this request applies the failure mode; Redis
+            // is down only after a few of these in a row.
+            Err(_) => return Err(self.failed("admit_timeout", &format!("no answer within {:?}", self.timeout))),
         };
         let (code, a, b) = (
             reply.first().copied().unwrap_or(-1),
@@ -291,7 +325,10 @@ impl RedisLimits {
         match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), inv.invoke_async::<i64>(&mut conn))
             .await
         {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                self.answered();
+                Ok(())
+            }
             Ok(Err(e)) => Err(self.failed("settle", &e.to_string())),
             Err(_) => Err(self.failed("settle", "timed out")),
         }
@@ -316,7 +353,10 @@ impl RedisLimits {
         cmd.arg(keys);
         let values: Vec<Option<i64>> =
             match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
+                Ok(Ok(v)) => {
+                    self.answered();
+                    v
+                }
                 Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
                 Err(_) => return Err(self.failed("usage", "timed out")),
             };
@@ -329,6 +369,10 @@ impl RedisLimits {
             let ok = self.ping(Duration::from_millis(250)).await;
             match ok {
                 Ok(()) => {
+                    self.answered();
+                    if !self.is_healthy() {
+                        self.load_scripts().await;
+                    }
                     if !self.healthy.swap(true, Ordering::Relaxed) {
                         tracing::info!("Redis connection healthy: shared limits enforced");
                     }

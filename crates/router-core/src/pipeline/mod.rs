@@ -126,6 +126,7 @@ pub enum Outcome {
     Streaming {
         status: StatusCode,
         content_type: Option<HeaderValue>,
+        content_encoding: Option<HeaderValue>,
         backend_id: Arc<str>,
         body: Box<stream::MeteredBody>,
     },
@@ -298,12 +299,17 @@ impl Finish {
         match result {
             Ok((mut response, backend_id, _, Some(t))) => {
                 let model = &self.request.model;
-                response.body = if response.status.is_success() {
-                    t.answer(&response.body, model).unwrap_or(response.body)
+                let translated = if response.status.is_success() {
+                    t.answer(&response.body, model)
                 } else {
-                    t.error(response.status.as_u16(), &response.body)
+                    Some(t.error(response.status.as_u16(), &response.body))
                 };
-                response.content_type = Some(http::HeaderValue::from_static("application/json"));
+                // What could not be read (compressed, say) goes on as it came.
+                if let Some(body) = translated {
+                    response.body = body;
+                    response.content_type = Some(http::HeaderValue::from_static("application/json"));
+                    response.content_encoding = None;
+                }
                 Outcome::Answered { response, backend_id }
             }
             Ok((response, backend_id, _, None)) => Outcome::Answered { response, backend_id },
@@ -390,6 +396,8 @@ impl Finish {
         Outcome::Streaming {
             status: s.status,
             content_type: s.content_type,
+            // A translated stream is re-written as text.
+            content_encoding: s.content_encoding.filter(|_| translator.is_none()),
             backend_id: backend.clone(),
             body: Box::new(stream::MeteredBody::new(s.first, s.rest, scanner, translator, self, backend)),
         }
@@ -646,9 +654,11 @@ async fn attempt(
 ) -> Result<Answer, AttemptError> {
     let request = backend.target.request(upstream, headers).map_err(AttemptError::Io)?;
     if upstream.stream {
-        transport::open_stream(&*backend.transport, request, core.backend_timeout).await
+        transport::open_stream(&*backend.transport, request, core.backend_timeout, core.max_response_bytes).await
     } else {
-        transport::send(&*backend.transport, request, core.backend_timeout).await.map(Answer::Full)
+        transport::send(&*backend.transport, request, core.backend_timeout, core.max_response_bytes)
+            .await
+            .map(Answer::Full)
     }
 }
 

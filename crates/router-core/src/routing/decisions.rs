@@ -1,6 +1,7 @@
 //! The bounded, in-memory log of routing decisions behind
 //! `GET /v1/admin/routing/decisions`. One entry per attempt (and one for a
-//! request that found no routable backend). The oldest entries fall off.
+//! request that found no routable backend). The oldest entries fall off, the
+//! routine ones only to make room for routine ones.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -59,37 +60,59 @@ pub struct DecisionFilter {
     pub limit: Option<usize>,
 }
 
+/// Two bounded rings: routine PRIMARY picks, and everything else (failovers,
+/// no healthy backend, fallback models), so that under load the routine
+/// ones cannot push out what an operator looks for.
 pub struct DecisionLog {
-    entries: Mutex<VecDeque<RoutingDecision>>,
+    routine: Mutex<VecDeque<RoutingDecision>>,
+    notable: Mutex<VecDeque<RoutingDecision>>,
     capacity: usize,
 }
 
 impl DecisionLog {
+    /// Keeps up to `capacity` decisions of each kind.
     pub fn new(capacity: usize) -> Self {
-        Self { entries: Mutex::new(VecDeque::with_capacity(capacity.min(65_536))), capacity }
+        let ring = || Mutex::new(VecDeque::with_capacity(capacity.min(65_536)));
+        Self { routine: ring(), notable: ring(), capacity }
     }
 
     pub fn record(&self, decision: RoutingDecision) {
+        let ring = if decision.decision_type == DecisionType::Primary { &self.routine } else { &self.notable };
         // The lock is held for a push and maybe a pop; nothing awaits under it.
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = ring.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= self.capacity {
             entries.pop_front();
         }
         entries.push_back(decision);
     }
 
-    /// Newest first, filtered, at most `limit` (default 100).
+    /// Newest first, filtered, at most `limit` (default 100) of each kind:
+    /// without a `decision_type`, the newest routine PRIMARY decisions and
+    /// the newest others, merged.
     pub fn query(&self, filter: &DecisionFilter) -> Vec<RoutingDecision> {
         let limit = filter.limit.unwrap_or(100);
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .iter()
-            .rev()
-            .filter(|d| filter.backend_id.as_deref().is_none_or(|id| d.backend_id.as_deref() == Some(id)))
-            .filter(|d| filter.decision_type.is_none_or(|t| d.decision_type == t))
-            .take(limit)
-            .cloned()
-            .collect()
+        let pick = |ring: &Mutex<VecDeque<RoutingDecision>>| -> Vec<RoutingDecision> {
+            let entries = ring.lock().unwrap_or_else(|p| p.into_inner());
+            entries
+                .iter()
+                .rev()
+                .filter(|d| filter.backend_id.as_deref().is_none_or(|id| d.backend_id.as_deref() == Some(id)))
+                .filter(|d| filter.decision_type.is_none_or(|t| d.decision_type == t))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        let (mut out, notable) = match filter.decision_type {
+            Some(DecisionType::Primary) => (pick(&self.routine), Vec::new()),
+            Some(_) => (pick(&self.notable), Vec::new()),
+            None => (pick(&self.routine), pick(&self.notable)),
+        };
+        if !notable.is_empty() {
+            out.extend(notable);
+            // Both lists are newest first; a stable sort keeps ties in order.
+            out.sort_by_key(|d| std::cmp::Reverse(d.timestamp));
+        }
+        out
     }
 }
 
@@ -120,13 +143,28 @@ mod tests {
         log.record(decision(1, "b", DecisionType::Failover));
         log.record(decision(2, "a", DecisionType::Primary));
         log.record(decision(3, "b", DecisionType::Primary));
+        log.record(decision(4, "a", DecisionType::Primary));
         let all = log.query(&DecisionFilter::default());
-        assert_eq!(all.iter().map(|d| &*d.request_id).collect::<Vec<_>>(), vec!["r3", "r2", "r1"]);
+        assert_eq!(all.iter().map(|d| &*d.request_id).collect::<Vec<_>>(), vec!["r4", "r3", "r2", "r1"]);
         let f = DecisionFilter { decision_type: Some(DecisionType::Failover), ..Default::default() };
         assert_eq!(log.query(&f).len(), 1);
         let f = DecisionFilter { backend_id: Some("a".into()), limit: Some(5), ..Default::default() };
-        assert_eq!(log.query(&f).len(), 1);
+        assert_eq!(log.query(&f).len(), 2, "r0 fell off its ring");
         let f = DecisionFilter { limit: Some(1), ..Default::default() };
-        assert_eq!(log.query(&f).len(), 1);
+        assert_eq!(log.query(&f).iter().map(|d| &*d.request_id).collect::<Vec<_>>(), vec!["r4", "r1"]);
+    }
+
+    #[test]
+    fn routine_decisions_do_not_push_out_the_others() {
+        let log = DecisionLog::new(100);
+        log.record(decision(0, "a", DecisionType::Failover));
+        log.record(decision(1, "b", DecisionType::NoHealthyBackend));
+        for i in 2..10_000 {
+            log.record(decision(i, "b", DecisionType::Primary));
+        }
+        let all = log.query(&DecisionFilter::default());
+        assert_eq!(all.len(), 102);
+        assert!(all.iter().any(|d| d.decision_type == DecisionType::Failover));
+        assert!(all.iter().any(|d| d.decision_type == DecisionType::NoHealthyBackend));
     }
 }

@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -59,6 +59,11 @@ pub enum AttemptError {
     /// The backend asked to be left alone for a while: a 429, 503 or 529
     /// with `Retry-After` or a provider's rate-limit reset header.
     Throttled { status: StatusCode, retry_after: Duration },
+    /// A redirect (3xx): an inference backend that redirects is broken, and
+    /// the router never follows one.
+    Redirect(StatusCode),
+    /// An answer larger than the limit (`BACKEND_MAX_RESPONSE_BYTES`).
+    TooLarge { limit: usize },
 }
 
 impl AttemptError {
@@ -76,6 +81,8 @@ impl AttemptError {
                 "status_429"
             }
             AttemptError::Status(_) | AttemptError::Throttled { .. } => "status_408",
+            AttemptError::Redirect(_) => "redirect",
+            AttemptError::TooLarge { .. } => "too_large",
         }
     }
 
@@ -93,13 +100,13 @@ impl AttemptError {
     /// The HTTP status the backend answered, if it answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            AttemptError::Status(s) | AttemptError::Throttled { status: s, .. } => Some(*s),
+            AttemptError::Status(s) | AttemptError::Throttled { status: s, .. } | AttemptError::Redirect(s) => Some(*s),
             _ => None,
         }
     }
 
-    pub const ERROR_TYPES: [&'static str; 7] =
-        ["connect", "tls", "timeout", "io", "status_5xx", "status_429", "status_408"];
+    pub const ERROR_TYPES: [&'static str; 9] =
+        ["connect", "tls", "timeout", "io", "status_5xx", "status_429", "status_408", "redirect", "too_large"];
 
     /// Classifies a transport error: TLS first (wherever it shows in the
     /// chain), then connect, then any other I/O failure.
@@ -128,18 +135,26 @@ impl std::fmt::Display for AttemptError {
                 status.as_u16(),
                 retry_after.as_secs_f64().ceil() as u64
             ),
+            AttemptError::Redirect(s) => write!(f, "backend answered {} (a redirect, not followed)", s.as_u16()),
+            AttemptError::TooLarge { limit } => write!(f, "backend answer larger than {limit} bytes"),
         }
     }
 }
 
-/// Whether a backend status triggers failover.
+/// Whether a backend status triggers failover (a redirect does too).
 pub fn retryable_status(status: StatusCode) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+    status.is_server_error()
+        || status.is_redirection()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
 }
 
 /// The failure for a retryable status: [`AttemptError::Throttled`] when a
 /// 429, 503 or 529 says when to come back, else [`AttemptError::Status`].
 fn failed_status(parts: &http::response::Parts) -> AttemptError {
+    if parts.status.is_redirection() {
+        return AttemptError::Redirect(parts.status);
+    }
     let waits = matches!(parts.status.as_u16(), 429 | 503 | 529);
     match retry_after(&parts.headers, std::time::SystemTime::now()).filter(|_| waits) {
         Some(retry_after) => AttemptError::Throttled { status: parts.status, retry_after },
@@ -382,6 +397,8 @@ impl Transports {
 pub struct StreamStart {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
+    /// The backend's `Content-Encoding`, passed on as it came.
+    pub content_encoding: Option<HeaderValue>,
     pub first: Bytes,
     pub rest: ResponseBody,
 }
@@ -391,6 +408,9 @@ pub struct StreamStart {
 pub struct BackendResponse {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
+    /// The backend's `Content-Encoding` (a compressed body is passed on as it
+    /// came, never decoded).
+    pub content_encoding: Option<HeaderValue>,
     pub body: Bytes,
 }
 
@@ -421,13 +441,14 @@ pub fn post_json(uri: &Uri, body: Bytes) -> Result<Request<Full<Bytes>>, Attempt
         .map_err(|e| AttemptError::Io(e.to_string()))
 }
 
-/// One exchange within `timeout`. A retryable status comes back as
-/// `Err(Status)`, with the backend's body dropped; any other status is the
-/// answer.
+/// One exchange within `timeout`, its answer read up to `limit` bytes. A
+/// retryable status comes back as `Err(Status)`, with the backend's body
+/// dropped; any other status is the answer.
 pub async fn send(
     transport: &dyn Transport,
     request: Request<Full<Bytes>>,
     timeout: Duration,
+    limit: usize,
 ) -> Result<BackendResponse, AttemptError> {
     let exchange = async {
         let response = transport.send(request).await?;
@@ -435,18 +456,19 @@ pub async fn send(
         if retryable_status(parts.status) {
             return Err(failed_status(&parts));
         }
-        collect(parts, body).await
+        collect(parts, body, limit).await
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
 }
 
 /// Opens a streaming request. Within `timeout` the backend must answer and,
 /// if it answers 2xx, send its first bytes: until then the attempt can still
-/// fail over. Any other answer is collected whole.
+/// fail over. Any other answer is collected whole, up to `limit` bytes.
 pub async fn open_stream(
     transport: &dyn Transport,
     request: Request<Full<Bytes>>,
     timeout: Duration,
+    limit: usize,
 ) -> Result<Answer, AttemptError> {
     let open = async {
         let response = transport.send(request).await?;
@@ -455,9 +477,10 @@ pub async fn open_stream(
             return Err(failed_status(&parts));
         }
         if !parts.status.is_success() {
-            return collect(parts, body).await.map(Answer::Full);
+            return collect(parts, body, limit).await.map(Answer::Full);
         }
         let content_type = parts.headers.get(CONTENT_TYPE).cloned();
+        let content_encoding = parts.headers.get(CONTENT_ENCODING).cloned();
         // The first data frame: after it, the answer belongs to the client.
         loop {
             match body.frame().await {
@@ -469,6 +492,7 @@ pub async fn open_stream(
                         return Ok(Answer::Stream(StreamStart {
                             status: parts.status,
                             content_type,
+                            content_encoding,
                             first,
                             rest: body,
                         }));
@@ -479,6 +503,7 @@ pub async fn open_stream(
                     return Ok(Answer::Full(BackendResponse {
                         status: parts.status,
                         content_type,
+                        content_encoding,
                         body: Bytes::new(),
                     }));
                 }
@@ -492,12 +517,17 @@ fn get_request(uri: &Uri) -> Result<Request<Full<Bytes>>, AttemptError> {
     Request::get(uri.clone()).body(Full::new(Bytes::new())).map_err(|e| AttemptError::Io(e.to_string()))
 }
 
-/// `GET uri`, whatever the status, within `timeout`.
-pub async fn get(transport: &dyn Transport, uri: &Uri, timeout: Duration) -> Result<BackendResponse, AttemptError> {
+/// `GET uri`, whatever the status, within `timeout` and `limit` bytes.
+pub async fn get(
+    transport: &dyn Transport,
+    uri: &Uri,
+    timeout: Duration,
+    limit: usize,
+) -> Result<BackendResponse, AttemptError> {
     let request = get_request(uri)?;
     let exchange = async {
         let (parts, body) = transport.send(request).await?.into_parts();
-        collect(parts, body).await
+        collect(parts, body, limit).await
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AttemptError::Timeout))
 }
@@ -525,10 +555,30 @@ pub async fn probe_with(
     tokio::time::timeout(timeout, check).await.unwrap_or_else(|_| Err("health check timed out".to_string()))
 }
 
-/// Reads a whole answer.
-async fn collect(parts: http::response::Parts, body: ResponseBody) -> Result<BackendResponse, AttemptError> {
-    let body = body.collect().await.map_err(|e| AttemptError::classify(&*e, false))?.to_bytes();
-    Ok(BackendResponse { status: parts.status, content_type: parts.headers.get(CONTENT_TYPE).cloned(), body })
+/// Reads a whole answer, up to `limit` bytes (a larger declared length is
+/// refused before reading).
+async fn collect(
+    parts: http::response::Parts,
+    body: ResponseBody,
+    limit: usize,
+) -> Result<BackendResponse, AttemptError> {
+    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(AttemptError::TooLarge { limit });
+    }
+    let body = http_body_util::Limited::new(body, limit).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            AttemptError::TooLarge { limit }
+        } else {
+            AttemptError::classify(&*e, false)
+        }
+    })?;
+    Ok(BackendResponse {
+        status: parts.status,
+        content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+        content_encoding: parts.headers.get(CONTENT_ENCODING).cloned(),
+        body: body.to_bytes(),
+    })
 }
 
 /// The innermost cause, which is what an operator needs ("Connection refused").
@@ -611,7 +661,9 @@ mod tests {
 
     async fn attempt(transport: &dyn Transport, port: u16) -> AttemptError {
         let uri: Uri = format!("https://127.0.0.1:{port}/v1/inference").parse().unwrap();
-        send(transport, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(5)).await.unwrap_err()
+        send(transport, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(5), 1 << 20)
+            .await
+            .unwrap_err()
     }
 
     fn trusting(ca: &rustls_pki_types::CertificateDer<'static>, spec: TlsSpec) -> HttpTransport {
@@ -684,8 +736,9 @@ mod tests {
             Transports::new(TransportSettings { ca_file: None, connect_timeout: Duration::from_secs(2) }).unwrap();
         let t = transports.default_transport();
         let uri: Uri = format!("http://127.0.0.1:{port}/v1/inference").parse().unwrap();
-        let err =
-            send(&*t, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(2)).await.unwrap_err();
+        let err = send(&*t, post_json(&uri, Bytes::from_static(b"{}")).unwrap(), Duration::from_secs(2), 1 << 20)
+            .await
+            .unwrap_err();
         assert_eq!(err.error_type(), "connect", "{err}");
         assert!(probe(&*t, &uri, Duration::from_secs(1)).await.is_err());
     }

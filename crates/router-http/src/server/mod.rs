@@ -1,0 +1,378 @@
+//! The HTTP server: the accept loop and each connection's life, under the
+//! limits a hostile client meets.
+//!
+//! - At most [`ServerSettings::max_connections`] client connections; past
+//!   that a new one is closed at once (counted, logged), and the ones open
+//!   keep being served. Accept errors (out of file descriptors) back off.
+//! - A client has [`ServerSettings::header_read_timeout`] to send a request's
+//!   headers, counted from the connection's start (or from the first byte of
+//!   a later request's headers); then the connection is closed. A connection
+//!   with no bytes in either direction for [`ServerSettings::idle_timeout`]
+//!   is shut down gracefully (an answer in progress finishes), and closed
+//!   after a second idle period.
+//! - Header blocks over [`ServerSettings::max_header_bytes`] or with more
+//!   than [`ServerSettings::max_headers`] headers: 431 (hyper). Requests
+//!   framed two ways (smuggling): 400 and closed ([`framing`]).
+//! - TLS, when configured ([`tls`]): the handshake within the header
+//!   timeout; the certificate reloaded when its files change.
+//! - Each request carries the peer address (`ConnectInfo`) for the doors.
+//!
+//! The body's read timeout and size limit are the doors' (`read_body`).
+
+pub mod framing;
+pub mod tls;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use router_core::metrics::Metrics;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use self::framing::Framing;
+
+/// The server's limits.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Time to send a request's headers (`HTTP_HEADER_READ_TIMEOUT_MS`).
+    pub header_read_timeout: Duration,
+    /// A connection silent this long is shut down (`HTTP_IDLE_TIMEOUT_MS`).
+    pub idle_timeout: Duration,
+    /// Open client connections at most (`HTTP_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// A request's header block at most, in bytes (`HTTP_MAX_HEADER_BYTES`).
+    pub max_header_bytes: usize,
+    /// Headers in a request at most (`HTTP_MAX_HEADERS`).
+    pub max_headers: usize,
+    /// Serve TLS with these files (`TLS_CERT_FILE`, `TLS_KEY_FILE`).
+    pub tls: Option<tls::TlsFiles>,
+}
+
+/// Why the server stopped.
+#[derive(Debug)]
+pub enum ServeError {
+    Tls(tls::ServerTlsError),
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeError::Tls(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// Milliseconds on a monotonic clock (since the first call).
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What the watchdog of one connection reads.
+struct ConnState {
+    /// When the header block being received started (0: none).
+    head_started_ms: AtomicU64,
+    /// The last byte in either direction.
+    last_io_ms: AtomicU64,
+}
+
+/// Everything the connections share.
+struct Shared {
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    settings: ServerSettings,
+    metrics: Metrics,
+    tls: Option<tls::ServerTls>,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then shuts every
+/// connection down gracefully and returns once they are all closed (the
+/// caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: ServerSettings,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let tls = match &settings.tls {
+        Some(files) => Some(tls::ServerTls::load(files.clone()).map_err(ServeError::Tls)?),
+        None => None,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper refuses a larger header block with 431 (its buffer has a floor
+    // of 8 KiB). Header and idle timeouts are the watchdog's, not hyper's.
+    builder
+        .http1()
+        .keep_alive(true)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(settings.max_headers)
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Every route made into a service now, not per request.
+    let app = app.with_state(());
+    let shared = Arc::new(Shared { app, builder, settings, metrics, tls });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    if let Some(tls) = &shared.tls {
+        tokio::spawn(tls.clone().watch(cancel.clone()));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connections = TaskTracker::new();
+    let mut refused_logged: Option<Instant> = None;
+    let mut accept_error_logged: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // it was accepted: say so (once a second) and back off.
+                    if accept_error_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "cannot accept a client connection");
+                        accept_error_logged = Some(Instant::now());
+                    }
+                    shared.metrics.http_accept_errors.inc();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.metrics.http_connections_refused.inc();
+            if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    max_connections = shared.settings.max_connections,
+                    "client connection limit reached; closing new connections"
+                );
+                refused_logged = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let (shared, stop) = (shared.clone(), stop_rx.clone());
+        connections.spawn(async move {
+            shared.metrics.http_connections.inc();
+            connection(stream, peer, &shared, stop).await;
+            shared.metrics.http_connections.dec();
+            drop(permit);
+        });
+    }
+    let _ = stop_tx.send(true);
+    cancel.cancel();
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// One connection: TLS if configured, then HTTP under the watchdog.
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, stop: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let state = Arc::new(ConnState {
+        head_started_ms: AtomicU64::new(mono_ms().max(1)),
+        last_io_ms: AtomicU64::new(mono_ms()),
+    });
+    match &shared.tls {
+        None => drive(stream, peer, shared, stop, state).await,
+        Some(tls) => {
+            match tokio::time::timeout(shared.settings.header_read_timeout, tls.acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => drive(stream, peer, shared, stop, state).await,
+                Ok(Err(e)) => {
+                    shared.metrics.http_connections_closed.with_label_values(&["tls_handshake"]).inc();
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.metrics.http_connections_closed.with_label_values(&["header_timeout"]).inc();
+                }
+            }
+        }
+    }
+}
+
+async fn drive<I>(io: I, peer: SocketAddr, shared: &Arc<Shared>, mut stop: watch::Receiver<bool>, state: Arc<ConnState>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &shared.settings;
+    let io = Guarded::new(io, state.clone(), settings.max_header_bytes, shared.metrics.clone());
+    let app = shared.app.clone();
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(request)
+    });
+    let conn = shared.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let tick = (settings.header_read_timeout.min(settings.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut watchdog = tokio::time::interval(tick);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutting_down_since: Option<u64> = None;
+    let header_ms = settings.header_read_timeout.as_millis() as u64;
+    let idle_ms = settings.idle_timeout.as_millis() as u64;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if shutting_down_since.is_none() => {
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down_since = Some(mono_ms());
+                }
+            }
+            _ = watchdog.tick() => {
+                let now = mono_ms();
+                let head = state.head_started_ms.load(Ordering::Relaxed);
+                if head != 0 && now.saturating_sub(head) > header_ms {
+                    shared.metrics.http_connections_closed.with_label_values(&["header_timeout"]).inc();
+                    return;
+                }
+                let quiet = now.saturating_sub(state.last_io_ms.load(Ordering::Relaxed));
+                match shutting_down_since {
+                    None if quiet > idle_ms => {
+                        shared.metrics.http_connections_closed.with_label_values(&["idle"]).inc();
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down_since = Some(now);
+                    }
+                    // A client that stopped reading its answer.
+                    Some(since) if quiet > idle_ms && now.saturating_sub(since) > idle_ms => return,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The client's byte stream as hyper reads it: request framing checked
+/// ([`Framing`]), the header timer and the last activity noted.
+struct Guarded<T> {
+    inner: T,
+    framing: Framing,
+    /// Checked bytes not yet given to hyper.
+    ready: Vec<u8>,
+    ready_at: usize,
+    scratch: Vec<u8>,
+    eof: bool,
+    state: Arc<ConnState>,
+    metrics: Metrics,
+}
+
+impl<T> Guarded<T> {
+    fn new(inner: T, state: Arc<ConnState>, max_head: usize, metrics: Metrics) -> Self {
+        Self {
+            inner,
+            framing: Framing::new(max_head),
+            ready: Vec::new(),
+            ready_at: 0,
+            scratch: vec![0; 16 * 1024],
+            eof: false,
+            state,
+            metrics,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.ready_at < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.ready_at);
+                buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
+                this.ready_at += n;
+                if this.ready_at == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut this.scratch);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            if n == 0 {
+                this.eof = true;
+                this.framing.flush(&mut this.ready);
+                continue;
+            }
+            let now = mono_ms();
+            this.state.last_io_ms.store(now, Ordering::Relaxed);
+            let refused = this.framing.refused;
+            this.framing.push(&this.scratch[..n], &mut this.ready);
+            if this.framing.refused > refused {
+                this.metrics.http_requests_refused.with_label_values(&["ambiguous_framing"]).inc();
+            }
+            if this.framing.reading_head() {
+                // A new header block: its timer starts (a connection's first
+                // block is timed from the connection's start).
+                let _ = this.state.head_started_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            } else {
+                this.state.head_started_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        if n > 0 {
+            this.state.last_io_ms.store(mono_ms(), Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        if n > 0 {
+            this.state.last_io_ms.store(mono_ms(), Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
