@@ -218,3 +218,101 @@ async fn https_backends_in_the_admin_list_show_their_kind() {
     let b: &Value = &list["backends"][0];
     assert_eq!((b["endpoint"].as_str().unwrap(), b["kind"].as_str().unwrap()), (m.url().as_str(), "openai"));
 }
+
+// ---- serving TLS (TLS_CERT_FILE, TLS_KEY_FILE) ----
+
+/// One keep-alive `GET path` on an open stream; the status.
+async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed mid-answer: {}", String::from_utf8_lossy(&buf));
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).unwrap().trim().parse().unwrap();
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    head[9..12].parse().unwrap()
+}
+
+/// Replaces `to` with `from`'s content atomically (as a deploy tool would).
+fn replace(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_serves_tls_and_reloads_a_renewed_certificate_without_dropping_connections() {
+    use test_support::tls::{cert_der, tls_connect};
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    replace(&pki.server_cert, &cert);
+    replace(&pki.server_key, &key);
+    let m1 = Mock::start("backend-1", &[]);
+    let router = RouterBuilder::new(&[&m1])
+        .env("TLS_CERT_FILE", cert.to_str().unwrap())
+        .env("TLS_KEY_FILE", key.to_str().unwrap())
+        .start();
+    let started = router.proc.lines().into_iter().find(|l| l.contains("HTTP server starting")).unwrap();
+    assert!(started.contains(r#""tls":true"#), "{started}");
+
+    let (mut old, presented) = tls_connect(router.addr, &pki.ca).await;
+    assert_eq!(presented, cert_der(&pki.server_cert));
+    assert_eq!(get_on(&mut old, "/v1/status/healthz").await, 200);
+    assert_eq!(get_on(&mut old, "/v1/status/readyz").await, 200, "kept alive");
+
+    // Renewed on disk: new connections get it within a few seconds.
+    replace(&pki.renewed_key, &key);
+    replace(&pki.renewed_cert, &cert);
+    let renewed = cert_der(&pki.renewed_cert);
+    assert!(
+        eventually(Duration::from_secs(10), || async { tls_connect(router.addr, &pki.ca).await.1 == renewed }).await,
+        "the renewed certificate was not served within 10 s"
+    );
+    assert!(router.proc.lines().iter().any(|l| log_message(l).as_deref() == Some("TLS certificate reloaded")));
+    // The connection made before the reload is still open and served.
+    assert_eq!(get_on(&mut old, "/v1/status/healthz").await, 200);
+
+    // A pair that does not load is refused: the current one stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    assert!(
+        router
+            .proc
+            .wait_for_line(Duration::from_secs(10), |l| l.contains("TLS certificate files changed but do not load"))
+            .is_some()
+    );
+    assert_eq!(tls_connect(router.addr, &pki.ca).await.1, renewed);
+    // Plain HTTP on the TLS port gets no answer in clear text.
+    let reply =
+        raw_exchange(router.addr, b"GET /v1/status/healthz HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_secs(3)).await;
+    assert_eq!(reply.status(), None, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serving_files_that_do_not_make_a_pair_stop_the_start() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = pki.ca.with_file_name("missing.pem");
+    let cases: Vec<(Vec<(&str, &std::path::Path)>, &str)> = vec![
+        (vec![("TLS_CERT_FILE", &pki.server_cert)], "TLS_KEY_FILE"),
+        (vec![("TLS_KEY_FILE", &pki.server_key)], "TLS_CERT_FILE"),
+        (vec![("TLS_CERT_FILE", &pki.server_cert), ("TLS_KEY_FILE", &pki.renewed_key)], "do not make a pair"),
+        (vec![("TLS_CERT_FILE", &missing), ("TLS_KEY_FILE", &pki.server_key)], "missing.pem"),
+    ];
+    for (vars, needle) in cases {
+        let mut cmd = std::process::Command::new(bin("api-router"));
+        cmd.env_clear().env("HTTP_ADDR", "127.0.0.1:0").env("DATA_DIR", dir.path());
+        for (k, v) in &vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{vars:?}: {stderr}");
+        assert!(stderr.contains(needle), "{vars:?}: {stderr}");
+    }
+}

@@ -39,6 +39,7 @@ pub mod request;
 pub mod routing;
 pub mod usage;
 pub mod util;
+pub mod wal;
 
 pub use crate::core::{Core, CoreSettings, Parts, Running, StartupError};
 pub use crate::pipeline::{Outcome, Processed, RequestError, process};

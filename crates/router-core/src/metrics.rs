@@ -50,6 +50,7 @@ pub struct Inner {
     pub buffer_damaged: prometheus::IntCounter,
     pub buffer_full: prometheus::IntCounter,
     pub buffer_write_seconds: Histogram,
+    pub audit_journal_seconds: Histogram,
     pub usage_published: IntCounterVec,
     pub config_revision: prometheus::IntGauge,
     pub config_updates: IntCounter,
@@ -268,6 +269,16 @@ impl Metrics {
                 .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
             ),
         );
+        let audit_journal_seconds = reg(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "api_router_audit_journal_write_seconds",
+                    "Duration of one group commit to the audit journal (before the answer).",
+                )
+                .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
+            ),
+        );
         let usage_published = counter(
             &r,
             "api_router_usage_records_published_total",
@@ -414,6 +425,7 @@ impl Metrics {
             buffer_damaged,
             buffer_full,
             buffer_write_seconds,
+            audit_journal_seconds,
             usage_published,
             config_revision,
             config_updates,

@@ -231,14 +231,14 @@ async fn a_failing_primary_fails_over_to_the_standby_and_every_attempt_is_record
 async fn a_slow_backend_fails_over_exactly_at_the_attempt_timeout() {
     let s = setup("native", &[("b1", 1), ("b2", 0)], None).await;
     s.fault("b1", Faults { latency_ms: Some(10_000), ..Default::default() });
-    let t0 = tokio::time::Instant::now();
     let p = process(s.core(), native("r-timeout")).await;
-    let took = t0.elapsed();
     assert_eq!(answered_by(&p.outcome), "b2");
-    assert!(took >= BACKEND_TIMEOUT && took < BACKEND_TIMEOUT + Duration::from_millis(50), "took {took:?}");
+    // The attempt's own clock (the whole call also waits for the audit
+    // journal, a real thread, while the paused clock may jump ahead).
     let d = s.core().decisions.query(&DecisionFilter { backend_id: Some("b1".into()), ..Default::default() });
     assert_eq!(d[0].error.as_deref(), Some("timed out"));
-    assert!(d[0].latency_ms >= 5000.0);
+    let timeout_ms = BACKEND_TIMEOUT.as_secs_f64() * 1000.0;
+    assert!(d[0].latency_ms >= timeout_ms && d[0].latency_ms < timeout_ms + 50.0, "{}", d[0].latency_ms);
 
     // With nowhere to fail over to, the timeout is the answer.
     s.fault("b2", Faults { latency_ms: Some(10_000), ..Default::default() });

@@ -119,7 +119,8 @@ fn request_status(e: &RequestError) -> StatusCode {
             StatusCode::PAYMENT_REQUIRED
         }
         RequestError::Limits(LimitError::LimiterUnavailable | LimitError::BudgetServiceUnavailable)
-        | RequestError::Usage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        | RequestError::Usage(_)
+        | RequestError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
         RequestError::Untranslatable(_) => StatusCode::BAD_REQUEST,
         RequestError::CoolingDown { status, .. } => {
             StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
@@ -173,6 +174,7 @@ impl ApiError {
                 },
                 RequestError::Usage(RecordError::BufferFull) => "usage_buffer_full",
                 RequestError::Usage(RecordError::Unavailable(_)) => "usage_buffer_unavailable",
+                RequestError::Audit(_) => "audit_unavailable",
                 RequestError::Untranslatable(_) => "unsupported_parameter",
                 RequestError::CoolingDown { .. } => "upstream_rate_limited",
             },

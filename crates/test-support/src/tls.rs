@@ -14,6 +14,9 @@ pub struct Pki {
     /// A certificate for `localhost` and `127.0.0.1`, and its key.
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// Another certificate for the same names, from the same CA (a renewal).
+    pub renewed_cert: PathBuf,
+    pub renewed_key: PathBuf,
     /// The same names, but expired.
     pub expired_cert: PathBuf,
     pub expired_key: PathBuf,
@@ -62,6 +65,8 @@ impl Pki {
         };
         let (c, k) = leaf(&["localhost", "127.0.0.1"], false);
         let (server_cert, server_key) = (write("server.pem", c), write("server.key", k));
+        let (c, k) = leaf(&["localhost", "127.0.0.1"], false);
+        let (renewed_cert, renewed_key) = (write("renewed.pem", c), write("renewed.key", k));
         let (c, k) = leaf(&["localhost", "127.0.0.1"], true);
         let (expired_cert, expired_key) = (write("expired.pem", c), write("expired.key", k));
         let (c, k) = leaf(&["other.example"], false);
@@ -82,6 +87,8 @@ impl Pki {
             ca,
             server_cert,
             server_key,
+            renewed_cert,
+            renewed_key,
             expired_cert,
             expired_key,
             wrong_name_cert,
@@ -92,4 +99,35 @@ impl Pki {
             rogue_key,
         }
     }
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn cert_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_file_iter(path).unwrap().next().unwrap().unwrap().to_vec()
+}
+
+/// A TLS connection to `addr` (as `localhost`) trusting only `ca`; returns
+/// the stream and the certificate the server presented.
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Vec<u8>) {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (stream, leaf)
 }

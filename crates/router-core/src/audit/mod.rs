@@ -1,20 +1,29 @@
 //! Audit: one record per routed request, written to an embedded database
-//! (redb) under `DATA_DIR`, looked up by `GET /v1/audit/requests/{requestId}`.
+//! (redb) under `DATA_DIR/audit`, looked up by
+//! `GET /v1/audit/requests/{requestId}`.
 //!
-//! Writes never run on the request path: the handler hands the record to a
-//! bounded channel, and one writer task gathers what arrives within a commit
+//! Durable before the answer, cheap on the request path: a record is first
+//! appended to the audit journal (a [`crate::wal`] under
+//! `DATA_DIR/audit/journal`) by its group-commit thread, and the request is
+//! answered only once it is there, handed to the OS: killing the process
+//! then loses nothing (as with the usage buffer; power loss can cost the
+//! last moments, as the OS's write-back allows). Committing to redb is off
+//! the request path: one writer task gathers journaled records for a commit
 //! window (`AUDIT_COMMIT_INTERVAL_MS`, or `MAX_BATCH` records) into a single
-//! transaction. A redb commit costs far more than an insert (page allocation,
-//! copy-on-write of the tree's path, checksums, fsync), so one commit per
-//! window rather than per record is what keeps the audit store's CPU cost per
-//! request small under load. Commits run on one dedicated thread at a lower
-//! CPU priority (nice 10) while it keeps up: where the router shares a core,
-//! a commit yields to the request path instead of delaying it. When a full
-//! batch or more is waiting, it commits at normal priority, so a saturated
-//! router cannot starve it. A lookup, and shutdown,
-//! send a flush marker through the same channel: everything queued before it
-//! is committed first, so a lookup always sees the requests answered before
-//! it. A crash (not a shutdown) can lose the last window's records.
+//! transaction, and only then are they acknowledged in the journal. At
+//! start-up, journaled records not yet acknowledged are committed first
+//! (writing a record again is harmless: same key, same value).
+//!
+//! A redb commit costs far more than an insert (page allocation, copy-on-write
+//! of the tree's path, checksums, fsync), so one commit per window rather than
+//! per record is what keeps the audit store's CPU cost per request small
+//! under load. Commits run on one dedicated thread at a lower CPU priority
+//! (nice 10) while it keeps up: where the router shares a core, a commit
+//! yields to the request path instead of delaying it. When a full batch or
+//! more is waiting, it commits at normal priority, so a saturated router
+//! cannot starve it. A lookup, and shutdown, send a flush marker through the
+//! same channel: everything journaled before it is committed first, so a
+//! lookup always sees the requests answered before it.
 //!
 //! Tables:
 //! - `records`: `(request_id, organization_id)` → record JSON. Keyed by both, so
@@ -23,8 +32,8 @@
 //!   retention index; a clean-up task deletes what is older than the retention.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
@@ -32,6 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::routing::decisions::DecisionType;
+use crate::wal::{Wal, Writer, Written};
 
 const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
 const BY_TIME: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_time");
@@ -94,22 +104,42 @@ fn storage<E: std::fmt::Display>(e: E) -> AuditError {
     AuditError::Storage(e.to_string())
 }
 
+/// A record in the journal, on its way to the database.
+struct Journaled {
+    seq: u64,
+    request_id: Arc<str>,
+    organization_id: Arc<str>,
+    finished_ms: u64,
+    json: Vec<u8>,
+}
+
+/// What the journal writer hands on with each record.
+struct Meta {
+    organization_id: Arc<str>,
+    finished_ms: u64,
+}
+
 enum Msg {
-    Record(Box<AuditRecord>),
+    Records(Vec<Journaled>),
     Flush(oneshot::Sender<()>),
 }
 
-/// Cheap to clone; every clone feeds the same writer.
+/// Cheap to clone; every clone feeds the same journal and writer.
 #[derive(Clone)]
 pub struct AuditStore {
     db: Arc<Database>,
+    journal: Writer<Meta>,
     tx: mpsc::Sender<Msg>,
-    metrics: Metrics,
 }
 
+/// How often the journal's watermark is written down (a record committed but
+/// not yet written down is committed again after a restart: harmless).
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
+
 impl AuditStore {
-    /// Opens (or creates) `dir/audit.redb` and starts the writer task (on the
-    /// current Tokio runtime).
+    /// Opens (or creates) `dir/audit.redb` and `dir/journal`, commits what the
+    /// journal holds from before a restart, and starts the journal thread and
+    /// the writer task (on the current Tokio runtime).
     pub fn open(dir: &Path, metrics: Metrics, window: Duration) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
         // redb caches up to 1 GiB by default; the audit store is written far
@@ -124,6 +154,19 @@ impl AuditStore {
             txn.open_table(BY_TIME).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
+        let (wal, recovery) = Wal::open(&dir.join("journal")).map_err(storage)?;
+        if recovery.damaged_ranges > 0 {
+            tracing::error!(
+                damaged_ranges = recovery.damaged_ranges,
+                "audit journal had damaged entries; intact records recovered"
+            );
+        }
+        let wal = Arc::new(Mutex::new(wal));
+        let replayed = replay(&db, &wal)?;
+        if replayed > 0 {
+            metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
+            tracing::info!(records = replayed, "audit records journaled before the restart committed");
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (jobs, jobs_rx) = std::sync::mpsc::channel::<CommitJob>();
         let commit_db = db.clone();
@@ -131,32 +174,46 @@ impl AuditStore {
             .name("audit-commit".into())
             .spawn(move || committer(commit_db, jobs_rx))
             .map_err(storage)?;
-        tokio::spawn(writer(rx, jobs, metrics.clone(), window));
-        Ok(Self { db, tx, metrics })
+        let (forward, failures) = (tx.clone(), metrics.clone());
+        let journal = Writer::spawn(
+            "audit-journal",
+            wal.clone(),
+            false,
+            metrics.audit_journal_seconds.clone(),
+            move |_, written: Vec<Written<Meta>>| {
+                let records = written
+                    .into_iter()
+                    .map(|w| Journaled {
+                        seq: w.seq,
+                        request_id: w.key,
+                        organization_id: w.extra.organization_id,
+                        finished_ms: w.extra.finished_ms,
+                        json: w.payload,
+                    })
+                    .collect();
+                // Waits for room when the database is far behind: the
+                // requests wait with it, and nothing is dropped.
+                let _ = forward.blocking_send(Msg::Records(records));
+            },
+            move |e, records| {
+                failures.audit_records.with_label_values(&["error"]).inc_by(records as u64);
+                tracing::error!(error = %e, records, "audit journal write failed; refusing these requests");
+            },
+        )
+        .map_err(storage)?;
+        tokio::spawn(writer(rx, jobs, metrics, window, wal));
+        Ok(Self { db, journal, tx })
     }
 
-    /// Queues a record without waiting. If the queue is full (the disk is far
-    /// behind), waits for room on a tracked task instead, so nothing is lost.
-    pub fn submit(&self, record: AuditRecord, tasks: &tokio_util::task::TaskTracker) {
-        match self.tx.try_send(Msg::Record(Box::new(record))) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let tx = self.tx.clone();
-                let metrics = self.metrics.clone();
-                tasks.spawn(async move {
-                    if tx.send(msg).await.is_err() {
-                        metrics.audit_records.with_label_values(&["dropped"]).inc();
-                    }
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.audit_records.with_label_values(&["dropped"]).inc();
-                tracing::error!("audit writer stopped; record dropped");
-            }
-        }
+    /// Journals a record; returns once it is in the journal's file. `Err`:
+    /// it could not be written, and the request must not be answered as served.
+    pub async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        let json = serde_json::to_vec(record).map_err(storage)?;
+        let meta = Meta { organization_id: record.organization_id.clone(), finished_ms: unix_ms(record.finished_at) };
+        self.journal.append(record.request_id.clone(), json, meta).await.map(drop).map_err(storage)
     }
 
-    /// Waits until everything queued so far is committed.
+    /// Waits until everything journaled so far is committed.
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
         if self.tx.send(Msg::Flush(ack)).await.is_ok() {
@@ -247,12 +304,53 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Commits whatever the journal holds from before a restart; acknowledges
+/// it. Returns how many records.
+fn replay(db: &Database, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
+    #[derive(serde::Deserialize)]
+    struct Keys<'a> {
+        #[serde(borrow)]
+        organization_id: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        finished_at: std::borrow::Cow<'a, str>,
+    }
+    let mut wal = wal.lock().unwrap_or_else(|p| p.into_inner());
+    let mut replayed = 0;
+    loop {
+        let entries = wal.read_from(wal.watermark(), MAX_BATCH).map_err(storage)?;
+        if entries.is_empty() {
+            break;
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        for e in &entries {
+            // An entry that is not a record (it cannot be: the crc matched)
+            // is acknowledged and skipped rather than blocking the rest.
+            let Ok(keys) = serde_json::from_slice::<Keys<'_>>(&e.payload) else { continue };
+            let finished = humantime::parse_rfc3339_weak(&keys.finished_at).map(unix_ms).unwrap_or(0);
+            batch.push(Journaled {
+                seq: e.seq,
+                request_id: Arc::from(String::from_utf8_lossy(&e.key).as_ref()),
+                organization_id: Arc::from(keys.organization_id.as_ref()),
+                finished_ms: finished,
+                json: e.payload.clone(),
+            });
+        }
+        write_batch(db, &batch)?;
+        for e in &entries {
+            wal.ack(e.seq);
+        }
+        replayed += batch.len() as u64;
+    }
+    wal.persist_cursor().map_err(storage)?;
+    Ok(replayed)
+}
+
 /// A batch for the commit thread, whether records are piling up behind it,
 /// and where to report how it went.
 struct CommitJob {
-    batch: Vec<AuditRecord>,
+    batch: Vec<Journaled>,
     behind: bool,
-    done: oneshot::Sender<Result<(), AuditError>>,
+    done: oneshot::Sender<(Vec<Journaled>, Result<(), AuditError>)>,
 }
 
 /// The commit thread's nice value while it keeps up: a commit then yields to
@@ -275,28 +373,32 @@ fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
                 }
             }
         }
-        let _ = job.done.send(write_batch(&db, &job.batch));
+        let result = write_batch(&db, &job.batch);
+        let _ = job.done.send((job.batch, result));
     }
 }
 
-/// The writer: gathers records for up to `window` after the first
-/// (less when a flush is asked for or `MAX_BATCH` is reached), then has the
-/// commit thread write them in one transaction. Ends when every sender is gone.
+/// The writer: gathers journaled records for up to `window` after the first
+/// (less when a flush is asked for or `MAX_BATCH` is reached), has the
+/// commit thread write them in one transaction, then acknowledges them in
+/// the journal. Ends when every sender is gone.
 async fn writer(
     mut rx: mpsc::Receiver<Msg>,
     jobs: std::sync::mpsc::Sender<CommitJob>,
     metrics: Metrics,
     window: Duration,
+    wal: Arc<Mutex<Wal>>,
 ) {
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut cursor_written = Instant::now();
     while let Some(first) = rx.recv().await {
-        let mut batch: Vec<AuditRecord> = Vec::new();
+        let mut batch: Vec<Journaled> = Vec::new();
         let deadline = tokio::time::sleep(window);
         tokio::pin!(deadline);
         let mut next = Some(first);
         loop {
             match next.take() {
-                Some(Msg::Record(r)) => batch.push(*r),
+                Some(Msg::Records(r)) => batch.extend(r),
                 Some(Msg::Flush(ack)) => acks.push(ack),
                 None => {}
             }
@@ -316,16 +418,30 @@ async fn writer(
             let n = batch.len() as u64;
             let (done, result) = oneshot::channel();
             let behind = batch.len() >= MAX_BATCH || rx.len() >= MAX_BATCH;
-            let result = match jobs.send(CommitJob { batch, behind, done }) {
-                Ok(()) => result.await.unwrap_or_else(|_| Err(storage("the commit thread stopped"))),
-                Err(_) => Err(storage("the commit thread stopped")),
+            let outcome = match jobs.send(CommitJob { batch, behind, done }) {
+                Ok(()) => result.await.ok(),
+                Err(_) => None,
             };
-            match result {
-                Ok(()) => metrics.audit_records.with_label_values(&["written"]).inc_by(n),
-                Err(e) => {
-                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
-                    tracing::error!(error = %e, records = n, "audit write failed");
+            match outcome {
+                Some((batch, Ok(()))) => {
+                    metrics.audit_records.with_label_values(&["written"]).inc_by(n);
+                    let mut w = wal.lock().unwrap_or_else(|p| p.into_inner());
+                    for r in &batch {
+                        w.ack(r.seq);
+                    }
+                    if !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY {
+                        if let Err(e) = w.persist_cursor() {
+                            tracing::warn!(error = %e, "cannot write the audit journal's watermark");
+                        }
+                        cursor_written = Instant::now();
+                    }
                 }
+                // The records stay in the journal: committed after a restart.
+                Some((_, Err(e))) => {
+                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
+                    tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
+                }
+                None => tracing::error!(records = n, "the audit commit thread stopped"),
             }
         }
         for ack in acks.drain(..) {
@@ -334,16 +450,15 @@ async fn writer(
     }
 }
 
-fn write_batch(db: &Database, batch: &[AuditRecord]) -> Result<(), AuditError> {
+fn write_batch(db: &Database, batch: &[Journaled]) -> Result<(), AuditError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut records = txn.open_table(RECORDS).map_err(storage)?;
         let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
         for r in batch {
-            let json = serde_json::to_vec(r).map_err(storage)?;
             let key = (&*r.request_id, &*r.organization_id);
-            records.insert(key, json.as_slice()).map_err(storage)?;
-            by_time.insert((unix_ms(r.finished_at), key.0, key.1), ()).map_err(storage)?;
+            records.insert(key, r.json.as_slice()).map_err(storage)?;
+            by_time.insert((r.finished_ms, key.0, key.1), ()).map_err(storage)?;
         }
     }
     txn.commit().map_err(storage)
@@ -373,11 +488,10 @@ mod tests {
     #[tokio::test]
     async fn records_survive_reopen_and_are_scoped_by_organization() {
         let dir = tempfile::tempdir().unwrap();
-        let tasks = tokio_util::task::TaskTracker::new();
         {
             let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(100)).unwrap();
-            store.submit(record("r1", "org-a", SystemTime::now()), &tasks);
-            store.submit(record("r1", "org-b", SystemTime::now()), &tasks);
+            store.record(&record("r1", "org-a", SystemTime::now())).await.unwrap();
+            store.record(&record("r1", "org-b", SystemTime::now())).await.unwrap();
             store.flush().await;
         }
         // The writer task of the first store ends when its channel closes;
@@ -399,27 +513,42 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_sees_records_still_inside_the_commit_window() {
         let dir = tempfile::tempdir().unwrap();
-        let tasks = tokio_util::task::TaskTracker::new();
         // A window far longer than the test: only the lookup's flush commits.
         let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_secs(3600)).unwrap();
         for i in 0..50 {
-            store.submit(record(&format!("r{i}"), "org-a", SystemTime::now()), &tasks);
+            store.record(&record(&format!("r{i}"), "org-a", SystemTime::now())).await.unwrap();
         }
         for i in [0, 49] {
             let found = store.get(&format!("r{i}"), Some("org-a")).await.unwrap();
-            assert!(found.is_some(), "r{i} must be visible to a lookup right after submit");
+            assert!(found.is_some(), "r{i} must be visible to a lookup right after it was recorded");
         }
         assert!(store.get("r7", Some("org-b")).await.unwrap().is_none(), "other organizations see nothing");
     }
 
     #[tokio::test]
+    async fn records_journaled_before_a_crash_are_committed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a killed process leaves: records in the journal, not in the database.
+        {
+            let (mut wal, _) = Wal::open(&dir.path().join("journal")).unwrap();
+            let json = serde_json::to_vec(&record("crashed-1", "org-a", SystemTime::now())).unwrap();
+            wal.append(&[(b"crashed-1".as_slice(), json.as_slice())]).unwrap();
+        }
+        let metrics = Metrics::new();
+        let store = AuditStore::open(dir.path(), metrics.clone(), Duration::from_millis(100)).unwrap();
+        let found = store.get("crashed-1", Some("org-a")).await.unwrap().expect("replayed into the database");
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&found).unwrap()["request_id"], "crashed-1");
+        let (wal, _) = Wal::open(&dir.path().join("journal")).unwrap();
+        assert_eq!(wal.pending(), 0, "acknowledged once committed");
+    }
+
+    #[tokio::test]
     async fn prune_removes_only_records_older_than_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
-        let tasks = tokio_util::task::TaskTracker::new();
         let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(100)).unwrap();
         let now = SystemTime::now();
-        store.submit(record("old", "o", now - Duration::from_secs(8 * 86400)), &tasks);
-        store.submit(record("new", "o", now), &tasks);
+        store.record(&record("old", "o", now - Duration::from_secs(8 * 86400))).await.unwrap();
+        store.record(&record("new", "o", now)).await.unwrap();
         store.flush().await;
         assert_eq!(store.prune(now - Duration::from_secs(7 * 86400)).unwrap(), 1);
         assert!(store.get("old", Some("o")).await.unwrap().is_none());

@@ -47,7 +47,7 @@ use router_providers::translate::{Translation, Untranslatable};
 use router_providers::transport::{self, Answer, AttemptError, BackendResponse};
 use router_providers::{Kind, Operation};
 
-use crate::audit::{AuditAttempt, AuditRecord};
+use crate::audit::{AuditAttempt, AuditError, AuditRecord};
 use crate::backends::health::Transition;
 use crate::config_service::{Backend, RoutePolicy};
 use crate::core::Core;
@@ -72,6 +72,8 @@ pub enum RequestError {
     Limits(LimitError),
     /// The usage record could not be taken.
     Usage(RecordError),
+    /// The audit record could not be journaled.
+    Audit(AuditError),
     /// No backend could take the request in its shape: the message names
     /// the field that could not be translated.
     Untranslatable(String),
@@ -107,6 +109,7 @@ impl std::fmt::Display for RequestError {
             }
             RequestError::Limits(e) => e.fmt(f),
             RequestError::Usage(e) => e.fmt(f),
+            RequestError::Audit(e) => write!(f, "the audit record could not be stored ({e}); retry the request"),
             RequestError::Untranslatable(e) => write!(f, "no backend for this model can take the request: {e}"),
             RequestError::CoolingDown { retry_after_secs, .. } => {
                 write!(f, "every backend for this model is rate limited upstream; retry after {retry_after_secs} s")
@@ -168,7 +171,7 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
     if request.key.as_ref().is_some_and(|k| !k.allows(&request.model)) {
         let e = RequestError::ModelNotAllowed(request.model.to_string());
         let ending = Ending { status: (core.status_of)(&e), backend_id: None, error: Some(e.to_string()), usage: None };
-        audit(core, &request, started_at, started, ending, Vec::new());
+        let _ = audit(core, &request, started_at, started, ending, Vec::new()).await;
         return failed(e, None);
     }
 
@@ -189,7 +192,7 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
             let e = RequestError::Limits(e);
             let ending =
                 Ending { status: (core.status_of)(&e), backend_id: None, error: Some(e.to_string()), usage: None };
-            audit(core, &request, started_at, started, ending, Vec::new());
+            let _ = audit(core, &request, started_at, started, ending, Vec::new()).await;
             return failed(e, None);
         }
     };
@@ -294,7 +297,7 @@ impl Finish {
             Err(e) => ((self.core.status_of)(e), None, Some(e.to_string()), None, false),
         };
         if let Err(e) = self.record(status, backend_id, error, usage, success).await {
-            return Outcome::Failed(RequestError::Usage(e));
+            return Outcome::Failed(e);
         }
         match result {
             Ok((mut response, backend_id, _, Some(t))) => {
@@ -317,8 +320,8 @@ impl Finish {
         }
     }
 
-    /// Settles, writes the usage record ahead, and audits. `Err` when the
-    /// usage record could not be stored: then the answer must not be sent.
+    /// Settles, writes the usage record ahead, and journals the audit record.
+    /// `Err` when either could not be stored: then the answer must not be sent.
     async fn record(
         &mut self,
         status: u16,
@@ -326,7 +329,7 @@ impl Finish {
         error: Option<String>,
         usage: Option<Usage>,
         success: bool,
-    ) -> Result<(), RecordError> {
+    ) -> Result<(), RequestError> {
         let core = self.core.clone();
         // Backends that leave the total out (or count it otherwise) are
         // recorded with the parts' sum.
@@ -370,14 +373,14 @@ impl Finish {
             router_instance_id: core.instance_id.clone(),
         };
         if let Err(e) = core.usage.record(&record).await {
-            let failure = RequestError::Usage(e.clone());
+            let failure = RequestError::Usage(e);
             let ending =
                 Ending { status: (core.status_of)(&failure), backend_id, error: Some(failure.to_string()), usage };
-            audit(&core, request, self.started_at, self.started, ending, attempts);
-            return Err(e);
+            let _ = audit(&core, request, self.started_at, self.started, ending, attempts).await;
+            return Err(failure);
         }
-        audit(&core, request, self.started_at, self.started, Ending { status, backend_id, error, usage }, attempts);
-        Ok(())
+        let ending = Ending { status, backend_id, error, usage };
+        audit(&core, request, self.started_at, self.started, ending, attempts).await.map_err(RequestError::Audit)
     }
 
     /// A stream: answer now with the first bytes; steps 5 and 6 run when it
@@ -670,15 +673,16 @@ struct Ending {
     usage: Option<Usage>,
 }
 
-/// Step 6: hand the audit record to the writer; never waits on the disk.
-fn audit(
+/// Step 6: journal the audit record (one hop to the journal's group commit;
+/// the database commit comes later, off the request path).
+async fn audit(
     core: &Core,
     request: &InferenceRequest,
     started_at: SystemTime,
     started: Instant,
     ending: Ending,
     attempts: Vec<AuditAttempt>,
-) {
+) -> Result<(), AuditError> {
     let record = AuditRecord {
         request_id: request.request_id.clone(),
         organization_id: request.organization_id.clone(),
@@ -693,5 +697,5 @@ fn audit(
         attempts,
         usage: ending.usage,
     };
-    core.audit.submit(record, &core.tasks);
+    core.audit.record(&record).await
 }

@@ -1,6 +1,7 @@
 //! Usage records: one per admitted request, written ahead to the durable
-//! [`buffer`] before the client is answered, then published to Kafka by the
-//! [`publisher`] and deleted only after the broker confirms delivery.
+//! buffer (a [`crate::wal`] under `DATA_DIR/usage-buffer`) before the client
+//! is answered, then published to Kafka by the [`publisher`] and deleted
+//! only after the broker confirms delivery.
 //!
 //! The request path's cost is one hop to the group-commit writer thread and
 //! back: concurrent requests share one `write` (and, with
@@ -10,7 +11,6 @@
 //! Without `KAFKA_BROKERS` usage publishing is off (`kafka: not_configured`),
 //! nothing is written, and the usage stays in the audit record.
 
-pub mod buffer;
 pub mod publisher;
 
 use std::path::Path;
@@ -19,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::routing::decisions::DecisionType;
 
-use self::buffer::Buffer;
+use crate::wal::{Wal, Writer};
 
 /// 2 added `served_model`, `cache_read_tokens` and `cache_write_tokens`; 3
 /// added `key_id` (all optional; `docs/usage-records.md`).
@@ -121,15 +121,9 @@ pub struct UsageSettings {
     pub fsync: Fsync,
 }
 
-struct Append {
-    key: Arc<str>,
-    payload: Vec<u8>,
-    done: oneshot::Sender<Result<u64, String>>,
-}
-
 /// Shared between the request path, the writer thread and the publisher.
 pub struct Shared {
-    pub buffer: Mutex<Buffer>,
+    pub buffer: Arc<Mutex<Wal>>,
     /// Mirrors `buffer.pending()`, readable without the lock.
     pub pending: AtomicU64,
     /// Wakes the publisher: new records, or an operator's retry.
@@ -144,7 +138,7 @@ impl Shared {
         self.pending.load(Ordering::Relaxed) >= self.settings.max_records
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Wal> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -152,7 +146,7 @@ impl Shared {
 /// The usage sink: disabled, or the buffer plus its publisher.
 #[derive(Clone, Default)]
 pub struct UsageSink {
-    inner: Option<(Arc<Shared>, mpsc::Sender<Append>)>,
+    inner: Option<(Arc<Shared>, Writer<()>)>,
 }
 
 impl UsageSink {
@@ -162,7 +156,7 @@ impl UsageSink {
 
     /// Opens the buffer under `dir` and starts the group-commit writer.
     pub fn open(dir: &Path, settings: UsageSettings, metrics: Metrics) -> Result<(Self, Arc<Shared>), String> {
-        let (buffer, recovery) = Buffer::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (buffer, recovery) = Wal::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         if recovery.damaged_ranges > 0 {
             metrics.buffer_damaged.inc_by(recovery.damaged_ranges);
             tracing::error!(
@@ -177,17 +171,27 @@ impl UsageSink {
         }
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(buffer.pending()),
-            buffer: Mutex::new(buffer),
+            buffer: Arc::new(Mutex::new(buffer)),
             wake: Notify::new(),
             metrics,
             settings: settings.clone(),
         });
-        let (tx, rx) = mpsc::channel(65_536);
-        let writer_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("usage-writer".into())
-            .spawn(move || writer(writer_shared, rx))
-            .map_err(|e| e.to_string())?;
+        let (written, failed) = (shared.clone(), shared.metrics.clone());
+        let writer = Writer::spawn(
+            "usage-writer",
+            shared.buffer.clone(),
+            settings.fsync == Fsync::Always,
+            shared.metrics.buffer_write_seconds.clone(),
+            move |pending, _| {
+                written.pending.store(pending, Ordering::Relaxed);
+                written.wake.notify_one();
+            },
+            move |e, records| {
+                tracing::error!(error = %e, records, "usage buffer write failed; refusing these requests");
+                failed.usage_published.with_label_values(&["write_error"]).inc_by(records as u64);
+            },
+        )
+        .map_err(|e| e.to_string())?;
         if let Fsync::Interval(every) = settings.fsync {
             let s = Arc::downgrade(&shared);
             std::thread::Builder::new()
@@ -204,7 +208,7 @@ impl UsageSink {
                 })
                 .map_err(|e| e.to_string())?;
         }
-        Ok((Self { inner: Some((shared.clone(), tx)) }, shared))
+        Ok((Self { inner: Some((shared.clone(), writer)) }, shared))
     }
 
     pub fn enabled(&self) -> bool {
@@ -227,70 +231,13 @@ impl UsageSink {
 
     /// Writes the record ahead; returns once it is in the buffer's file.
     pub async fn record(&self, record: &UsageRecord) -> Result<(), RecordError> {
-        let Some((shared, tx)) = &self.inner else { return Ok(()) };
+        let Some((shared, writer)) = &self.inner else { return Ok(()) };
         if shared.settings.full_policy == FullPolicy::Bypass && shared.is_full() {
             shared.metrics.usage_published.with_label_values(&["dropped"]).inc();
             tracing::error!(request_id = %record.request_id, "usage buffer full: record dropped (USAGE_BUFFER_FULL_POLICY=bypass)");
             return Ok(());
         }
         let payload = serde_json::to_vec(record).map_err(|e| RecordError::Unavailable(e.to_string()))?;
-        let (done, wait) = oneshot::channel();
-        let append = Append { key: record.request_id.clone(), payload, done };
-        if tx.send(append).await.is_err() {
-            return Err(RecordError::Unavailable("the buffer writer has stopped".into()));
-        }
-        match wait.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(RecordError::Unavailable(e)),
-            Err(_) => Err(RecordError::Unavailable("the buffer writer has stopped".into())),
-        }
-    }
-}
-
-/// The group-commit writer: whatever has queued goes out in one `write`.
-fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>) {
-    let mut batch: Vec<Append> = Vec::with_capacity(1024);
-    let timer = shared.metrics.buffer_write_seconds.clone();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(a) => batch.push(a),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = {
-            let mut b = shared.lock();
-            let records: Vec<(&[u8], &[u8])> = batch.iter().map(|a| (a.key.as_bytes(), a.payload.as_slice())).collect();
-            let r = b.append(&records).and_then(|first| {
-                if shared.settings.fsync == Fsync::Always {
-                    b.sync()?;
-                }
-                Ok(first)
-            });
-            shared.pending.store(b.pending(), Ordering::Relaxed);
-            r
-        };
-        timer.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(first) => {
-                for (i, a) in batch.drain(..).enumerate() {
-                    let _ = a.done.send(Ok(first + i as u64));
-                }
-                shared.wake.notify_one();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "usage buffer write failed; refusing these requests");
-                shared.metrics.usage_published.with_label_values(&["write_error"]).inc_by(batch.len() as u64);
-                for a in batch.drain(..) {
-                    let _ = a.done.send(Err(e.to_string()));
-                }
-            }
-        }
-    }
-    let b = shared.lock();
-    if let Err(e) = b.sync() {
-        tracing::error!(error = %e, "usage buffer final fsync failed");
+        writer.append(record.request_id.clone(), payload, ()).await.map(drop).map_err(RecordError::Unavailable)
     }
 }

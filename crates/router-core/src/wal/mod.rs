@@ -1,5 +1,9 @@
-//! The durable usage buffer: a write-ahead log of usage records under
-//! `DATA_DIR/usage-buffer`, from which the publisher delivers to Kafka.
+//! A keyed write-ahead log: records are in the file before the request that
+//! made them is answered, and deleted only once their consumer confirms
+//! them. The usage buffer (`DATA_DIR/usage-buffer`, delivered to Kafka) and
+//! the audit journal (`DATA_DIR/audit/journal`, committed to the audit
+//! database) are both one. [`Writer`] is the group-commit thread in front
+//! of one: concurrent requests share one `write`.
 //!
 //! # On-disk format
 //!
@@ -7,18 +11,18 @@
 //!   `SEGMENT_BYTES`. Each entry is
 //!   `MAGIC (4) | len (u32 LE) | crc32 (u32 LE) | seq (u64 LE) | key_len (u16 LE) | key | payload`,
 //!   where `len` counts everything after the crc and the crc covers those same
-//!   bytes. `key` is the record's `request_id` (the Kafka message key) and
-//!   `payload` its JSON.
+//!   bytes. `key` is the record's `request_id` (the Kafka message key, the audit
+//!   key) and `payload` its JSON.
 //! - `cursor`: the *watermark*, the lowest sequence number not yet delivered,
 //!   as decimal text, replaced atomically (write, fsync, rename).
 //!
 //! # Invariants
 //!
 //! 1. A record is in the file (handed to the OS by `write`) before
-//!    [`Buffer::append`] returns, and the request that produced it is answered
+//!    [`Wal::append`] returns, and the request that produced it is answered
 //!    only after that. So killing the process cannot lose an answered record.
 //! 2. The watermark only moves forward, and only over records whose delivery
-//!    the broker confirmed ([`Buffer::ack`]). Acks above the watermark are
+//!    the consumer confirmed ([`Wal::ack`]). Acks above the watermark are
 //!    held in memory until the records below them are acked too.
 //! 3. Data is deleted only when a whole segment lies below the persisted
 //!    watermark. Nothing else deletes.
@@ -92,7 +96,8 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
-pub struct Buffer {
+/// One write-ahead log, in its directory.
+pub struct Wal {
     dir: PathBuf,
     segments: Vec<Segment>,
     next_seq: u64,
@@ -149,7 +154,7 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("seg-{first_seq:020}.log"))
 }
 
-impl Buffer {
+impl Wal {
     /// Opens the buffer in `dir`, recovering every intact record.
     pub fn open(dir: &Path) -> io::Result<(Self, Recovery)> {
         std::fs::create_dir_all(dir)?;
@@ -183,7 +188,7 @@ impl Buffer {
             }
         }
 
-        let mut buffer = Buffer {
+        let mut buffer = Wal {
             dir: dir.to_path_buf(),
             segments: Vec::new(),
             next_seq: watermark,
@@ -470,6 +475,115 @@ fn record_time(payload: &[u8]) -> Option<u64> {
     let t: T<'_> = serde_json::from_slice(payload).ok()?;
     let at = humantime::parse_rfc3339(&t.timestamp).ok()?;
     Some(at.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+/// A record the [`Writer`] has put in the file, handed on with its
+/// sequence number.
+pub struct Written<X> {
+    pub seq: u64,
+    pub key: std::sync::Arc<str>,
+    pub payload: Vec<u8>,
+    pub extra: X,
+}
+
+struct Append<X> {
+    key: std::sync::Arc<str>,
+    payload: Vec<u8>,
+    extra: X,
+    done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// The group-commit writer in front of a [`Wal`]: a thread that appends
+/// whatever has queued in one `write` (and, with `sync_each`, one fsync),
+/// answers each caller with its record's sequence number, then hands the
+/// batch on. Cheap to clone.
+pub struct Writer<X> {
+    tx: tokio::sync::mpsc::Sender<Append<X>>,
+}
+
+impl<X> Clone for Writer<X> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone() }
+    }
+}
+
+impl<X: Send + 'static> Writer<X> {
+    /// Starts the thread `name`. After each batch is in the file, `written`
+    /// gets it with the log's pending count (outside the log's lock);
+    /// `failed` gets a write error and how many records it refused.
+    pub fn spawn(
+        name: &str,
+        wal: std::sync::Arc<std::sync::Mutex<Wal>>,
+        sync_each: bool,
+        timer: prometheus::Histogram,
+        mut written: impl FnMut(u64, Vec<Written<X>>) + Send + 'static,
+        failed: impl Fn(&io::Error, usize) + Send + 'static,
+    ) -> io::Result<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Append<X>>(65_536);
+        std::thread::Builder::new().name(name.into()).spawn(move || {
+            let lock = || wal.lock().unwrap_or_else(|p| p.into_inner());
+            let mut batch: Vec<Append<X>> = Vec::with_capacity(1024);
+            while let Some(first) = rx.blocking_recv() {
+                batch.push(first);
+                while batch.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(a) => batch.push(a),
+                        Err(_) => break,
+                    }
+                }
+                let started = std::time::Instant::now();
+                let result = {
+                    let mut w = lock();
+                    let records: Vec<(&[u8], &[u8])> =
+                        batch.iter().map(|a| (a.key.as_bytes(), a.payload.as_slice())).collect();
+                    let r = w.append(&records).and_then(|first| {
+                        if sync_each {
+                            w.sync()?;
+                        }
+                        Ok(first)
+                    });
+                    r.map(|first| (first, w.pending()))
+                };
+                timer.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok((first, pending)) => {
+                        let mut out = Vec::with_capacity(batch.len());
+                        let mut dones = Vec::with_capacity(batch.len());
+                        for (i, a) in batch.drain(..).enumerate() {
+                            let seq = first + i as u64;
+                            dones.push((a.done, seq));
+                            out.push(Written { seq, key: a.key, payload: a.payload, extra: a.extra });
+                        }
+                        // Handed on before the callers hear of it: whatever a
+                        // caller does next comes after it.
+                        written(pending, out);
+                        for (done, seq) in dones {
+                            let _ = done.send(Ok(seq));
+                        }
+                    }
+                    Err(e) => {
+                        failed(&e, batch.len());
+                        for a in batch.drain(..) {
+                            let _ = a.done.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+            if let Err(e) = lock().sync() {
+                tracing::error!(error = %e, "final fsync of a write-ahead log failed");
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Appends a record; returns its sequence number once it is in the file.
+    pub async fn append(&self, key: std::sync::Arc<str>, payload: Vec<u8>, extra: X) -> Result<u64, String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send(Append { key, payload, extra, done }).await.is_err() {
+            return Err("the log's writer has stopped".into());
+        }
+        wait.await.unwrap_or_else(|_| Err("the log's writer has stopped".into()))
+    }
 }
 
 #[cfg(test)]

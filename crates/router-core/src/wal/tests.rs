@@ -4,12 +4,12 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn append_ids(b: &mut Buffer, ids: &[String]) -> u64 {
+fn append_ids(b: &mut Wal, ids: &[String]) -> u64 {
     let recs: Vec<(&[u8], &[u8])> = ids.iter().map(|i| (i.as_bytes(), i.as_bytes())).collect();
     b.append(&recs).unwrap()
 }
 
-fn readable(b: &Buffer) -> Vec<Entry> {
+fn readable(b: &Wal) -> Vec<Entry> {
     b.read_from(0, usize::MAX).unwrap()
 }
 
@@ -21,7 +21,7 @@ fn ids(entries: &[Entry]) -> BTreeSet<String> {
 fn append_read_ack_persist_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut b, rec) = Buffer::open(dir.path()).unwrap();
+        let (mut b, rec) = Wal::open(dir.path()).unwrap();
         assert_eq!(rec.pending, 0);
         let first = append_ids(&mut b, &["a".into(), "b".into(), "c".into()]);
         assert_eq!(first, 0);
@@ -37,7 +37,7 @@ fn append_read_ack_persist_reopen() {
         b.persist_cursor().unwrap();
         assert_eq!(ids(&readable(&b)), BTreeSet::from(["c".to_string()]));
     }
-    let (b, rec) = Buffer::open(dir.path()).unwrap();
+    let (b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.pending, 1);
     assert_eq!(ids(&readable(&b)), BTreeSet::from(["c".to_string()]));
     assert_eq!(b.next_seq(), 3);
@@ -47,7 +47,7 @@ fn append_read_ack_persist_reopen() {
 fn a_crash_before_the_cursor_is_written_brings_back_duplicates_not_losses() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut b, _) = Buffer::open(dir.path()).unwrap();
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
         append_ids(&mut b, &["a".into(), "b".into()]);
         b.ack(0);
         b.persist_cursor().unwrap();
@@ -55,7 +55,7 @@ fn a_crash_before_the_cursor_is_written_brings_back_duplicates_not_losses() {
         b.ack(1);
         // Dropped without persist_cursor: a crash.
     }
-    let (b, _) = Buffer::open(dir.path()).unwrap();
+    let (b, _) = Wal::open(dir.path()).unwrap();
     assert_eq!(ids(&readable(&b)), BTreeSet::from(["b".to_string(), "c".to_string()]));
 }
 
@@ -74,7 +74,7 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<String> = (0..10).map(|i| format!("record-{i}")).collect();
     {
-        let (mut b, _) = Buffer::open(dir.path()).unwrap();
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
         append_ids(&mut b, &all);
     }
     let seg = &segment_files(dir.path())[0];
@@ -84,7 +84,7 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
     bytes[3 * entry + 30] ^= 0xFF;
     std::fs::write(seg, &bytes).unwrap();
 
-    let (b, rec) = Buffer::open(dir.path()).unwrap();
+    let (b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.damaged_ranges, 1);
     assert_eq!(rec.damaged_bytes, entry as u64);
     assert_eq!(rec.set_aside.len(), 1);
@@ -96,7 +96,7 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
     assert_eq!(b.pending(), 9);
     drop(b);
     // The recovered state is itself durable and clean.
-    let (b, rec) = Buffer::open(dir.path()).unwrap();
+    let (b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.damaged_ranges, 0);
     assert_eq!(ids(&readable(&b)).len(), 9);
 }
@@ -105,13 +105,13 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
 fn a_torn_write_at_the_end_loses_only_the_torn_entry() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut b, _) = Buffer::open(dir.path()).unwrap();
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
         append_ids(&mut b, &["a".into(), "b".into(), "c".into()]);
     }
     let seg = &segment_files(dir.path())[0];
     let bytes = std::fs::read(seg).unwrap();
     std::fs::write(seg, &bytes[..bytes.len() - 5]).unwrap();
-    let (mut b, rec) = Buffer::open(dir.path()).unwrap();
+    let (mut b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.damaged_ranges, 1);
     assert_eq!(ids(&readable(&b)), BTreeSet::from(["a".to_string(), "b".to_string()]));
     // Appends continue after recovery and drain normally.
@@ -153,7 +153,7 @@ proptest! {
     #[test]
     fn buffer_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
-        let (mut b, _) = Buffer::open(dir.path()).unwrap();
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
         let mut next_id = 0u64;
         let mut appended: BTreeSet<String> = BTreeSet::new();
         // Delivered and acked, not yet behind a persisted cursor.
@@ -195,7 +195,7 @@ proptest! {
                     }
                     let wm_before = b.watermark();
                     drop(b);
-                    let (nb, _) = Buffer::open(dir.path()).unwrap();
+                    let (nb, _) = Wal::open(dir.path()).unwrap();
                     b = nb;
                     prop_assert!(b.watermark() <= wm_before);
                     let now: BTreeSet<String> = ids(&readable(&b));
