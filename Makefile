@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench bench-http bench-quick bench-soak bench-keys build clean stack stack-down
+.PHONY: run test lint fmt bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -37,6 +37,11 @@ bench-soak:
 bench-keys:
 	scripts/deps.sh protoc:protobuf-compiler etcd:etcd-server etcdctl:etcd-client
 	cargo nextest run --release -p api-router --test keys --run-ignored only --no-capture revocation_reaches
+
+# Every failure scenario, longer, in a release build: writes docs/reliability.md
+# (about 12 minutes; the short versions run in make test).
+reliability:
+	bash scripts/reliability.sh
 
 # The full local stack: Redis, etcd, Kafka (tansu), Prometheus, router, mocks.
 stack:

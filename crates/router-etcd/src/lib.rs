@@ -45,6 +45,11 @@ use router_core::routing::policy::{Policy, PolicyInput};
 use router_core::util::{Backoff, now_ms, valid_id};
 use tokio_util::task::TaskTracker;
 
+/// How often the watch asks etcd to confirm it is current.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// A watch with no answer for this long is broken.
+const SILENCE_LIMIT: Duration = Duration::from_millis(2500);
+
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
     pub endpoints: Vec<String>,
@@ -536,11 +541,18 @@ impl EtcdSource {
             Ok(s) => s,
             Err(e) => return WatchEnd::Broken(e.to_string()),
         };
-        let mut progress = tokio::time::interval(Duration::from_secs(2));
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        let mut heard = tokio::time::Instant::now();
         loop {
             let message = tokio::select! {
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
                 _ = progress.tick() => {
+                    // A connection that stays open but silent (a stalled
+                    // network) breaks nothing by itself: no answer to the
+                    // progress requests for a while is a broken watch.
+                    if heard.elapsed() > SILENCE_LIMIT {
+                        return WatchEnd::Broken(format!("no answer from etcd for {SILENCE_LIMIT:?}"));
+                    }
                     // Ask etcd to confirm the watch is current; the answer
                     // arrives as a response without events.
                     if let Err(e) = stream.request_progress().await {
@@ -550,6 +562,7 @@ impl EtcdSource {
                 }
                 m = stream.message() => m,
             };
+            heard = tokio::time::Instant::now();
             let resp = match message {
                 Ok(Some(r)) => r,
                 Ok(None) => return WatchEnd::Broken("watch stream ended".into()),

@@ -55,16 +55,30 @@ fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
 }
 
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+    try_send(method, url, headers, body, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// [`send`], with the failure to get an answer (refused, reset, no answer
+/// within `timeout`) as an `Err` instead of a panic.
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+    timeout: Duration,
+) -> Result<Resp, String> {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(b.body(Full::new(body.into())).unwrap()))
-        .await
-        .unwrap_or_else(|_| panic!("{url}: no answer in 30 s"))
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let (parts, body) = resp.into_parts();
-    Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    let request = b.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+    let exchange = async {
+        let resp = client().request(request).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Resp { status: parts.status, headers: parts.headers, body })
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| Err(format!("no answer in {timeout:?}")))
 }
 
 pub async fn get_json(url: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {

@@ -12,6 +12,8 @@ use crate::process::{Proc, free_port};
 /// with the usage topic created. Records survive a broker restart.
 pub struct Broker {
     pub port: u16,
+    /// The port clients are told to use (a proxy's, or `port`).
+    advertised: u16,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
 }
@@ -27,7 +29,23 @@ fn tansu() -> String {
 
 impl Broker {
     pub fn start() -> Broker {
-        let mut b = Broker { port: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+        let port = free_port();
+        Self::start_advertising(port, port)
+    }
+
+    /// A broker behind a fault proxy: clients bootstrap through the proxy,
+    /// and the broker names the proxy in its metadata, so every connection
+    /// goes through it.
+    pub async fn start_behind_proxy() -> (Broker, crate::proxy::Proxy) {
+        let port = free_port();
+        let proxy = crate::proxy::Proxy::start(port).await;
+        let advertised = proxy.port;
+        let broker = tokio::task::spawn_blocking(move || Self::start_advertising(port, advertised)).await.unwrap();
+        (broker, proxy)
+    }
+
+    fn start_advertising(port: u16, advertised: u16) -> Broker {
+        let mut b = Broker { port, advertised, dir: tempfile::tempdir().unwrap(), proc: None };
         b.spawn();
         let out = Command::new(tansu())
             .args(["topic", "create", TOPIC, "--partitions", "1", "--broker", &b.url()])
@@ -42,8 +60,9 @@ impl Broker {
         format!("tcp://127.0.0.1:{}", self.port)
     }
 
+    /// What clients connect to (the proxy, when behind one).
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     fn spawn(&mut self) {
@@ -53,7 +72,7 @@ impl Broker {
             "--listener-url",
             &self.url(),
             "--advertised-listener-url",
-            &self.url(),
+            &format!("tcp://127.0.0.1:{}", self.advertised),
             "--storage-engine",
             "sqlite://tansu.db",
         ])

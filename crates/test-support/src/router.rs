@@ -139,6 +139,19 @@ impl Router {
         self.addr = wait_started(&self.proc);
     }
 
+    /// Kills the process with SIGKILL (a crash), and waits for it to be gone.
+    pub fn crash(&mut self) {
+        self.proc.signal("KILL");
+        self.proc.wait_exit(Duration::from_secs(10)).expect("router did not die");
+    }
+
+    /// Starts the process again on the same data dir and settings (after a
+    /// crash), waiting until it serves.
+    pub fn respawn(&mut self) {
+        self.proc = spawn_router(&self.env, &self.data_dir, &self.wrapper);
+        self.addr = wait_started(&self.proc);
+    }
+
     pub async fn infer(&self, key: &str, body: Value) -> Resp {
         send(Method::POST, &self.url("/v1/inference"), &[("x-api-key", key)], body.to_string()).await
     }

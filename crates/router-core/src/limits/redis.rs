@@ -152,7 +152,9 @@ return 1
 "#;
 
 pub struct RedisLimits {
-    conn: ConnectionManager,
+    client: Client,
+    /// Replaced when Redis stops answering on it (see [`RedisLimits::reconnect`]).
+    conn: arc_swap::ArcSwap<ConnectionManager>,
     admit: Script,
     finish: Script,
     timeout: Duration,
@@ -166,14 +168,10 @@ impl RedisLimits {
     /// Creates the manager without waiting for Redis; `connect` then tries.
     pub fn new(url: &str, timeout: Duration, metrics: Metrics) -> Result<Self, String> {
         let client = Client::open(url).map_err(|e| e.to_string())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        let conn = manager(&client)?;
         Ok(Self {
-            conn,
+            client,
+            conn: arc_swap::ArcSwap::from_pointee(conn),
             admit: Script::new(ADMIT),
             finish: Script::new(FINISH),
             timeout,
@@ -187,9 +185,26 @@ impl RedisLimits {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// The connection to use now (a cheap clone of a multiplexed handle).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.load().as_ref().clone()
+    }
+
+    /// A new connection in place of the current one. The manager reconnects
+    /// by itself when the connection breaks, but not when it stays open and
+    /// silent (a black hole, a half-open connection after a network fault):
+    /// then commands queue behind replies that will never come. A failed
+    /// PING replaces it, so that the next PING tries a fresh one.
+    fn reconnect(&self) {
+        match manager(&self.client) {
+            Ok(conn) => self.conn.store(std::sync::Arc::new(conn)),
+            Err(e) => tracing::warn!(error = %e, "cannot create a new Redis connection"),
+        }
+    }
+
     /// One PING, with a longer timeout than the request path's.
     pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let cmd = redis::cmd("PING");
         match tokio::time::timeout(timeout, cmd.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
@@ -229,7 +244,7 @@ impl RedisLimits {
     /// Redis do not pay for a missing script (two more round trips) on the
     /// request path. Best effort: a missing script is loaded on demand.
     async fn load_scripts(&self) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         for script in [&self.admit, &self.finish] {
             let _ = tokio::time::timeout(Duration::from_secs(2), script.load_async(&mut conn)).await;
         }
@@ -271,7 +286,7 @@ impl RedisLimits {
             .arg(if held.key { held.key_cost } else { -1 })
             .arg(ttl(plan.key.map(|k| k.period)))
             .arg(held.key_tokens);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(r)) => {
                 self.answered();
@@ -320,7 +335,7 @@ impl RedisLimits {
         inv.key(ks).key(kt);
         let (cost, tokens) = actual.unwrap_or((0, 0));
         inv.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         // Off the request path: allow more time than an admission.
         match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), inv.invoke_async::<i64>(&mut conn))
             .await
@@ -348,7 +363,7 @@ impl RedisLimits {
 
     /// The counters at `keys`, 0 where absent; always `keys.len()` values.
     async fn mget(&self, keys: &[&str]) -> Result<Vec<i64>, String> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut cmd = redis::cmd("MGET");
         cmd.arg(keys);
         let values: Vec<Option<i64>> =
@@ -379,6 +394,7 @@ impl RedisLimits {
                 }
                 Err(e) => {
                     let _ = self.failed("ping", &e);
+                    self.reconnect();
                 }
             }
             tokio::select! {
@@ -387,6 +403,16 @@ impl RedisLimits {
             }
         }
     }
+}
+
+/// A lazy connection manager: it connects on first use.
+fn manager(client: &Client) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())
 }
 
 impl Healthy for RedisLimits {
