@@ -20,12 +20,13 @@ fi
 export TANSU_BIN="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}"
 
 # The official openai and anthropic Python packages, for the SDK tests of
-# the OpenAI and Anthropic doors, in a venv.
+# the OpenAI and Anthropic doors, and schemathesis for the OpenAPI
+# document, in a venv.
 VENV=.venv-test
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, anthropic" 2>/dev/null; then
-  echo "==> installing the openai and anthropic Python packages into $VENV"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, anthropic, schemathesis" 2>/dev/null; then
+  echo "==> installing the openai, anthropic and schemathesis Python packages into $VENV"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || { scripts/deps.sh __venv__:python3-venv && python3 -m venv "$VENV"; }
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" "schemathesis>=4,<5"
 fi
 export OPENAI_TEST_PYTHON="$PWD/$VENV/bin/python"
 

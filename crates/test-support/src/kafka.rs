@@ -86,6 +86,11 @@ impl Broker {
         self.proc = Some(proc);
     }
 
+    /// What the broker printed.
+    pub fn lines(&self) -> Vec<String> {
+        self.proc.as_ref().map(|p| p.lines()).unwrap_or_default()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill();

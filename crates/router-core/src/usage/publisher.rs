@@ -7,6 +7,14 @@
 //! counting each retry in `api_router_buffer_store_retries_total`. A failed
 //! delivery sends the drainer back to the first failed record; records after
 //! it that were delivered are skipped, not resent.
+//!
+//! An idempotent producer can get stuck: after a fatal error librdkafka must
+//! be given a new producer, and a broker that lost track of the producer's
+//! sequence numbers (seen after a long network stall) refuses it for good.
+//! So when records have waited [`STUCK_AFTER`] without one delivery, or
+//! librdkafka reports a fatal error, the producer is replaced by a new one (a
+//! new producer id). Records it had in flight may then be delivered twice,
+//! with the same key: consumers drop the duplicate, nothing is lost.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,9 +33,12 @@ const BATCH: usize = 2000;
 const HEALTH_EVERY: Duration = Duration::from_secs(2);
 const CURSOR_EVERY: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Records waiting this long without a delivery: a new producer.
+pub const STUCK_AFTER: Duration = Duration::from_secs(15);
 
 pub struct Publisher {
-    producer: FutureProducer,
+    config: ClientConfig,
+    producer: arc_swap::ArcSwap<FutureProducer>,
     topic: String,
     healthy: AtomicBool,
     last_error: Mutex<Option<(String, SystemTime)>>,
@@ -37,7 +48,8 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str, client_id: &str) -> Result<Self, String> {
-        let producer: FutureProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("client.id", client_id)
             .set("enable.idempotence", "true")
@@ -46,11 +58,11 @@ impl Publisher {
             .set("message.timeout.ms", "10000")
             .set("queue.buffering.max.messages", "200000")
             .set("socket.timeout.ms", "5000")
-            .set("reconnect.backoff.max.ms", "1000")
-            .create()
-            .map_err(|e| e.to_string())?;
+            .set("reconnect.backoff.max.ms", "1000");
+        let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
         Ok(Self {
-            producer,
+            config,
+            producer: arc_swap::ArcSwap::from_pointee(producer),
             topic: topic.to_string(),
             healthy: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -60,6 +72,25 @@ impl Publisher {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.load_full()
+    }
+
+    /// Replaces the producer with a new one (a new producer id); the old one
+    /// is flushed briefly and dropped off the request path.
+    fn renew_producer(&self, why: &str) {
+        match self.config.create::<FutureProducer>() {
+            Ok(p) => {
+                let old = self.producer.swap(Arc::new(p));
+                tracing::warn!(reason = why, "Kafka producer replaced by a new one");
+                tokio::task::spawn_blocking(move || {
+                    let _ = old.flush(Timeout::After(Duration::from_millis(500)));
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+        }
     }
 
     pub fn last_error(&self) -> Option<(String, SystemTime)> {
@@ -80,7 +111,7 @@ impl Publisher {
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
             let md = me
-                .producer
+                .producer()
                 .client()
                 .fetch_metadata(Some(&me.topic), Timeout::After(Duration::from_secs(1)))
                 .map_err(|e| e.to_string())?;
@@ -123,9 +154,22 @@ impl Publisher {
         let mut cursor = shared.lock().watermark();
         let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let mut last_persist = Instant::now();
+        let mut progress = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 break;
+            }
+            if shared.pending.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                progress = Instant::now();
+            }
+            let fatal = self.producer().client().fatal_error();
+            if fatal.is_some() || progress.elapsed() >= STUCK_AFTER {
+                let why = match fatal {
+                    Some((code, reason)) => format!("fatal error {code:?}: {reason}"),
+                    None => format!("records waited {STUCK_AFTER:?} without a delivery"),
+                };
+                self.renew_producer(&why);
+                progress = Instant::now();
             }
             if last_persist.elapsed() >= CURSOR_EVERY {
                 persist(&shared);
@@ -163,9 +207,10 @@ impl Publisher {
                 continue;
             }
             let mut inflight = Vec::with_capacity(batch.len());
+            let producer = self.producer();
             for e in &batch {
                 let record = FutureRecord::to(&self.topic).key(&e.key).payload(&e.payload);
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => inflight.push((e.seq, Some(delivery))),
                     Err((err, _)) => {
                         self.set_error(err.to_string());
@@ -202,6 +247,9 @@ impl Publisher {
                 shared.pending.store(b.pending(), std::sync::atomic::Ordering::Relaxed);
             }
             metrics.usage_published.with_label_values(&["success"]).inc_by(delivered.len() as u64);
+            if !delivered.is_empty() {
+                progress = Instant::now();
+            }
             match first_failed {
                 None => {
                     cursor = batch.last().map(|e| e.seq + 1).unwrap_or(cursor);
@@ -217,7 +265,7 @@ impl Publisher {
                 }
             }
         }
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(2)))).await;
         persist(&shared);
         tracing::info!("Kafka publisher closed");
