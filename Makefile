@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
+.PHONY: run test lint fmt fuzz bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -37,6 +37,11 @@ bench-soak:
 bench-keys:
 	scripts/deps.sh protoc:protobuf-compiler etcd:etcd-server etcdctl:etcd-client
 	cargo nextest run --release -p api-router --test keys --run-ignored only --no-capture revocation_reaches
+
+# Every fuzz target for 5 minutes (make test runs 5 s each). FUZZ_MERGE=1
+# adds what was found to the committed corpora.
+fuzz:
+	bash scripts/fuzz.sh 300
 
 # Every failure scenario, longer, in a release build: writes docs/reliability.md
 # (about 12 minutes; the short versions run in make test).

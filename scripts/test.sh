@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: installs what the suite needs (reusing what is installed),
-# checks formatting and lints, then runs every test with nextest.
+# checks formatting and lints, runs every test with nextest, then fuzzes
+# each parser briefly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,3 +14,5 @@ echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "==> cargo nextest run"
 cargo nextest run --workspace --no-fail-fast "$@"
+echo "==> a short fuzzing pass per target (make fuzz runs longer)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-5}"

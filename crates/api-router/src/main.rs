@@ -1,14 +1,10 @@
-//! The `api-router` binary: read settings, start logging, run the service.
-//!
-//! - [`settings`]: environment variables and the YAML file, validated;
-//! - [`app`]: start-up and the ordered shutdown of the HTTP server and the core.
-
-mod app;
-mod settings;
+//! The `api-router` binary: read settings, start logging, run the service
+//! (the library's [`settings`] and [`app`]).
 
 use std::process::ExitCode;
 
-use settings::{LogFormat, Settings};
+use api_router::app;
+use api_router::settings::{self, LogFormat, Settings};
 
 fn main() -> ExitCode {
     let nofile = settings::raise_nofile_limit();

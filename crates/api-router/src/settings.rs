@@ -26,6 +26,7 @@ use router_etcd::EtcdSettings;
 use router_http::HttpSettings;
 use router_http::server::ServerSettings;
 use router_http::server::tls::{TlsFiles, load_pair};
+use router_http::throttle::DEFAULT_FREE_FAILURES;
 use router_providers::transport::TransportSettings;
 use router_providers::transport::tls;
 
@@ -220,7 +221,18 @@ impl Settings {
             http_addr,
             shutdown_timeout,
             log_format,
-            http: HttpSettings { max_body_bytes, admin_token, body_read_timeout },
+            http: HttpSettings {
+                max_body_bytes,
+                admin_token,
+                body_read_timeout,
+                admin_auth_free_failures: match var("ADMIN_AUTH_FREE_FAILURES") {
+                    None => DEFAULT_FREE_FAILURES,
+                    Some(v) => v
+                        .trim()
+                        .parse()
+                        .map_err(|_| ConfigError::new("ADMIN_AUTH_FREE_FAILURES", &v, "a whole number"))?,
+                },
+            },
             server,
             core: CoreSettings {
                 instance_id,
@@ -513,9 +525,22 @@ struct FileApiKey {
 }
 
 fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("ROUTER_CONFIG", path, format!("a readable YAML file ({e})")))?;
+    let state = parse_file(path, &text)?;
+    // The files a backend names (CA, client certificate) are read here, not
+    // while parsing: the parser reads nothing but its text.
+    for (id, spec) in &state.backends {
+        spec.check_files().map_err(|why| ConfigError::new("ROUTER_CONFIG", path, format!("backend {id}: {why}")))?;
+    }
+    Ok(state)
+}
+
+/// The YAML file's text (read from `path`) as a routing state, or the one
+/// error that names what is wrong. Reads no file.
+pub fn parse_file(path: &str, text: &str) -> Result<ConfigState, ConfigError> {
     let err = |why: String| ConfigError::new("ROUTER_CONFIG", path, why);
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("a readable YAML file ({e})")))?;
-    let file: FileConfig = serde_yaml::from_str(&text).map_err(|e| err(format!("valid configuration YAML ({e})")))?;
+    let file: FileConfig = serde_yaml::from_str(text).map_err(|e| err(format!("valid configuration YAML ({e})")))?;
     if file.default_failover_threshold < 1 {
         return Err(err("default_failover_threshold of at least 1".into()));
     }
@@ -530,7 +555,6 @@ fn load_file(path: &str) -> Result<ConfigState, ConfigError> {
             return Err(err(format!("backend {}: no unknown field {field:?}", b.backend_id)));
         }
         let spec = b.backend.into_spec().map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
-        spec.check_files().map_err(|why| err(format!("backend {}: {why}", b.backend_id)))?;
         state.backends.insert(b.backend_id, spec);
     }
     for k in file.api_keys {
@@ -604,6 +628,24 @@ mod tests {
         assert!(settings(&[("MAX_BODY_BYTES", "0")]).is_err());
         assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
         assert!(settings(&[("HTTP_ADDR", "nowhere")]).is_err());
+    }
+
+    #[test]
+    fn admin_auth_free_failures_is_a_whole_number() {
+        assert_eq!(settings(&[]).unwrap().http.admin_auth_free_failures, 5);
+        assert_eq!(settings(&[("ADMIN_AUTH_FREE_FAILURES", "0")]).unwrap().http.admin_auth_free_failures, 0);
+        let e = settings(&[("ADMIN_AUTH_FREE_FAILURES", "lots")]).unwrap_err();
+        assert_eq!(e.to_string(), "invalid setting ADMIN_AUTH_FREE_FAILURES=\"lots\": expected a whole number");
+    }
+
+    #[test]
+    fn http_server_limits_are_checked() {
+        let s = settings(&[("HTTP_MAX_HEADERS", "50"), ("HTTP_IDLE_TIMEOUT_MS", "1500")]).unwrap();
+        assert_eq!((s.server.max_headers, s.server.idle_timeout.as_millis()), (50, 1500));
+        assert_eq!(settings(&[("HTTP_MAX_HEADERS", "1001")]).unwrap_err().setting, "HTTP_MAX_HEADERS");
+        assert_eq!(settings(&[("HTTP_MAX_HEADER_BYTES", "100")]).unwrap_err().setting, "HTTP_MAX_HEADER_BYTES");
+        assert_eq!(settings(&[("HTTP_MAX_CONNECTIONS", "0")]).unwrap_err().setting, "HTTP_MAX_CONNECTIONS");
+        assert_eq!(settings(&[("TLS_CERT_FILE", "/x.pem")]).unwrap_err().setting, "TLS_KEY_FILE");
     }
 
     #[test]

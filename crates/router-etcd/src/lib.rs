@@ -112,6 +112,104 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Rejection {
     Rejection { reason, detail: detail.into() }
 }
 
+/// Judges one entry as the watch does, without the state it would join (a
+/// policy's backends are not checked): `Ok` or the rejection's reason and
+/// detail. `prefix` is `CONFIG_SERVICE_PREFIX`. For the fuzz target.
+pub fn check_entry(prefix: &str, key: &str, value: &str) -> Result<(), String> {
+    parse_entry(&format!("{prefix}/"), key, value).map(|_| ()).map_err(|r| format!("{}: {}", r.reason, r.detail))
+}
+
+/// A key's kind and name below `key_prefix` (the prefix and a slash).
+fn split_key<'k>(key_prefix: &str, key: &'k str) -> Result<(&'k str, &'k str), Rejection> {
+    let rest = key.strip_prefix(key_prefix).ok_or_else(|| reject("schema", "outside the prefix"))?;
+    match rest.split_once('/') {
+        Some((
+            kind @ ("policies" | "backends" | "backend-overrides" | "organizations" | "api-keys" | "keys"
+            | "key-last-used"),
+            name,
+        )) if !name.is_empty() => Ok((kind, name)),
+        _ => Err(reject("schema", "key outside the schema")),
+    }
+}
+
+/// Parses one entry: the key's shape and the value's JSON.
+fn parse_entry(key_prefix: &str, key: &str, value: &str) -> Result<Entry, Rejection> {
+    let (kind, name) = split_key(key_prefix, key)?;
+    if value.trim().is_empty() {
+        return Err(reject("empty", "empty value"));
+    }
+    let json = || serde_json::from_str::<serde_json::Value>(value).map_err(|e| reject("json", e.to_string()));
+    match kind {
+        "policies" => {
+            let (org, model) =
+                name.split_once('/').ok_or_else(|| reject("schema", "expected policies/{org}/{model}"))?;
+            let input: PolicyInput = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+            let policy = input.into_policy().map_err(|e| reject("invalid", e))?;
+            if policy.organization_id != org || policy.model != model {
+                return Err(reject("invalid", "organization_id and model must match the key"));
+            }
+            Ok(Entry::Policy(policy))
+        }
+        "backends" => {
+            if !valid_id(name) {
+                return Err(reject("schema", "invalid backend id"));
+            }
+            let v: BackendInput = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+            let spec = v.into_spec().map_err(|e| reject("invalid", e))?;
+            Ok(Entry::Backend(name.to_string(), spec))
+        }
+        "backend-overrides" => {
+            let v: OverrideValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+            let since =
+                v.since.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()).unwrap_or_else(SystemTime::now);
+            let o = v.degraded.then_some(Override { reason: v.reason, since, by: v.by });
+            Ok(Entry::Override(name.to_string(), o))
+        }
+        "organizations" => {
+            if !valid_id(name) {
+                return Err(reject("schema", "invalid organization id"));
+            }
+            let limits = OrgLimits::from_json(json()?).map_err(|e| reject("invalid", e))?;
+            Ok(Entry::Organization(name.to_string(), limits))
+        }
+        "api-keys" => {
+            let hash: [u8; 32] = hex::decode(name)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| reject("schema", "expected api-keys/{sha256 hex}"))?;
+            let org = match serde_json::from_str::<serde_json::Value>(value) {
+                Ok(serde_json::Value::Object(o)) => {
+                    o.get("organization_id").and_then(|v| v.as_str()).unwrap_or_default().to_string()
+                }
+                Ok(serde_json::Value::String(s)) => s,
+                _ => value.trim().to_string(),
+            };
+            if !valid_id(&org) {
+                return Err(reject("invalid", "invalid organization id"));
+            }
+            Ok(Entry::ApiKey(hash, org))
+        }
+        "keys" => {
+            let record: KeyRecord = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
+            if record.key_id != name {
+                return Err(reject("invalid", "key_id must match the key"));
+            }
+            if !valid_id(&record.organization_id) {
+                return Err(reject("invalid", "invalid organization id"));
+            }
+            if record.hashes().is_empty() {
+                return Err(reject("invalid", "hash must be a SHA-256 in hex"));
+            }
+            Ok(Entry::Key(Box::new(record)))
+        }
+        "key-last-used" => {
+            let ms = value.trim().parse().map_err(|_| reject("invalid", "expected Unix milliseconds"))?;
+            Ok(Entry::KeyLastUsed(name.to_string(), ms))
+        }
+        _ => Err(reject("schema", "key outside the schema")),
+    }
+}
+
 pub struct EtcdSource {
     settings: EtcdSettings,
     base: ConfigState,
@@ -253,15 +351,7 @@ impl EtcdSource {
 
     /// The kind of a key under the prefix, if it is in the schema.
     fn kind<'k>(&self, key: &'k str) -> Result<(&'k str, &'k str), Rejection> {
-        let rest = key.strip_prefix(&self.key_prefix()).ok_or_else(|| reject("schema", "outside the prefix"))?;
-        match rest.split_once('/') {
-            Some((
-                kind @ ("policies" | "backends" | "backend-overrides" | "organizations" | "api-keys" | "keys"
-                | "key-last-used"),
-                name,
-            )) if !name.is_empty() => Ok((kind, name)),
-            _ => Err(reject("schema", "key outside the schema")),
-        }
+        split_key(&self.key_prefix(), key)
     }
 
     /// Validates one entry, and a policy's backends against the accepted
@@ -281,82 +371,7 @@ impl EtcdSource {
 
     /// Parses one entry: the key's shape and the value's JSON.
     fn parse(&self, key: &str, value: &str) -> Result<Entry, Rejection> {
-        let (kind, name) = self.kind(key)?;
-        if value.trim().is_empty() {
-            return Err(reject("empty", "empty value"));
-        }
-        let json = || serde_json::from_str::<serde_json::Value>(value).map_err(|e| reject("json", e.to_string()));
-        match kind {
-            "policies" => {
-                let (org, model) =
-                    name.split_once('/').ok_or_else(|| reject("schema", "expected policies/{org}/{model}"))?;
-                let input: PolicyInput =
-                    serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                let policy = input.into_policy().map_err(|e| reject("invalid", e))?;
-                if policy.organization_id != org || policy.model != model {
-                    return Err(reject("invalid", "organization_id and model must match the key"));
-                }
-                Ok(Entry::Policy(policy))
-            }
-            "backends" => {
-                if !valid_id(name) {
-                    return Err(reject("schema", "invalid backend id"));
-                }
-                let v: BackendInput = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                let spec = v.into_spec().map_err(|e| reject("invalid", e))?;
-                Ok(Entry::Backend(name.to_string(), spec))
-            }
-            "backend-overrides" => {
-                let v: OverrideValue = serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                let since =
-                    v.since.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()).unwrap_or_else(SystemTime::now);
-                let o = v.degraded.then_some(Override { reason: v.reason, since, by: v.by });
-                Ok(Entry::Override(name.to_string(), o))
-            }
-            "organizations" => {
-                if !valid_id(name) {
-                    return Err(reject("schema", "invalid organization id"));
-                }
-                let limits = OrgLimits::from_json(json()?).map_err(|e| reject("invalid", e))?;
-                Ok(Entry::Organization(name.to_string(), limits))
-            }
-            "api-keys" => {
-                let hash: [u8; 32] = hex::decode(name)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| reject("schema", "expected api-keys/{sha256 hex}"))?;
-                let org = match serde_json::from_str::<serde_json::Value>(value) {
-                    Ok(serde_json::Value::Object(o)) => {
-                        o.get("organization_id").and_then(|v| v.as_str()).unwrap_or_default().to_string()
-                    }
-                    Ok(serde_json::Value::String(s)) => s,
-                    _ => value.trim().to_string(),
-                };
-                if !valid_id(&org) {
-                    return Err(reject("invalid", "invalid organization id"));
-                }
-                Ok(Entry::ApiKey(hash, org))
-            }
-            "keys" => {
-                let record: KeyRecord =
-                    serde_json::from_value(json()?).map_err(|e| reject("invalid", e.to_string()))?;
-                if record.key_id != name {
-                    return Err(reject("invalid", "key_id must match the key"));
-                }
-                if !valid_id(&record.organization_id) {
-                    return Err(reject("invalid", "invalid organization id"));
-                }
-                if record.hashes().is_empty() {
-                    return Err(reject("invalid", "hash must be a SHA-256 in hex"));
-                }
-                Ok(Entry::Key(Box::new(record)))
-            }
-            "key-last-used" => {
-                let ms = value.trim().parse().map_err(|_| reject("invalid", "expected Unix milliseconds"))?;
-                Ok(Entry::KeyLastUsed(name.to_string(), ms))
-            }
-            _ => Err(reject("schema", "key outside the schema")),
-        }
+        parse_entry(&self.key_prefix(), key, value)
     }
 
     fn compose_backends(&self, accepted: &BTreeMap<String, String>) -> BTreeMap<String, BackendSpec> {

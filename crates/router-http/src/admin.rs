@@ -33,11 +33,14 @@ const MAX_DECISIONS: usize = 10_000;
 
 /// Every admin route: the token checked in constant time. A failure is
 /// counted and logged (with the client's address and the path, never what
-/// was presented), and after repeated failures from one address answered
-/// only after a growing delay ([`crate::throttle`]).
+/// was presented), and after repeated wrong tokens from one address answered
+/// only after a growing delay ([`crate::throttle`]). A request with no token
+/// at all guesses nothing, so it is counted but never slowed.
 pub async fn require_admin(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    match check_admin(state.settings.admin_token.as_deref(), bearer(request.headers())) {
+    let presented = bearer(request.headers());
+    let guessed = presented.is_some();
+    match check_admin(state.settings.admin_token.as_deref(), presented) {
         Ok(()) => {
             if let Some(ip) = peer {
                 state.admin_throttle.succeeded(ip);
@@ -46,7 +49,7 @@ pub async fn require_admin(State(state): State<SharedState>, request: Request, n
         }
         Err(e @ AdminAuthError::Unauthorized) => {
             state.core.metrics.admin_auth_failures.inc();
-            let delay = peer.map(|ip| state.admin_throttle.failed(ip)).unwrap_or_default();
+            let delay = peer.filter(|_| guessed).map(|ip| state.admin_throttle.failed(ip)).unwrap_or_default();
             tracing::warn!(
                 client = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
                 path = %request.uri().path(),

@@ -52,6 +52,9 @@ pub struct HttpSettings {
     pub admin_token: Option<String>,
     /// Time to receive a whole request body (`HTTP_BODY_READ_TIMEOUT_MS`).
     pub body_read_timeout: Duration,
+    /// Wrong admin tokens per address answered without delay
+    /// (`ADMIN_AUTH_FREE_FAILURES`).
+    pub admin_auth_free_failures: u32,
 }
 
 /// Everything a handler can reach.
@@ -64,7 +67,8 @@ pub struct HttpState {
 
 impl HttpState {
     pub fn new(core: Arc<Core>, settings: HttpSettings) -> Self {
-        Self { core, settings, admin_throttle: Default::default() }
+        let admin_throttle = throttle::AdminThrottle::new(settings.admin_auth_free_failures);
+        Self { core, settings, admin_throttle }
     }
 }
 

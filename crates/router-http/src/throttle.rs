@@ -1,5 +1,6 @@
 //! Slowing down admin token guessing: failed admin authentications are
-//! counted per client address, and past [`FREE_FAILURES`] within
+//! counted per client address, and past the free ones
+//! (`ADMIN_AUTH_FREE_FAILURES`, [`DEFAULT_FREE_FAILURES`]) within
 //! [`FORGET_AFTER`] each further failure is answered only after a delay that
 //! doubles, from [`FIRST_DELAY`] up to [`MAX_DELAY`]. A correct token is
 //! answered at once and clears its address's count. Addresses are kept in a
@@ -10,8 +11,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failures answered without delay.
-pub const FREE_FAILURES: u32 = 5;
+/// Failures answered without delay, by default.
+pub const DEFAULT_FREE_FAILURES: u32 = 5;
 /// The delay of the first slowed answer; each next one doubles it.
 pub const FIRST_DELAY: Duration = Duration::from_millis(100);
 /// The longest delay.
@@ -21,12 +22,24 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// Addresses remembered at most.
 const MAX_ADDRESSES: usize = 10_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AdminThrottle {
+    free: u32,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
+impl Default for AdminThrottle {
+    fn default() -> Self {
+        Self::new(DEFAULT_FREE_FAILURES)
+    }
+}
+
 impl AdminThrottle {
+    /// Answers `free` failures per address without delay.
+    pub fn new(free: u32) -> Self {
+        Self { free, failures: Mutex::default() }
+    }
+
     /// Notes a failure from `addr`; returns how long to wait before answering.
     pub fn failed(&self, addr: IpAddr) -> Duration {
         let now = Instant::now();
@@ -46,7 +59,7 @@ impl AdminThrottle {
         }
         entry.0 = entry.0.saturating_add(1);
         entry.1 = now;
-        delay_after(entry.0)
+        delay_after(entry.0, self.free)
     }
 
     /// A correct token from `addr`: its count starts again.
@@ -58,9 +71,9 @@ impl AdminThrottle {
     }
 }
 
-/// The delay for the `n`th failure in a row.
-fn delay_after(n: u32) -> Duration {
-    match n.checked_sub(FREE_FAILURES + 1) {
+/// The delay for the `n`th failure in a row, `free` of them free.
+fn delay_after(n: u32, free: u32) -> Duration {
+    match n.checked_sub(free.saturating_add(1)) {
         None => Duration::ZERO,
         Some(k) => FIRST_DELAY.saturating_mul(1u32 << k.min(16)).min(MAX_DELAY),
     }
@@ -74,7 +87,7 @@ mod tests {
     fn failures_past_the_free_ones_wait_longer_each_time_per_address() {
         let t = AdminThrottle::default();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        for _ in 0..FREE_FAILURES {
+        for _ in 0..DEFAULT_FREE_FAILURES {
             assert_eq!(t.failed(a), Duration::ZERO);
         }
         assert_eq!(t.failed(a), FIRST_DELAY);

@@ -125,9 +125,15 @@ impl Framing {
         }
     }
 
-    /// Releases whatever is held (the client closed: hyper decides).
+    /// Releases a header block still held (the client closed: hyper
+    /// decides). A chunk-size or trailer line being gathered is a copy of
+    /// bytes already released, and is dropped.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.held);
+        if self.state == State::Head {
+            out.append(&mut self.held);
+        } else {
+            self.held.clear();
+        }
     }
 
     /// Looks at the held header block: `None` while incomplete; else its
@@ -308,6 +314,21 @@ POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok";
         big.extend(std::iter::repeat_n(b'a', 20_000));
         let (out, f) = run(&big, 1000);
         assert_eq!((out.len(), f.passthrough()), (big.len(), true));
+    }
+
+    /// Found by the `framing` fuzz target: a client that closed in the middle
+    /// of a chunk-size line had that line's bytes given to hyper twice.
+    #[test]
+    fn a_connection_closed_inside_a_chunk_size_line_releases_each_byte_once() {
+        let stream: &[u8] =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nabcd\r\n0\r\nM\n\xe0\xff\xff\xff";
+        for step in [1, 2, 5, 4096] {
+            let (out, f) = run(stream, step);
+            assert_eq!(out, stream, "step {step}");
+            assert_eq!(f.refused, 0);
+        }
+        let (out, _) = run(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", 3);
+        assert!(out.ends_with(b"\r\n5\r\nab"), "a partial chunk is released once");
     }
 
     #[test]
