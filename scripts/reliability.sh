@@ -12,9 +12,9 @@ export RELIABILITY_RPS="${RELIABILITY_RPS:-100}"
 export RELIABILITY_REPORT
 RELIABILITY_REPORT=$(mktemp)
 trap 'rm -f "$RELIABILITY_REPORT"' EXIT
-COMMAND="RELIABILITY_FAULT_SECS=$RELIABILITY_FAULT_SECS RELIABILITY_RPS=$RELIABILITY_RPS cargo nextest run --release -p api-router --test reliability --test-threads 1"
+COMMAND="RELIABILITY_FAULT_SECS=$RELIABILITY_FAULT_SECS RELIABILITY_RPS=$RELIABILITY_RPS cargo nextest run --profile reliability --release -p api-router --test reliability --test-threads 1"
 echo "==> $COMMAND"
-cargo nextest run --release -p api-router --test reliability --test-threads 1 --no-fail-fast
+cargo nextest run --profile reliability --release -p api-router --test reliability --test-threads 1
 python3 scripts/reliability-table.py "$RELIABILITY_REPORT" "$COMMAND" "$(nproc) cores, $(date -u +%Y-%m-%d)" \
   | python3 scripts/bench-section.py docs/reliability.md scenarios
 echo "==> docs/reliability.md written"
