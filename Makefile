@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt fuzz bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
+.PHONY: run test lint fmt fuzz mutants bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -42,6 +42,11 @@ bench-keys:
 # adds what was found to the committed corpora.
 fuzz:
 	bash scripts/fuzz.sh 300
+
+# Mutation testing of the money- and record-keeping mechanisms (long: each
+# mutant is a build and a test run); writes the table of docs/testing.md.
+mutants:
+	bash scripts/mutants.sh
 
 # Every failure scenario, longer, in a release build: writes docs/reliability.md
 # (about 12 minutes; the short versions run in make test).

@@ -211,13 +211,27 @@ async fn prometheus_evaluates_every_dashboard_and_rule_expression() {
         "Prometheus never scraped the router:\n{}",
         prom.lines().join("\n")
     );
-    // Traffic spread over a few scrapes, so that rates have two points.
+    // Traffic spread over a few scrapes, so that rates have two points:
+    // after each round, wait for Prometheus to have scraped once more.
+    let scrapes = || async {
+        query("count_over_time(up[10m])").await["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     for _ in 0..3 {
         traffic(&router).await;
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let before = scrapes().await;
+        assert!(
+            eventually(Duration::from_secs(15), || async { scrapes().await > before }).await,
+            "Prometheus stopped scraping"
+        );
     }
 
-    let exported = router.metrics().await;
+    // Whole sample names, not substrings: `x_total` must not pass for `x`.
+    let exposition = router.metrics().await;
+    let exported: std::collections::BTreeSet<&str> =
+        exposition.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let names =
         regex_names(&panel_exprs().into_iter().chain(rule_exprs()).map(|(_, e)| e).collect::<Vec<_>>().join(" "));
     for name in &names {

@@ -318,7 +318,7 @@ async fn the_same_tokens_count_the_same_through_every_door_and_kind() {
     };
     let tokens = |text: &str| {
         ["prompt", "completion", "cache_read", "cache_write"]
-            .map(|t| metric(text, "api_router_tokens_total", &[("type", t)]))
+            .map(|t| metric_or_zero(text, "api_router_tokens_total", &[("type", t)]))
     };
     let bearer = format!("Bearer {KEY_A}");
     // (uncached 5, reads 4, writes 3, output 9) and (uncached 8, reads 4, output 9).

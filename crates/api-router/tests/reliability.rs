@@ -244,7 +244,7 @@ async fn redis_faults_under_load() {
     assert_eq!(router.admin_put("/v1/admin/organizations/org-a/limits", budget).await.status, 200);
     let urls = vec![router.url("")];
     for (round, (name, fault)) in FAULTS.into_iter().enumerate() {
-        let degraded_before = metric(&router.metrics().await, "api_router_limits_degraded_total", &[]);
+        let degraded_before = metric_or_zero(&router.metrics().await, "api_router_limits_degraded_total", &[]);
         let (samples, during) =
             tokio::join!(under_load(&proxy, &urls, "redis", name, fault), during_fault(&router, "redis"));
         // Served under RATE_LIMIT_FAILURE_MODE=local: never an error.
@@ -265,7 +265,8 @@ async fn redis_faults_under_load() {
         assert_exact(&[&router], 10, 10 * (round as u64 + 1)).await;
         let lost = usage_lost(&broker, &samples, &mut on_topic).await;
         assert_eq!(lost, 0, "{name}: usage records lost");
-        let degraded = metric(&router.metrics().await, "api_router_limits_degraded_total", &[]) - degraded_before;
+        let degraded =
+            metric_or_zero(&router.metrics().await, "api_router_limits_degraded_total", &[]) - degraded_before;
         Row {
             dependency: "Redis",
             fault: name.into(),
@@ -588,8 +589,11 @@ async fn hostile_clients_while_serving() {
     };
     let during = normal_traffic_during(&router, "slowloris", slow).await;
     assert!(during.iter().all(|s| s.status == 200), "{}", describe(&during));
-    let closed =
-        metric(&router.metrics().await, "api_router_http_connections_closed_total", &[("reason", "header_timeout")]);
+    let closed = metric_or_zero(
+        &router.metrics().await,
+        "api_router_http_connections_closed_total",
+        &[("reason", "header_timeout")],
+    );
     Row {
         dependency: "clients",
         fault: "slow headers and bodies".into(),
@@ -621,7 +625,7 @@ async fn hostile_clients_while_serving() {
         drop(held);
     };
     let during = normal_traffic_during(&router, "flood", flood).await;
-    let refused = metric(&router.metrics().await, "api_router_http_connections_refused_total", &[]);
+    let refused = metric_or_zero(&router.metrics().await, "api_router_http_connections_refused_total", &[]);
     Row {
         dependency: "clients",
         fault: "connection flood".into(),

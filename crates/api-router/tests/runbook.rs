@@ -163,7 +163,6 @@ async fn failover_recovery_with_a_killed_backend() {
 
     // Restarted, it is readmitted within two health intervals.
     m1.restart();
-    let back = std::time::Instant::now();
     assert!(
         eventually(Duration::from_millis(2 * interval_ms + 500), || async {
             router.backend_status("backend-1").await == "healthy"
@@ -171,7 +170,6 @@ async fn failover_recovery_with_a_killed_backend() {
         .await,
         "not readmitted within two health intervals"
     );
-    assert!(back.elapsed() <= Duration::from_millis(2 * interval_ms + 500));
     let (split, failures) = load(&router, KEY_A, "gpt-4o", 200, 2).await;
     assert!(failures.is_empty());
     assert!(split.get("backend-1").copied().unwrap_or(0) > 40, "{split:?}");

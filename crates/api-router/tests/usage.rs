@@ -143,12 +143,27 @@ async fn manual_retry_skips_the_backoff() {
     wait_kafka(&router, "healthy").await;
     broker.stop();
     wait_kafka(&router, "unhealthy").await;
-    send_ids(&router, "retry", 20, 4).await;
-    broker.restart();
+    let ids = send_ids(&router, "retry", 20, 4).await;
+    // Into the longest backoff (waits of 2.5 to 5 s): failed rounds of 0.1,
+    // 0.2, 0.4, 0.8, 1.6 and 3.2 s first.
+    let retries = || async { metric(&router.metrics().await, "api_router_buffer_store_retries_total", &[]) };
+    assert!(eventually(Duration::from_secs(20), || async { retries().await >= 7.0 }).await);
+    // Asked while the broker is still down: the drainer leaves its wait at
+    // once (a retry endpoint that did nothing leaves no such line).
     let r = router.admin_post("/v1/admin/usage/buffer/retry", json!({})).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["retry"], "requested");
+    let woken =
+        || router.proc.lines().iter().any(|l| log_message(l).as_deref() == Some("usage delivery retried on request"));
+    assert!(eventually(Duration::from_secs(10), || async { woken() }).await, "the retry did not wake the drainer");
+    // With the broker back, a retry delivers everything.
+    broker.restart();
+    assert_eq!(router.admin_post("/v1/admin/usage/buffer/retry", json!({})).await.status, 200);
     assert!(eventually(Duration::from_secs(15), || async { buffer_size(&router).await == 0.0 }).await);
+    let on_topic = distinct_keys(&consume(&broker, ids.len(), Duration::from_secs(20)).await);
+    for id in &ids {
+        assert!(on_topic.contains(id), "{id} is not on the topic");
+    }
     // Without a token: 401, as every admin route.
     let r = send(hyper::Method::POST, &router.url("/v1/admin/usage/buffer/retry"), &[], "").await;
     r.assert_error(401, "unauthorized");
@@ -181,6 +196,9 @@ async fn the_loss_hunt_sigkill_under_load_loses_no_answered_record() {
     let m1 = Mock::start("backend-1", &[]);
     let mut router = with_kafka(RouterBuilder::new(&[&m1]), &broker).start();
     let mut answered: HashSet<String> = HashSet::new();
+    // Requests cut by each kill (sent, then the connection died): the proof
+    // that the kill landed while requests were in flight.
+    let mut cut_per_round = Vec::new();
     for round in 0..10 {
         // Steady load from 4 clients; SIGKILL at a random moment.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -188,7 +206,7 @@ async fn the_loss_hunt_sigkill_under_load_loses_no_answered_record() {
         for c in 0..4 {
             let (url, stop) = (router.url("/v1/inference"), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let mut ok = Vec::new();
+                let (mut ok, mut cut) = (Vec::new(), 0usize);
                 let client =
                     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
                 let mut i = 0;
@@ -203,30 +221,43 @@ async fn the_loss_hunt_sigkill_under_load_loses_no_answered_record() {
                         .unwrap();
                     match client.request(req).await {
                         Ok(resp) if resp.status() == 200 => ok.push(id),
+                        // Refused connections came after the kill; others were cut by it.
+                        Err(e) if !e.is_connect() => cut += 1,
                         _ => {}
                     }
                 }
-                ok
+                (ok, cut)
             }));
         }
         tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..400))).await;
         router.proc.signal("KILL");
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut cut = 0;
         for t in tasks {
-            answered.extend(t.await.unwrap());
+            let (ok, c) = t.await.unwrap();
+            answered.extend(ok);
+            cut += c;
         }
+        cut_per_round.push(cut);
         router.proc.wait_exit(Duration::from_secs(5)).expect("killed router exits");
         router =
             with_kafka(RouterBuilder::new(&[&m1]), &broker).data_dir(&router.data_dir.clone()).start_keeping(router);
     }
     assert!(answered.len() > 100, "the load was too light to hunt: {}", answered.len());
+    let rounds_cut = cut_per_round.iter().filter(|c| **c > 0).count();
+    assert!(rounds_cut >= 7, "too few kills landed on requests in flight: {cut_per_round:?}");
     assert!(eventually(Duration::from_secs(30), || async { buffer_size(&router).await == 0.0 }).await);
     let msgs = consume(&broker, answered.len(), Duration::from_secs(60)).await;
     let keys = distinct_keys(&msgs);
     let lost: Vec<_> = answered.difference(&keys).take(10).collect();
     assert!(lost.is_empty(), "answered but not on the topic: {lost:?}");
     let duplicates = msgs.len() - keys.len();
-    println!("loss hunt: {} answered, {} on the topic, {} duplicates", answered.len(), keys.len(), duplicates);
+    println!(
+        "loss hunt: {} answered, {} on the topic, {} duplicates, requests cut per kill {cut_per_round:?}",
+        answered.len(),
+        keys.len(),
+        duplicates
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{Proc, free_port};
+use crate::process::{Proc, free_port, start_on_fresh_ports};
 
 /// A private etcd on free ports, in a temp dir.
 pub struct Etcd {
@@ -15,16 +15,22 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
-        let mut e = Etcd { port: free_port(), peer: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
-        e.spawn();
-        e
+        start_on_fresh_ports("etcd", || {
+            let mut e = Etcd { port: free_port(), peer: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+            e.try_spawn().map(|()| e)
+        })
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Restarts on the same ports.
     fn spawn(&mut self) {
+        self.try_spawn().unwrap_or_else(|e| panic!("etcd did not start:\n{e}"));
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let mut cmd = Command::new("etcd");
@@ -45,9 +51,15 @@ impl Etcd {
             &format!("test={peer}"),
         ]);
         let proc = Proc::spawn(cmd);
-        let ok = proc.wait_for_line(Duration::from_secs(20), |l| l.contains("ready to serve client requests"));
-        assert!(ok.is_some(), "etcd did not start:\n{}", proc.lines().join("\n"));
-        self.proc = Some(proc);
+        let ready = "ready to serve client requests";
+        match proc.wait_for_line(Duration::from_secs(20), |l| l.contains(ready) || l.contains("address already in use"))
+        {
+            Some(l) if l.contains(ready) => {
+                self.proc = Some(proc);
+                Ok(())
+            }
+            _ => Err(proc.lines().join("\n")),
+        }
     }
 
     pub fn stop(&mut self) {

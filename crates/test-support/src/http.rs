@@ -13,14 +13,40 @@ use serde_json::Value;
 
 /// The value of one sample line of a Prometheus exposition, e.g.
 /// `metric(text, "router_failover_total", &[("backend_id", "b")])`, summed
-/// over the series that carry those labels.
+/// over the series that carry those labels. Panics when no series matches:
+/// a missing metric (a typo, a renamed metric, a label never set) must not
+/// read as 0. See [`metric_or_zero`] for a counter that may not have counted
+/// yet.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
+    metric_opt(text, name, labels)
+        .unwrap_or_else(|| panic!("no series {name}{labels:?} in the exposition (a missing metric is not 0)"))
+}
+
+/// Like [`metric`], but 0 when no series matches yet (a counter with labels
+/// appears only once it has counted). Panics when `name` is not a metric the
+/// router registers, so a misspelled name cannot pass as 0.
+pub fn metric_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    assert!(registered(name), "{name} is not a metric the router registers (router-core/src/metrics.rs)");
+    metric_opt(text, name, labels).unwrap_or(0.0)
+}
+
+fn metric_opt(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Whether `name` (or the histogram it is a series of) is registered by
+/// the router's metrics module: its names are the string literals there.
+pub fn registered(name: &str) -> bool {
+    const SOURCE: &str = include_str!("../../router-core/src/metrics.rs");
+    let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    [name, base].iter().any(|n| SOURCE.contains(&format!("\"{n}\"")))
 }
 
 #[derive(Debug)]

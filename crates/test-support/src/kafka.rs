@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::process::{Proc, free_port};
+use crate::process::{Proc, free_port, start_on_fresh_ports};
 
 /// A private Kafka-protocol broker (tansu, sqlite storage) on a free port,
 /// with the usage topic created. Records survive a broker restart.
@@ -29,8 +29,10 @@ fn tansu() -> String {
 
 impl Broker {
     pub fn start() -> Broker {
-        let port = free_port();
-        Self::start_advertising(port, port)
+        start_on_fresh_ports("tansu", || {
+            let port = free_port();
+            Self::try_start_advertising(port, port)
+        })
     }
 
     /// A broker behind a fault proxy: clients bootstrap through the proxy,
@@ -45,15 +47,21 @@ impl Broker {
     }
 
     fn start_advertising(port: u16, advertised: u16) -> Broker {
+        Self::try_start_advertising(port, advertised).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_advertising(port: u16, advertised: u16) -> Result<Broker, String> {
         let mut b = Broker { port, advertised, dir: tempfile::tempdir().unwrap(), proc: None };
-        b.spawn();
+        b.try_spawn()?;
         let out = Command::new(tansu())
             .args(["topic", "create", TOPIC, "--partitions", "1", "--broker", &b.url()])
             .current_dir(b.dir.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "topic create: {}", String::from_utf8_lossy(&out.stderr));
-        b
+        if !out.status.success() {
+            return Err(format!("topic create: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(b)
     }
 
     fn url(&self) -> String {
@@ -65,7 +73,12 @@ impl Broker {
         format!("127.0.0.1:{}", self.advertised)
     }
 
+    /// Restarts on the same port.
     fn spawn(&mut self) {
+        self.try_spawn().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(tansu());
         cmd.args([
             "broker",
@@ -77,13 +90,17 @@ impl Broker {
             "sqlite://tansu.db",
         ])
         .current_dir(self.dir.path());
-        let proc = Proc::spawn(cmd);
+        let mut proc = Proc::spawn(cmd);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen:\n{}", proc.lines().join("\n"));
+        // Listening, and still running (one that lost its port exits).
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() || proc.exited() {
+            if Instant::now() > deadline || proc.exited() {
+                return Err(format!("tansu did not listen on {}:\n{}", self.port, proc.lines().join("\n")));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         self.proc = Some(proc);
+        Ok(())
     }
 
     /// What the broker printed.
@@ -104,8 +121,9 @@ impl Broker {
 }
 
 /// Every message on the topic, read from the beginning until `want` distinct
-/// keys are seen (or `timeout`), then for a short while more to catch
-/// duplicates. Returns (key, payload) pairs.
+/// keys are seen (or `timeout`), then on to the partition's high watermark
+/// as it is at that moment, so that every message written so far is read,
+/// duplicates included. Returns (key, payload) pairs.
 pub async fn consume(broker: &Broker, want: usize, timeout: Duration) -> Vec<(String, Value)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -124,18 +142,22 @@ pub async fn consume(broker: &Broker, want: usize, timeout: Duration) -> Vec<(St
         let mut out = Vec::new();
         let mut keys = std::collections::HashSet::new();
         let deadline = Instant::now() + timeout;
-        let mut settle_until: Option<Instant> = None;
+        // The offset after the last message read.
+        let mut next = 0i64;
+        // Set once `want` keys are seen: the high watermark to read up to.
+        let mut high: Option<i64> = None;
         loop {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
                 let payload: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
                 keys.insert(key.clone());
                 out.push((key, payload));
+                next = next.max(m.offset() + 1);
             }
-            if keys.len() >= want && settle_until.is_none() {
-                settle_until = Some(Instant::now() + Duration::from_millis(500));
+            if keys.len() >= want && high.is_none() {
+                high = consumer.fetch_watermarks(TOPIC, 0, Duration::from_secs(5)).ok().map(|(_, h)| h);
             }
-            if settle_until.is_some_and(|t| Instant::now() > t) || Instant::now() > deadline {
+            if high.is_some_and(|h| next >= h) || Instant::now() > deadline {
                 return out;
             }
         }

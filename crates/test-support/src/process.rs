@@ -67,6 +67,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.exited.is_some() || self.wait_exit(Duration::ZERO).is_some()
+    }
+
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -103,4 +108,18 @@ pub fn log_message(line: &str) -> Option<String> {
 /// a race for it: start such servers with a retry on a fresh port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a server with `start`, which picks fresh ports each time and
+/// returns why it failed; tries up to 5 times (a port free a moment ago can
+/// be taken before the server binds it).
+pub fn start_on_fresh_ports<T>(what: &str, mut start: impl FnMut() -> Result<T, String>) -> T {
+    let mut errors = Vec::new();
+    for _ in 0..5 {
+        match start() {
+            Ok(t) => return t,
+            Err(e) => errors.push(e),
+        }
+    }
+    panic!("{what} did not start in 5 tries:\n{}", errors.join("\n---\n"))
 }

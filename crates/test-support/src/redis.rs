@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::process::{Proc, free_port};
+use crate::process::{Proc, free_port, start_on_fresh_ports};
 
 /// A private `redis-server` on a free port, nothing persisted.
 pub struct RedisServer {
@@ -13,23 +13,33 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let mut r = RedisServer { port: free_port(), proc: None };
-        r.spawn();
-        r
+        start_on_fresh_ports("redis-server", || {
+            let mut r = RedisServer { port: free_port(), proc: None };
+            r.try_spawn().map(|()| r)
+        })
     }
 
+    /// Restarts on the same port (retrying while the old one lets it go).
     fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-            let proc = Proc::spawn(cmd);
-            if proc.wait_for_line(Duration::from_secs(5), |l| l.contains("Ready to accept connections")).is_some() {
-                self.proc = Some(proc);
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
+        while let Err(e) = self.try_spawn() {
+            assert!(Instant::now() < deadline, "redis-server did not start on {}:\n{e}", self.port);
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        let proc = Proc::spawn(cmd);
+        let ready = "Ready to accept connections";
+        match proc.wait_for_line(Duration::from_secs(5), |l| l.contains(ready) || l.contains("Address already in use"))
+        {
+            Some(l) if l.contains(ready) => {
+                self.proc = Some(proc);
+                Ok(())
+            }
+            _ => Err(proc.lines().join("\n")),
         }
     }
 

@@ -275,7 +275,10 @@ impl Publisher {
     async fn wait(&self, cancel: &CancellationToken, d: Duration) -> bool {
         tokio::select! {
             _ = cancel.cancelled() => false,
-            _ = self.retry_now.notified() => true,
+            _ = self.retry_now.notified() => {
+                tracing::info!(skipped_ms = d.as_millis() as u64, "usage delivery retried on request");
+                true
+            }
             _ = tokio::time::sleep(d) => false,
         }
     }

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""The mutation table of docs/testing.md from cargo-mutants' outcomes.json.
+
+Usage: mutants-table.py OUTCOMES SECONDS COMMAND
+Per file: mutants generated, caught, missed, unviable, timed out; then every
+missed mutant (each needs a test, or a reason it is equivalent, in
+docs/testing.md's text).
+"""
+import collections, json, sys
+
+path, seconds, command = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+data = json.load(open(path))
+rows = collections.OrderedDict()
+missed = []
+for o in data["outcomes"]:
+    scenario = o["scenario"]
+    if not isinstance(scenario, dict) or "Mutant" not in scenario:
+        continue  # the baseline
+    m = scenario["Mutant"]
+    file = m.get("file") or m.get("source_file", {}).get("path", "?")
+    row = rows.setdefault(file, collections.Counter())
+    summary = o["summary"]
+    row["generated"] += 1
+    key = {"CaughtMutant": "caught", "MissedMutant": "missed", "Unviable": "unviable", "Timeout": "timeout"}.get(summary, summary)
+    row[key] += 1
+    if summary == "MissedMutant":
+        line = m.get("span", {}).get("start", {}).get("line", "?")
+        missed.append(f"{file}:{line}: {m.get('name') or m.get('description') or m}")
+print(f"Measured with `{command}`, in {seconds // 60} min {seconds % 60} s.\n")
+print("| file | generated | caught | missed | unviable | timed out |")
+print("|---|---|---|---|---|---|")
+total = collections.Counter()
+for file, c in rows.items():
+    total.update(c)
+    print(f"| `{file}` | {c['generated']} | {c['caught']} | {c['missed']} | {c['unviable']} | {c['timeout']} |")
+print(f"| all | {total['generated']} | {total['caught']} | {total['missed']} | {total['unviable']} | {total['timeout']} |")
+if missed:
+    print("\nMissed:\n")
+    for m in missed:
+        print(f"- `{m}`")
