@@ -45,6 +45,7 @@ fuzz:
 
 # Mutation testing of the money- and record-keeping mechanisms (long: each
 # mutant is a build and a test run); writes the table of docs/testing.md.
+# MUTANTS_ITERATE=1 tests again only what the last run did not catch.
 mutants:
 	bash scripts/mutants.sh
 

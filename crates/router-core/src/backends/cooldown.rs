@@ -29,14 +29,24 @@ impl Cooldown {
     /// Whether the backend is cooling down now.
     #[inline]
     pub fn is_cooling(&self) -> bool {
+        self.is_cooling_at(now_ms())
+    }
+
+    /// Whether it is cooling down at `now` (Unix milliseconds): until the
+    /// end, not at it.
+    #[inline]
+    fn is_cooling_at(&self, now: u64) -> bool {
         let until = self.until_ms.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
+        until != 0 && now < until
     }
 
     /// What is left of the cool-down, if any.
     pub fn remaining(&self) -> Option<Duration> {
+        self.remaining_at(now_ms())
+    }
+
+    fn remaining_at(&self, now: u64) -> Option<Duration> {
         let until = self.until_ms.load(Ordering::Relaxed);
-        let now = now_ms();
         (until > now).then(|| Duration::from_millis(until - now))
     }
 
@@ -49,6 +59,26 @@ impl Cooldown {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn it_lasts_until_its_end_and_not_at_it() {
+        let c = Cooldown::default();
+        assert!(!c.is_cooling_at(0), "never started");
+        c.until_ms.store(10_000, Ordering::Relaxed);
+        assert!(c.is_cooling_at(9_999));
+        assert!(!c.is_cooling_at(10_000));
+        assert_eq!(c.remaining_at(9_700), Some(Duration::from_millis(300)));
+        assert_eq!(c.remaining_at(10_000), None);
+        assert_eq!(c.remaining_at(12_000), None);
+    }
+
+    #[test]
+    fn a_started_cool_down_reports_what_is_left() {
+        let c = Cooldown::default();
+        c.start(Duration::from_secs(30), Duration::from_secs(60));
+        let left = c.remaining().expect("cooling");
+        assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30), "{left:?}");
+    }
 
     #[test]
     fn a_cool_down_is_capped_extended_never_shortened_and_ends() {

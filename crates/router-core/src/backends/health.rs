@@ -152,6 +152,14 @@ mod tests {
     }
 
     #[test]
+    fn the_last_check_time_is_the_one_recorded() {
+        let h = BackendHealth::default();
+        let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        h.record_check(Ok(()), at);
+        assert_eq!(h.view().last_check, Some(at));
+    }
+
+    #[test]
     fn probe_success_readmits_and_reset_clears() {
         let h = BackendHealth::default();
         h.record_failure(1, "down");

@@ -156,6 +156,82 @@ mod tests {
     }
 
     #[test]
+    fn reset_is_when_the_bucket_is_full_again() {
+        // 1 request a second, burst 3, three used at t = 10 s: the bucket is
+        // full again 3 s later; the 4th is denied for 1 s and told so.
+        let (interval, t) = (interval_us(1.0), 10_000_000);
+        let mut tat = None;
+        for _ in 0..3 {
+            match gcra(tat, t, interval, 3) {
+                Gcra::Allowed { new_tat, info } => {
+                    tat = Some(new_tat);
+                    assert_eq!(info.reset_secs, (new_tat - t) / 1_000_000);
+                }
+                denied => panic!("{denied:?}"),
+            }
+        }
+        assert_eq!(tat, Some(t + 3 * interval));
+        match gcra(tat, t, interval, 3) {
+            Gcra::Denied { retry_after_us, info } => {
+                assert_eq!(retry_after_us, interval);
+                assert_eq!(info.reset_secs, 3);
+            }
+            allowed => panic!("{allowed:?}"),
+        }
+        // Half a second later: the wait and the reset are shorter.
+        match gcra(tat, t + 500_000, interval, 3) {
+            Gcra::Denied { retry_after_us, info } => {
+                assert_eq!(retry_after_us, 500_000);
+                assert_eq!(info.reset_secs, 3, "2.5 s, rounded up");
+            }
+            allowed => panic!("{allowed:?}"),
+        }
+    }
+
+    #[test]
+    fn now_is_the_wall_clock() {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+        assert!(now_us().abs_diff(wall) < 60_000_000);
+    }
+
+    #[test]
+    fn on_a_tie_the_first_limit_is_reported() {
+        let l = LocalLimiter::default();
+        let t0 = 1_000_000_000;
+        let interval = interval_us(1.0);
+        // The key (burst 5) has used 2: after this request both have 2 left.
+        for _ in 0..2 {
+            l.check_all(&[None, Some(("key", interval, 5))], t0).unwrap();
+        }
+        let info = l.check_all(&[Some(("org", interval, 3)), Some(("key", interval, 5))], t0).unwrap().unwrap();
+        assert_eq!((info.remaining, info.limit), (2, 3));
+    }
+
+    #[test]
+    fn past_100_000_keys_the_full_buckets_are_forgotten() {
+        let l = LocalLimiter::default();
+        let (interval, t0) = (interval_us(1.0), 1_000_000_000);
+        let later = t0 + 10_000_000;
+        let keys = |l: &LocalLimiter| {
+            let mut k: Vec<String> = l.tats.lock().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        // A bucket that is full again exactly at `later`, and 99,998 that
+        // are full again long before it.
+        l.check_all(&[Some(("edge", interval, 5))], later - interval).unwrap();
+        for i in 0..99_998 {
+            l.check_all(&[Some((&format!("k{i}"), interval, 5))], t0).unwrap();
+        }
+        // At 100,000 keys nothing is forgotten yet.
+        l.check_all(&[Some(("late", interval, 5))], later).unwrap();
+        assert_eq!(l.tats.lock().unwrap().len(), 100_000);
+        // One more: every full bucket is forgotten, the edge one too.
+        l.check_all(&[Some(("last", interval, 5))], later).unwrap();
+        assert_eq!(keys(&l), ["last", "late"]);
+    }
+
+    #[test]
     fn remaining_counts_down() {
         let interval = interval_us(1.0);
         let g = gcra(None, 10_000_000, interval, 3);

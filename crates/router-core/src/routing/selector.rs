@@ -105,6 +105,33 @@ mod tests {
     }
 
     #[test]
+    fn the_failover_order_is_drawn_by_weight_without_replacement() {
+        // Equal weights: every order of three equally likely, so each
+        // position (the failover ones too) is a fair draw from what is left.
+        let three = store(&[("a", 1), ("b", 1), ("c", 1)]);
+        let snap = three.load();
+        let policy = snap.route("org", "m").unwrap();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut orders: HashMap<Vec<String>, u32> = HashMap::new();
+        for _ in 0..6_000 {
+            let c = candidates(policy, Operation::Native, &mut rng);
+            *orders.entry(ids(&c).iter().map(|s| s.to_string()).collect()).or_default() += 1;
+        }
+        assert_eq!(orders.len(), 6, "{orders:?}");
+        for (order, n) in &orders {
+            let share = f64::from(*n) / 6_000.0;
+            assert!((share - 1.0 / 6.0).abs() < 0.03, "{order:?}: {share}");
+        }
+        // Two of weight 1: each first half the time (an off-by-one in the
+        // draw would always pick the first).
+        let two = store(&[("a", 1), ("b", 1)]);
+        let snap = two.load();
+        let policy = snap.route("org", "m").unwrap();
+        let a_first = (0..2_000).filter(|_| &*candidates(policy, Operation::Native, &mut rng)[0].0.id == "a").count();
+        assert!((900..=1100).contains(&a_first), "{a_first}");
+    }
+
+    #[test]
     fn standby_comes_last_and_unroutable_backends_are_skipped() {
         let store = store(&[("standby", 0), ("a", 1), ("b", 1)]);
         let mut rng = fastrand::Rng::with_seed(1);

@@ -107,6 +107,9 @@ pub struct Wal {
     /// (seq, append time in unix ms) of records below `next_seq` and at or
     /// above the watermark, oldest first.
     times: VecDeque<(u64, u64)>,
+    /// A new segment is started past this size (`SEGMENT_BYTES`; smaller in
+    /// tests, to see segments deleted).
+    segment_bytes: u64,
 }
 
 fn unix_ms() -> u64 {
@@ -196,6 +199,7 @@ impl Wal {
             persisted_watermark: watermark,
             acked: BTreeSet::new(),
             times: VecDeque::new(),
+            segment_bytes: SEGMENT_BYTES,
         };
         let now = unix_ms();
         for (path, found) in clean_segments {
@@ -285,7 +289,7 @@ impl Wal {
     }
 
     fn active(&mut self) -> io::Result<&mut Segment> {
-        let rotate = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
+        let rotate = self.segments.last().is_none_or(|s| s.len >= self.segment_bytes);
         if rotate {
             let path = segment_path(&self.dir, self.next_seq);
             let file = OpenOptions::new().read(true).append(true).create(true).open(&path)?;

@@ -44,6 +44,119 @@ fn append_read_ack_persist_reopen() {
 }
 
 #[test]
+fn only_segments_wholly_below_the_persisted_watermark_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
+        b.segment_bytes = 1; // every append starts a segment
+        for batch in [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"]] {
+            append_ids(&mut b, &batch.map(String::from));
+        }
+        assert_eq!(segment_files(dir.path()).len(), 3);
+        for seq in 0..3 {
+            b.ack(seq);
+        }
+        assert_eq!(b.watermark(), 3);
+        b.persist_cursor().unwrap();
+        // [0, 2] is below 3 and goes; [3, 5] holds 3 and stays; the active one stays.
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        // A watermark inside the second segment deletes nothing more.
+        b.ack(3);
+        b.ack(4);
+        b.persist_cursor().unwrap();
+        assert_eq!(segment_files(dir.path()).len(), 2);
+    }
+    let (b, rec) = Wal::open(dir.path()).unwrap();
+    assert_eq!(rec.pending, 4);
+    assert_eq!(readable(&b).iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 6, 7, 8]);
+    assert!(b.oldest_ms().is_some(), "the age of what is pending is known after a restart");
+    assert!(rec.set_aside.is_empty() && rec.damaged_ranges == 0, "a clean log is not treated as damaged: {rec:?}");
+}
+
+#[test]
+fn the_oldest_record_time_is_when_it_was_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    assert_eq!(b.oldest_ms(), None);
+    append_ids(&mut b, &["a".into()]);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(b.oldest_ms().unwrap().abs_diff(now) < 60_000, "{:?} vs {now}", b.oldest_ms());
+}
+
+#[test]
+fn an_unreadable_cursor_stops_the_open_instead_of_starting_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // A cursor that cannot be read (here: a directory) is not "no cursor":
+    // starting from 0 would deliver everything again.
+    std::fs::create_dir(dir.path().join("cursor")).unwrap();
+    assert!(Wal::open(dir.path()).is_err());
+}
+
+#[test]
+fn after_a_restart_a_record_is_as_old_as_its_own_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = br#"{"request_id":"r","timestamp":"2026-01-02T03:04:05.678Z"}"#;
+    {
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
+        b.append(&[(b"r".as_slice(), payload.as_slice())]).unwrap();
+    }
+    let (b, _) = Wal::open(dir.path()).unwrap();
+    let at = humantime::parse_rfc3339("2026-01-02T03:04:05.678Z").unwrap();
+    assert_eq!(b.oldest_ms(), Some(at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64));
+}
+
+#[test]
+fn a_read_returns_at_most_what_was_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    append_ids(&mut b, &["a", "b", "c", "d", "e"].map(String::from));
+    assert_eq!(b.read_from(0, 2).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(b.read_from(3, 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+}
+
+#[test]
+fn an_entry_changed_on_disk_under_the_log_is_an_error_not_another_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    append_ids(&mut b, &["a".into()]);
+    // A well-formed entry, but numbered 5, where entry 0 was written.
+    let mut forged = Vec::new();
+    encode(5, b"a", b"a", &mut forged);
+    std::fs::write(&segment_files(dir.path())[0], &forged).unwrap();
+    let e = b.read_from(0, 10).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+}
+
+#[test]
+fn acks_outside_what_was_appended_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    append_ids(&mut b, &["a", "b", "c"].map(String::from));
+    b.ack(100);
+    b.ack(3);
+    assert_eq!((b.pending(), b.watermark()), (3, 0));
+    b.ack(0);
+    b.ack(0);
+    assert_eq!((b.pending(), b.watermark()), (2, 1), "an ack below the watermark counts once");
+}
+
+#[test]
+fn the_oldest_age_follows_the_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    for (id, at) in [("a", 1_000), ("b", 2_000), ("c", 3_000)] {
+        b.append_raw(id.as_bytes(), id.as_bytes(), at).unwrap();
+    }
+    assert_eq!(b.oldest_ms(), Some(1_000));
+    b.ack(0);
+    assert_eq!(b.oldest_ms(), Some(2_000));
+    b.ack(2);
+    assert_eq!(b.oldest_ms(), Some(2_000), "b still waits");
+    b.ack(1);
+    assert_eq!(b.oldest_ms(), None);
+}
+
+#[test]
 fn a_crash_before_the_cursor_is_written_brings_back_duplicates_not_losses() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -88,8 +201,11 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
     assert_eq!(rec.damaged_ranges, 1);
     assert_eq!(rec.damaged_bytes, entry as u64);
     assert_eq!(rec.set_aside.len(), 1);
-    assert!(rec.set_aside[0].to_string_lossy().contains(".damaged-"));
     assert!(rec.set_aside[0].exists());
+    // Named with the Unix second it was set aside.
+    let stamp: u64 = rec.set_aside[0].to_string_lossy().rsplit(".damaged-").next().unwrap().parse().unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    assert!(stamp.abs_diff(now) < 60, "{stamp} vs {now}");
     let got = ids(&readable(&b));
     let want: BTreeSet<String> = all.iter().filter(|i| *i != "record-3").cloned().collect();
     assert_eq!(got, want);
@@ -99,6 +215,35 @@ fn corruption_in_the_middle_recovers_every_intact_record() {
     let (b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.damaged_ranges, 0);
     assert_eq!(ids(&readable(&b)).len(), 9);
+}
+
+#[test]
+fn a_damaged_older_segment_leaves_no_phantom_records_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut b, _) = Wal::open(dir.path()).unwrap();
+        b.segment_bytes = 1;
+        append_ids(&mut b, &["a0".into(), "a1".into(), "a2".into()]);
+        append_ids(&mut b, &["b3".into(), "b4".into(), "b5".into()]);
+    }
+    let first = &segment_files(dir.path())[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    // Damage the middle entry of the first segment (12 + 10 + 2 * 2 bytes each).
+    let entry = 12 + 10 + 4;
+    bytes[entry + 24] ^= 0xFF;
+    std::fs::write(first, &bytes).unwrap();
+
+    let (mut b, rec) = Wal::open(dir.path()).unwrap();
+    // Five intact records; the numbers of the set-aside segment (0 to 2)
+    // are not waited for.
+    assert_eq!(rec.pending, 5);
+    let entries = readable(&b);
+    assert_eq!(ids(&entries), BTreeSet::from(["a0", "a2", "b3", "b4", "b5"].map(String::from)));
+    assert!(b.oldest_ms().is_some(), "the pending records' age is known after a restart");
+    for e in &entries {
+        b.ack(e.seq);
+    }
+    assert_eq!((b.pending(), b.watermark()), (0, b.next_seq()));
 }
 
 #[test]
@@ -113,6 +258,8 @@ fn a_torn_write_at_the_end_loses_only_the_torn_entry() {
     std::fs::write(seg, &bytes[..bytes.len() - 5]).unwrap();
     let (mut b, rec) = Wal::open(dir.path()).unwrap();
     assert_eq!(rec.damaged_ranges, 1);
+    // The torn entry's bytes, and not one more (each entry 12 + 10 + 2).
+    assert_eq!(rec.damaged_bytes, 24 - 5);
     assert_eq!(ids(&readable(&b)), BTreeSet::from(["a".to_string(), "b".to_string()]));
     // Appends continue after recovery and drain normally.
     append_ids(&mut b, &["d".into()]);
@@ -214,4 +361,59 @@ proptest! {
             prop_assert_eq!(b.pending(), now.len() as u64);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_answers_and_hands_on_each_record_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path()).unwrap();
+    let wal = std::sync::Arc::new(std::sync::Mutex::new(wal));
+    let handed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+    let sink = handed.clone();
+    let writer = Writer::spawn(
+        "wal-test",
+        wal.clone(),
+        true,
+        timer,
+        move |_, written: Vec<Written<String>>| {
+            sink.lock().unwrap().extend(written.into_iter().map(|w| (w.seq, w.extra)));
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    // Many at once, so that they share batches.
+    let answers = futures_join(&writer, 50).await;
+    let mut seqs: Vec<u64> = answers.iter().map(|(seq, _)| *seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>(), "each record its own number");
+    let mut handed = handed.lock().unwrap().clone();
+    handed.sort();
+    let mut answered: Vec<(u64, String)> = answers;
+    answered.sort();
+    assert_eq!(handed, answered, "handed on with the number its caller was given");
+    // And in the file under that number.
+    let stored = wal.lock().unwrap().read_from(0, 100).unwrap();
+    for (seq, extra) in &answered {
+        assert_eq!(&stored[*seq as usize].payload, extra.as_bytes());
+    }
+}
+
+/// `n` appends at once through `writer`: (the number each was given, its payload).
+async fn futures_join(writer: &Writer<String>, n: usize) -> Vec<(u64, String)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let w = writer.clone();
+            tokio::spawn(async move {
+                let body = format!("record-{i}");
+                let seq = w.append(std::sync::Arc::from(body.as_str()), body.clone().into_bytes(), body.clone()).await;
+                (seq.unwrap(), body)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }
