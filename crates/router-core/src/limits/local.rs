@@ -231,6 +231,94 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_admits_up_to_its_limit_exactly_releases_and_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let p = plan(Some(9), 3, None);
+        let now = SystemTime::now();
+        let k = |rid: &str| Keys::new("", "org", rid, &p, now, None);
+        for rid in ["r0", "r1", "r2"] {
+            assert!(matches!(l.reserve(&k(rid), &p, now), Decision::Allowed { .. }), "{rid}: 9 of 9 is allowed");
+        }
+        assert!(matches!(l.reserve(&k("r3"), &p, now), Decision::Budget { spent: 9 }));
+        let spent = || l.get(&k("any").spend);
+        l.finish(&k("r1"), None);
+        assert_eq!(spent(), 6, "released");
+        l.finish(&k("r0"), Some((1, 0)));
+        assert_eq!(spent(), 4, "settled to the actual cost");
+        l.finish(&k("r0"), Some((1, 0)));
+        assert_eq!(spent(), 4, "a second settlement does nothing");
+        l.finish(&k("r2"), Some((5, 0)));
+        assert_eq!(spent(), 6, "an actual cost above the estimate is charged");
+    }
+
+    #[test]
+    fn a_token_quota_admits_what_fits_and_refuses_what_is_used_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let p = Plan { quota_tokens: Some(10), tokens: 5, ..plan(None, 0, None) };
+        let now = SystemTime::now();
+        let k = |rid: &str| Keys::new("", "org", rid, &p, now, None);
+        assert!(matches!(l.reserve(&k("a"), &p, now), Decision::Allowed { .. }));
+        assert!(matches!(l.reserve(&k("b"), &p, now), Decision::Allowed { .. }), "5 + 5 fits in 10");
+        assert!(matches!(l.reserve(&k("c"), &p, now), Decision::QuotaTokens { used: 10 }));
+        // Used up by what was actually counted, even for a request of no estimate.
+        let small = Plan { tokens: 0, ..p };
+        assert!(matches!(l.reserve(&k("d"), &small, now), Decision::QuotaTokens { used: 10 }));
+        l.finish(&k("a"), Some((0, 2)));
+        assert_eq!(l.get(&k("any").tokens), 7);
+        assert!(matches!(l.reserve(&k("e"), &Plan { tokens: 3, ..p }, now), Decision::Allowed { .. }));
+        assert!(matches!(l.reserve(&k("f"), &Plan { tokens: 1, ..p }, now), Decision::QuotaTokens { used: 10 }));
+        // Released: 7 used again; 4 more would not fit, 3 would.
+        l.finish(&k("e"), None);
+        assert_eq!(l.get(&k("any").tokens), 7);
+        assert!(matches!(l.reserve(&k("g"), &Plan { tokens: 4, ..p }, now), Decision::QuotaTokens { used: 7 }));
+    }
+
+    #[test]
+    fn a_request_quota_admits_exactly_its_count_and_a_release_gives_one_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let p = plan(None, 0, Some(2));
+        let now = SystemTime::now();
+        let k = |rid: &str| Keys::new("", "org", rid, &p, now, None);
+        assert!(matches!(l.reserve(&k("a"), &p, now), Decision::Allowed { .. }));
+        assert!(matches!(l.reserve(&k("b"), &p, now), Decision::Allowed { .. }), "2 of 2");
+        assert!(matches!(l.reserve(&k("c"), &p, now), Decision::QuotaRequests { used: 2 }));
+        l.finish(&k("a"), None);
+        assert_eq!(l.get(&k("any").requests), 1);
+        assert!(matches!(l.reserve(&k("d"), &p, now), Decision::Allowed { .. }));
+    }
+
+    #[test]
+    fn a_past_periods_spend_does_not_count_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let p = plan(Some(9), 3, None);
+        let then = SystemTime::now() - Duration::from_secs(5 * 86_400);
+        let old = Keys::new("", "org", "old", &p, then, None);
+        assert!(matches!(l.reserve(&old, &p, then), Decision::Allowed { .. }));
+        // Its counter has expired: read now, it is 0, and it is not saved.
+        assert_eq!(l.get(&old.spend), 0);
+        l.save().unwrap();
+        let saved = std::fs::read_to_string(dir.path().join("ledger.json")).unwrap();
+        assert!(!saved.contains(&old.spend), "{saved}");
+        // A counter of today's is saved and read back.
+        let now = SystemTime::now();
+        let today = Keys::new("", "org", "new", &p, now, None);
+        assert!(matches!(l.reserve(&today, &p, now), Decision::Allowed { .. }));
+        l.save().unwrap();
+        assert_eq!(Ledger::open(dir.path()).unwrap().get(&today.spend), 3);
+    }
+
+    #[test]
+    fn an_unreadable_ledger_stops_the_open_instead_of_starting_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("ledger.json")).unwrap();
+        assert!(Ledger::open(dir.path()).is_err());
+    }
+
+    #[test]
     fn a_keys_budget_applies_on_top_of_its_organizations_and_settles_both() {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::open(dir.path()).unwrap();
