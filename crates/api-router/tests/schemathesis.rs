@@ -35,15 +35,25 @@ fn run(router: &Router, label: &str, filter: &[&str], headers: &[String]) {
     for h in headers {
         cmd.args(["-H", h]);
     }
-    let t0 = std::time::Instant::now();
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("schemathesis ({label}): {:.1} s", t0.elapsed().as_secs_f64());
-    assert!(
-        out.status.success(),
-        "schemathesis ({label}) found problems:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A failed check is the router's; a "Runtime Error" inside schemathesis
+    // or Hypothesis themselves (seen once: a recursion-depth mismatch while
+    // Hypothesis described a lambda) is the tool's, and is run again once.
+    for attempt in 1..=2 {
+        let t0 = std::time::Instant::now();
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("schemathesis ({label}): {:.1} s", t0.elapsed().as_secs_f64());
+        if out.status.success() {
+            return;
+        }
+        let tool_error = !stdout.contains("FAILURES") && stdout.contains("Runtime Error");
+        assert!(
+            tool_error && attempt == 1,
+            "schemathesis ({label}) found problems:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("schemathesis ({label}): an error inside the tool, not a failed check; running it again");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
