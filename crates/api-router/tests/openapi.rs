@@ -82,10 +82,7 @@ async fn openapi_paths_exist_and_answers_match_the_schemas() {
     let oa = Mock::start("openai-1", &[]);
     let claude = Mock::start("anthropic-1", &[]);
     let router = RouterBuilder::new(&[])
-        .env(
-            "BACKEND_ENDPOINTS",
-            &format!("{},{},{}=anthropic+{}", native.endpoint(), oa.openai_endpoint(), claude.id, claude.url()),
-        )
+        .env("BACKEND_ENDPOINTS", &endpoints_of_every_kind(&native, &oa, &claude))
         .env("KAFKA_BROKERS", &format!("127.0.0.1:{}", free_port()))
         .start();
     let admin = format!("Bearer {ADMIN_TOKEN}");

@@ -62,10 +62,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
     let oa = Mock::start("openai-1", &[]);
     let claude = Mock::start("anthropic-1", &[]);
     let router = RouterBuilder::new(&[])
-        .env(
-            "BACKEND_ENDPOINTS",
-            &format!("{},{},{}=anthropic+{}", native.endpoint(), oa.openai_endpoint(), claude.id, claude.url()),
-        )
+        .env("BACKEND_ENDPOINTS", &endpoints_of_every_kind(&native, &oa, &claude))
         // Schemathesis presents made-up admin tokens by the hundred; slowing
         // them down (tests/hostile.rs checks that) would only slow the run.
         .env("ADMIN_AUTH_FREE_FAILURES", "1000000")

@@ -51,15 +51,9 @@ impl Etcd {
             &format!("test={peer}"),
         ]);
         let proc = Proc::spawn(cmd);
-        let ready = "ready to serve client requests";
-        match proc.wait_for_line(Duration::from_secs(20), |l| l.contains(ready) || l.contains("address already in use"))
-        {
-            Some(l) if l.contains(ready) => {
-                self.proc = Some(proc);
-                Ok(())
-            }
-            _ => Err(proc.lines().join("\n")),
-        }
+        proc.wait_ready(Duration::from_secs(20), "ready to serve client requests", "address already in use")?;
+        self.proc = Some(proc);
+        Ok(())
     }
 
     pub fn stop(&mut self) {

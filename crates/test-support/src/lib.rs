@@ -26,7 +26,7 @@ pub mod tls;
 pub use etcd::Etcd;
 pub use http::*;
 pub use kafka::{Broker, TOPIC, consume, distinct_keys};
-pub use mock::Mock;
+pub use mock::{Mock, endpoints_of_every_kind};
 pub use process::{Proc, free_port, log_message};
 pub use proxy::{Fault, Proxy};
 pub use raw::{Misbehaviour, RawBackend, RawReply, raw_exchange, read_until_closed};

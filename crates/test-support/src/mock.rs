@@ -104,3 +104,9 @@ fn spawn_mock(id: &str, listen: &str, args: &[String]) -> Proc {
     cmd.args(["--listen", listen, "--id", id]).args(args);
     Proc::spawn(cmd)
 }
+
+/// `BACKEND_ENDPOINTS` naming one backend of each kind the doors reach:
+/// `native` (native), `openai` (openai) and `anthropic` (anthropic).
+pub fn endpoints_of_every_kind(native: &Mock, openai: &Mock, anthropic: &Mock) -> String {
+    format!("{},{},{}=anthropic+{}", native.endpoint(), openai.openai_endpoint(), anthropic.id, anthropic.url())
+}

@@ -67,6 +67,15 @@ impl Proc {
         }
     }
 
+    /// Waits for the line saying the server is `ready`; `Err` with the
+    /// output when it says its port was `taken` first, or nothing came in time.
+    pub fn wait_ready(&self, timeout: Duration, ready: &str, taken: &str) -> Result<(), String> {
+        match self.wait_for_line(timeout, |l| l.contains(ready) || l.contains(taken)) {
+            Some(l) if l.contains(ready) => Ok(()),
+            _ => Err(self.lines().join("\n")),
+        }
+    }
+
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
         self.exited.is_some() || self.wait_exit(Duration::ZERO).is_some()

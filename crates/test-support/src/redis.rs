@@ -32,15 +32,9 @@ impl RedisServer {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         let proc = Proc::spawn(cmd);
-        let ready = "Ready to accept connections";
-        match proc.wait_for_line(Duration::from_secs(5), |l| l.contains(ready) || l.contains("Address already in use"))
-        {
-            Some(l) if l.contains(ready) => {
-                self.proc = Some(proc);
-                Ok(())
-            }
-            _ => Err(proc.lines().join("\n")),
-        }
+        proc.wait_ready(Duration::from_secs(5), "Ready to accept connections", "Address already in use")?;
+        self.proc = Some(proc);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
