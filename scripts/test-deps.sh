@@ -11,6 +11,12 @@ fi
 scripts/deps.sh protoc:protobuf-compiler curl:curl redis-server:redis-server etcd:etcd-server etcdctl:etcd-client \
   promtool:prometheus python3:python3 jq:jq
 
+# PostgreSQL's server binaries (initdb, postgres, psql): the audit tests
+# start private servers of their own. Debian keeps them off the PATH.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  scripts/deps.sh __postgresql__:postgresql
+fi
+
 # The Kafka-protocol broker for the usage tests: tansu, built once (about
 # 8 minutes) and reused. The default features have no storage engine.
 if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then

@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use router_core::CoreSettings;
 use router_core::auth::hash_key;
 use router_core::config_service::{BackendInput, BackendSpec, ConfigState};
+use router_core::limits::redis::RedisTarget;
 use router_core::limits::{BudgetServiceSettings, FailureMode, LimitSettings, OrgLimits, Price, RateLimit};
 use router_core::routing::policy::PolicyInput;
 use router_core::usage::{Fsync, FullPolicy, UsageSettings};
 use router_core::util::valid_id;
+use router_core::{AuditDatabase, CoreSettings};
 use router_etcd::EtcdSettings;
 use router_http::HttpSettings;
 use router_http::server::ServerSettings;
@@ -104,6 +105,26 @@ impl Settings {
         let audit_retention =
             Duration::from_secs(positive_u64("AUDIT_RETENTION_HOURS", var("AUDIT_RETENTION_HOURS"), 7 * 24)? * 3600);
         let audit_commit_interval = ms("AUDIT_COMMIT_INTERVAL_MS", 10)?;
+        let audit_database = match var("AUDIT_DATABASE_URL") {
+            None => None,
+            Some(url) => {
+                // The URL can hold a password: never echo it back.
+                router_core::audit::postgres::parse_url(&url).map_err(|why| {
+                    ConfigError::new(
+                        "AUDIT_DATABASE_URL",
+                        "<redacted>",
+                        format!("a PostgreSQL URL, e.g. postgres://router@db:5432/audit ({why})"),
+                    )
+                })?;
+                let ca_file = var("AUDIT_DATABASE_CA_FILE").map(PathBuf::from);
+                if let Some(path) = &ca_file {
+                    tls::load_certs("AUDIT_DATABASE_CA_FILE", path).map_err(|e| {
+                        ConfigError::new("AUDIT_DATABASE_CA_FILE", &path.display().to_string(), e.to_string())
+                    })?;
+                }
+                Some(AuditDatabase { url, ca_file })
+            }
+        };
         let decisions_capacity = positive_u64("DECISIONS_CAPACITY", var("DECISIONS_CAPACITY"), 10_000)? as usize;
         let upstream_cooldown_max =
             Duration::from_secs(positive_u64("UPSTREAM_COOLDOWN_MAX_SECS", var("UPSTREAM_COOLDOWN_MAX_SECS"), 60)?);
@@ -247,6 +268,7 @@ impl Settings {
                 )? as usize,
                 audit_retention,
                 audit_commit_interval,
+                audit_database,
                 decisions_capacity,
                 upstream_cooldown_max,
                 limits,
@@ -390,6 +412,45 @@ fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings
     if let Some(url) = redis_url.as_ref().filter(|u| !u.starts_with("redis://") && !u.starts_with("unix://")) {
         return Err(ConfigError::new("REDIS_URL", url, "a redis:// URL, e.g. redis://127.0.0.1:6379"));
     }
+    let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "api-router".into());
+    let redis = match (redis_url, var("REDIS_CLUSTER_URLS")) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER_URLS",
+                "<set>",
+                "either REDIS_URL (one Redis) or REDIS_CLUSTER_URLS (a Redis Cluster), not both",
+            ));
+        }
+        (Some(url), None) => Some(RedisTarget::Single(url)),
+        (None, Some(list)) => {
+            let urls: Vec<String> =
+                list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect();
+            if urls.is_empty() || urls.iter().any(|u| !u.starts_with("redis://")) {
+                // The URLs can hold a password: never echo them back.
+                return Err(ConfigError::new(
+                    "REDIS_CLUSTER_URLS",
+                    "<redacted>",
+                    "comma-separated redis:// URLs of seed nodes, e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+                ));
+            }
+            if prefix.contains(['{', '}']) {
+                return Err(ConfigError::new(
+                    "REDIS_KEY_PREFIX",
+                    &prefix,
+                    "no { or } with REDIS_CLUSTER_URLS (the organization's hash tag must be the key's first)",
+                ));
+            }
+            let replica_acks =
+                match var("REDIS_CLUSTER_REPLICA_ACKS") {
+                    None => 0,
+                    Some(v) => v.trim().parse::<u32>().ok().filter(|n| *n <= 16).ok_or_else(|| {
+                        ConfigError::new("REDIS_CLUSTER_REPLICA_ACKS", &v, "a whole number from 0 to 16")
+                    })?,
+                };
+            Some(RedisTarget::Cluster { urls, replica_acks })
+        }
+        (None, None) => None,
+    };
     let budget_service = match var("BUDGET_SERVICE_URL") {
         None => None,
         Some(url) => {
@@ -417,11 +478,10 @@ fn limit_settings(var: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings
             })
         }
     };
-    let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "api-router".into());
     Ok(LimitSettings {
         default_rate: (rps > 0.0).then_some(RateLimit { requests_per_second: rps, burst }),
         failure_mode,
-        redis_url,
+        redis,
         redis_timeout: Duration::from_millis(positive_u64("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS"), 250)?),
         redis_prefix: format!("{prefix}:"),
         default_request_cost: number("BUDGET_DEFAULT_REQUEST_COST", 0.0)?,
@@ -595,6 +655,75 @@ mod tests {
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_audit_database_url_is_checked_and_never_echoed() {
+        let ok = settings(&[("AUDIT_DATABASE_URL", "postgres://router:pw@db:5432/audit")]).unwrap();
+        let db = ok.core.audit_database.expect("PostgreSQL configured");
+        assert_eq!(db.url, "postgres://router:pw@db:5432/audit");
+        assert!(!format!("{db:?}").contains("pw@"), "Debug hides the URL");
+        assert!(settings(&[]).unwrap().core.audit_database.is_none(), "the embedded store by default");
+        for bad in ["mysql://router:s3cret@db/audit", "postgres://", "host=db sslmode=sometimes password=s3cret"] {
+            let e = settings(&[("AUDIT_DATABASE_URL", bad)]).unwrap_err();
+            assert_eq!(e.setting, "AUDIT_DATABASE_URL", "{bad}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_audit_database_ca_file_is_refused() {
+        let e =
+            settings(&[("AUDIT_DATABASE_URL", "postgres://db/audit"), ("AUDIT_DATABASE_CA_FILE", "/nonexistent.pem")])
+                .unwrap_err();
+        assert_eq!(e.setting, "AUDIT_DATABASE_CA_FILE");
+    }
+
+    #[test]
+    fn redis_cluster_urls_are_parsed() {
+        let s = settings(&[("REDIS_CLUSTER_URLS", " redis://10.0.0.1:6379, redis://10.0.0.2:6379 ,")]).unwrap();
+        assert_eq!(
+            s.core.limits.redis,
+            Some(RedisTarget::Cluster {
+                urls: vec!["redis://10.0.0.1:6379".into(), "redis://10.0.0.2:6379".into()],
+                replica_acks: 0
+            })
+        );
+        let s = settings(&[("REDIS_CLUSTER_URLS", "redis://a:1"), ("REDIS_CLUSTER_REPLICA_ACKS", "1")]).unwrap();
+        assert!(matches!(s.core.limits.redis, Some(RedisTarget::Cluster { replica_acks: 1, .. })));
+        let s = settings(&[("REDIS_URL", "redis://a:1")]).unwrap();
+        assert_eq!(s.core.limits.redis, Some(RedisTarget::Single("redis://a:1".into())));
+    }
+
+    #[test]
+    fn redis_url_and_redis_cluster_urls_together_are_refused() {
+        let e = settings(&[("REDIS_URL", "redis://a:1"), ("REDIS_CLUSTER_URLS", "redis://b:1")]).unwrap_err();
+        assert_eq!(e.setting, "REDIS_CLUSTER_URLS");
+    }
+
+    #[test]
+    fn a_cluster_seed_that_is_not_a_redis_url_is_refused_without_echo() {
+        for bad in [" , ", "http://user:s3cret@a:1", "redis://a:1,10.0.0.2:6379"] {
+            let e = settings(&[("REDIS_CLUSTER_URLS", bad)]).unwrap_err();
+            assert_eq!(e.setting, "REDIS_CLUSTER_URLS", "{bad:?}");
+            assert!(!e.to_string().contains("s3cret"));
+        }
+    }
+
+    #[test]
+    fn a_key_prefix_with_a_brace_is_refused_on_a_cluster() {
+        let e = settings(&[("REDIS_CLUSTER_URLS", "redis://a:1"), ("REDIS_KEY_PREFIX", "x{y}")]).unwrap_err();
+        assert_eq!(e.setting, "REDIS_KEY_PREFIX");
+        assert!(settings(&[("REDIS_URL", "redis://a:1"), ("REDIS_KEY_PREFIX", "x{y}")]).is_ok(), "fine on one Redis");
+    }
+
+    #[test]
+    fn bad_replica_acks_are_refused() {
+        for bad in ["-1", "two", "17"] {
+            let e =
+                settings(&[("REDIS_CLUSTER_URLS", "redis://a:1"), ("REDIS_CLUSTER_REPLICA_ACKS", bad)]).unwrap_err();
+            assert_eq!(e.setting, "REDIS_CLUSTER_REPLICA_ACKS", "{bad}");
+        }
     }
 
     #[test]

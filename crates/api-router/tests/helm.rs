@@ -105,9 +105,36 @@ fn every_optional_part_renders() {
         "no dashboard ConfigMap"
     );
     // Without persistence the workload is a Deployment with an emptyDir.
-    let plain = template("image.tag=0.1.0");
+    let plain = template("persistence.enabled=false");
     let deploy = kind(&plain, "Deployment");
     assert!(deploy["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap().iter().any(|v| v["name"] == "data"));
+}
+
+/// The defaults lose nothing when a pod goes: a StatefulSet with a volume
+/// claim per pod, and the shared stores' connection strings from a Secret
+/// (optional keys, so that a default install starts without them).
+#[test]
+fn the_defaults_render_a_statefulset_with_a_volume_per_pod_and_datastores_from_a_secret() {
+    let docs = template("image.tag=0.1.0");
+    assert!(!docs.iter().any(|d| d["kind"] == "Deployment"), "the default is not a Deployment");
+    let sts = kind(&docs, "StatefulSet");
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["metadata"]["name"], "data");
+    assert_eq!(claim["spec"]["accessModes"][0], "ReadWriteOnce");
+    let pod = &sts["spec"]["template"]["spec"];
+    assert!(!pod["volumes"].as_sequence().unwrap().iter().any(|v| v["name"] == "data"), "no emptyDir");
+    let env = pod["containers"][0]["env"].as_sequence().unwrap();
+    for (var, key) in [("AUDIT_DATABASE_URL", "audit-database-url"), ("REDIS_CLUSTER_URLS", "redis-cluster-urls")] {
+        let e = env.iter().find(|e| e["name"] == var).unwrap_or_else(|| panic!("{var} not rendered"));
+        let r = &e["valueFrom"]["secretKeyRef"];
+        assert_eq!(r["name"], "api-router-datastores", "{var}");
+        assert_eq!(r["key"], key, "{var}");
+        assert_eq!(r["optional"], true, "{var}");
+    }
+    // Without the Secret's name, neither is rendered.
+    let docs = template("secretRefs.datastores.name=");
+    let env = kind(&docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+    assert!(!env.as_sequence().unwrap().iter().any(|e| e["name"] == "AUDIT_DATABASE_URL"));
 }
 
 #[test]
@@ -168,6 +195,12 @@ fn every_documented_variable_is_in_the_chart() {
             "ADMIN_TOKEN" => {
                 let e = c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "ADMIN_TOKEN").unwrap();
                 assert!(e["value"].is_null() && !e["valueFrom"]["secretKeyRef"].is_null());
+            }
+            // Connection strings: from the datastores Secret, never in values.
+            "AUDIT_DATABASE_URL" | "REDIS_CLUSTER_URLS" => {
+                assert!(!in_values.contains_key(var.as_str()), "a connection string in values.yaml");
+                let e = c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == var.as_str()).unwrap();
+                assert!(e["value"].is_null() && !e["valueFrom"]["secretKeyRef"].is_null(), "{var}");
             }
             "INSTANCE_ID" | "TLS_CERT_FILE" | "TLS_KEY_FILE" => assert!(rendered.contains(&var.as_str()), "{var}"),
             _ => {

@@ -27,7 +27,7 @@ async fn startup_logs_status_endpoints_and_metrics() {
     assert_eq!(j["status"], "ready");
     assert_eq!(
         j["components"],
-        json!({"redis": "not_configured", "kafka": "not_configured", "config_service": "not_configured", "backend_registry": "healthy"})
+        json!({"redis": "not_configured", "kafka": "not_configured", "config_service": "not_configured", "backend_registry": "healthy", "audit_store": "healthy"})
     );
     assert_eq!(j["build"]["version"], env!("CARGO_PKG_VERSION"));
     assert!(j["build"]["commit"].is_string() && j["build"]["build_time"].is_string());

@@ -417,3 +417,154 @@ async fn sequential_ok(router: &Router, key: &str, n: usize) -> usize {
     }
     ok
 }
+
+fn with_cluster(b: RouterBuilder, cluster: &RedisCluster) -> RouterBuilder {
+    b.env("REDIS_CLUSTER_URLS", &cluster.urls()).env("REDIS_TIMEOUT_MS", "2000")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_three_replicas_share_one_rate_limit_and_one_budget() {
+    let cluster = RedisCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = slow_backend();
+    let config = price_file(tmp.path());
+    let routers: Vec<Router> = (0..3)
+        .map(|_| {
+            with_cluster(RouterBuilder::new(&[&m1]), &cluster)
+                .env("ROUTER_CONFIG", config.to_str().unwrap())
+                .env("RATE_LIMIT_DEFAULT_RPS", "20")
+                .env("RATE_LIMIT_BURST_SIZE", "20")
+                .start()
+        })
+        .collect();
+    for r in &routers {
+        let connected =
+            r.proc.lines().into_iter().find(|l| log_message(l).as_deref() == Some("Redis connected for rate limiting"));
+        assert!(connected.is_some_and(|l| l.contains("\"cluster\":true")), "{:?}", r.proc.lines());
+        assert_eq!(r.readiness().await["components"]["redis"], "healthy");
+        set_limits(r, "org-a", json!({"budget": {"amount": 0.30, "period": "monthly"}})).await;
+    }
+    let refs: Vec<&Router> = routers.iter().collect();
+    assert_exactly_ten_of_fifty(&refs, &m1).await;
+    settled_spend(&routers[1], "org-a", 0.30).await;
+
+    // org-b has no budget: the rate limit alone, hammered through all three.
+    let window = Duration::from_secs(3);
+    let start = Instant::now();
+    let before = m1.requests().await as usize;
+    let mut tasks = Vec::new();
+    for r in &routers {
+        for _ in 0..3 {
+            let url = r.url("/v1/inference");
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut limited) = (0usize, 0usize);
+                while start.elapsed() < window {
+                    let resp = send(Method::POST, &url, &[("x-api-key", KEY_B)], r#"{"model":"m"}"#).await;
+                    match resp.status.as_u16() {
+                        200 => ok += 1,
+                        429 => limited += 1,
+                        other => panic!("unexpected {other}: {}", resp.text()),
+                    }
+                }
+                (ok, limited)
+            }));
+        }
+    }
+    let (mut admitted, mut limited) = (0, 0);
+    for t in tasks {
+        let (ok, l) = t.await.unwrap();
+        admitted += ok;
+        limited += l;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let max = (20.0 * elapsed) as usize + 20 + 1;
+    assert!(admitted <= max, "admitted {admitted} > {max}: replicas do not share the limit");
+    assert!(limited > 0);
+    assert_eq!(m1.requests().await as usize - before, admitted, "every admitted request reached the backend");
+
+    // Every key of an organization carries its hash tag: one slot per organization.
+    let keys = cluster.keys();
+    assert!(keys.iter().any(|k| k == "api-router:rl:{org-b}"), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("api-router:spend:{org-a}:")), "{keys:?}");
+    assert!(keys.iter().all(|k| k.contains("{org-a}") || k.contains("{org-b}")), "{keys:?}");
+}
+
+/// A master killed mid-run: while the cluster fails over, the failure mode
+/// (`closed` here) applies; afterwards the budget is still exact, because
+/// every admission was on a replica before it was answered
+/// (`REDIS_CLUSTER_REPLICA_ACKS=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_master_failed_over_mid_run_keeps_the_budget_exact() {
+    let mut cluster = RedisCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = slow_backend();
+    let config = price_file(tmp.path());
+    let routers: Vec<Router> = (0..3)
+        .map(|_| {
+            with_cluster(RouterBuilder::new(&[&m1]), &cluster)
+                .env("ROUTER_CONFIG", config.to_str().unwrap())
+                .env("RATE_LIMIT_FAILURE_MODE", "closed")
+                .env("REDIS_CLUSTER_REPLICA_ACKS", "1")
+                .start()
+        })
+        .collect();
+    // A budget for 20 requests.
+    for r in &routers {
+        set_limits(r, "org-a", json!({"budget": {"amount": 0.60, "period": "monthly"}})).await;
+    }
+    let refs: Vec<&Router> = routers.iter().collect();
+    let first = burst(&refs, KEY_A, "gpt-4o", 10).await;
+    assert_eq!(count_status(&first, 200), 10);
+
+    let master = cluster.master_of("{org-a}");
+    // Each of the 10 admissions waited for a replica (WAIT on the master).
+    let stats = RedisCluster::cli(master, &["info", "commandstats"]).unwrap();
+    assert!(stats.contains("cmdstat_wait:calls=10,"), "{stats}");
+    cluster.kill(master);
+    // Traffic while the cluster fails over: served, refused by the budget,
+    // or refused by the failure mode, nothing else.
+    let mut admitted = 10;
+    let failover_started = Instant::now();
+    let mut unavailable = 0;
+    while failover_started.elapsed() < Duration::from_secs(30) {
+        let resps = burst(&refs, KEY_A, "gpt-4o", 6).await;
+        for r in &resps {
+            match r.status.as_u16() {
+                200 => admitted += 1,
+                402 => r.assert_error(402, "budget_exceeded"),
+                503 => {
+                    r.assert_error(503, "rate_limiter_unavailable");
+                    unavailable += 1;
+                }
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+        }
+        let healthy = all_redis_healthy(&routers).await;
+        if unavailable > 0 && healthy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(unavailable > 0, "the failure mode never applied: the kill did not land");
+    cluster.wait_ok(Duration::from_secs(30));
+    assert!(
+        eventually(Duration::from_secs(20), || all_redis_healthy(&routers)).await,
+        "the routers did not see the failed-over cluster"
+    );
+    // After the failover: exactly the rest of the budget.
+    let after = burst(&refs, KEY_A, "gpt-4o", 30).await;
+    admitted += count_status(&after, 200);
+    assert_eq!(admitted, 20, "the budget of 20 admitted {admitted} across the failover");
+    let others: Vec<String> = after.iter().filter(|r| r.status != 200 && r.status != 402).map(|r| r.text()).collect();
+    assert!(others.is_empty(), "after the failover, only served or over budget: {others:?}");
+    settled_spend(&routers[0], "org-a", 0.60).await;
+}
+
+async fn all_redis_healthy(routers: &[Router]) -> bool {
+    for r in routers {
+        if r.readiness().await["components"]["redis"] != "healthy" {
+            return false;
+        }
+    }
+    true
+}

@@ -21,7 +21,7 @@ fn settings(redis_url: Option<String>) -> LimitSettings {
     LimitSettings {
         default_rate: Some(RateLimit { requests_per_second: 1e8, burst: 1_000_000 }),
         failure_mode: FailureMode::Local,
-        redis_url,
+        redis: redis_url.map(router_core::limits::redis::RedisTarget::Single),
         redis_timeout: Duration::from_millis(20),
         redis_prefix: "bench:".into(),
         default_request_cost: 0.0001,
@@ -99,7 +99,7 @@ fn main() {
         let metrics = Metrics::new();
         let transport = Transports::new(Default::default()).unwrap_or_else(|e| panic!("{e}")).default_transport();
         let url = format!("redis://127.0.0.1:{port}");
-        let redis_limits = RedisLimits::new(&url, Duration::from_millis(20), metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let redis_limits = RedisLimits::new(&router_core::limits::redis::RedisTarget::Single(url.clone()), Duration::from_millis(20), metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = redis_limits.connect().await {
             assert!(Instant::now() < deadline, "redis-server did not come up: {e}");

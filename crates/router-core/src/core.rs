@@ -52,6 +52,9 @@ pub struct CoreSettings {
     pub audit_retention: Duration,
     /// How long the audit writer gathers records before one commit.
     pub audit_commit_interval: Duration,
+    /// `AUDIT_DATABASE_URL`: PostgreSQL as the audit store, shared by every
+    /// replica; `None`: the embedded store.
+    pub audit_database: Option<AuditDatabase>,
     pub decisions_capacity: usize,
     /// The longest upstream cool-down a backend's `Retry-After` can ask for.
     pub upstream_cooldown_max: Duration,
@@ -60,6 +63,21 @@ pub struct CoreSettings {
     pub transport: TransportSettings,
     /// The routing state loaded from the environment and the file.
     pub initial_state: ConfigState,
+}
+
+/// The shared audit store's connection (`AUDIT_DATABASE_URL`). Its `Debug`
+/// hides the URL, which can hold a password.
+#[derive(Clone)]
+pub struct AuditDatabase {
+    pub url: String,
+    /// `AUDIT_DATABASE_CA_FILE`: CAs trusted for `sslmode=require`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuditDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditDatabase").field("url", &"<redacted>").field("ca_file", &self.ca_file).finish()
+    }
 }
 
 /// What stops the core from starting.
@@ -185,8 +203,15 @@ impl Core {
             Some(r) => ConfigWriter::Remote(config.clone(), r.clone()),
             None => ConfigWriter::Local(config.clone(), key_file),
         };
-        let audit = AuditStore::open(&settings.data_dir.join("audit"), metrics.clone(), settings.audit_commit_interval)
-            .map_err(|e| StartupError::Audit(e.to_string()))?;
+        let audit_dir = settings.data_dir.join("audit");
+        let audit = match &settings.audit_database {
+            None => AuditStore::open(&audit_dir, metrics.clone(), settings.audit_commit_interval),
+            Some(db) => {
+                tracing::info!("audit store: PostgreSQL (AUDIT_DATABASE_URL), shared by every replica");
+                AuditStore::open_postgres(&audit_dir, metrics.clone(), &db.url, db.ca_file.as_deref())
+            }
+        }
+        .map_err(|e| StartupError::Audit(e.to_string()))?;
         let limits = start_limits(&settings, &transports, &metrics).await?;
         let (usage, publisher) = start_usage(&settings, &metrics)?;
 
@@ -195,6 +220,7 @@ impl Core {
             Arc::new(Optional("kafka", publisher.as_ref().map(|(p, _)| p.clone()))),
             Arc::new(Optional("config_service", remote.clone())),
             Arc::new(BackendRegistry(config.clone())),
+            audit.component(),
         ];
         if limits.service().is_some() {
             components.push(Arc::new(BudgetServiceComponent(limits.clone())));
@@ -222,7 +248,7 @@ impl Core {
         let background = TaskTracker::new();
         let probe = Arc::new(TransportProbe { timeout: settings.health_check_timeout });
         background.spawn(monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone()));
-        background.spawn(audit.clone().run_retention(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
+        background.spawn(audit.clone().run(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
         background.spawn(limits.clone().run_settler(cancel.clone()));
         if let Some(r) = &remote {
             r.clone().run(&background, cancel.clone());
@@ -327,16 +353,17 @@ async fn start_limits(
 ) -> Result<Arc<Limits>, StartupError> {
     let ls = &settings.limits;
     let ledger = Arc::new(Ledger::open(&settings.data_dir.join("limits")).map_err(StartupError::Limits)?);
-    let redis = match &ls.redis_url {
+    let redis = match &ls.redis {
         None => {
             tracing::info!("REDIS_URL not set: rate limits, budgets and quotas are enforced in process");
             None
         }
-        Some(url) => {
-            let redis = RedisLimits::new(url, ls.redis_timeout, metrics.clone()).map_err(StartupError::Limits)?;
+        Some(target) => {
+            let redis = RedisLimits::new(target, ls.redis_timeout, metrics.clone()).map_err(StartupError::Limits)?;
             match redis.connect().await {
                 Ok(()) => tracing::info!(
                     timeout_ms = ls.redis_timeout.as_millis() as u64,
+                    cluster = redis.is_cluster(),
                     "Redis connected for rate limiting"
                 ),
                 Err(e) => tracing::error!(

@@ -41,6 +41,6 @@ pub mod usage;
 pub mod util;
 pub mod wal;
 
-pub use crate::core::{Core, CoreSettings, Parts, Running, StartupError};
+pub use crate::core::{AuditDatabase, Core, CoreSettings, Parts, Running, StartupError};
 pub use crate::pipeline::{Outcome, Processed, RequestError, process};
 pub use crate::request::InferenceRequest;

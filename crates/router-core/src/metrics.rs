@@ -51,6 +51,7 @@ pub struct Inner {
     pub buffer_full: prometheus::IntCounter,
     pub buffer_write_seconds: Histogram,
     pub audit_journal_seconds: Histogram,
+    pub audit_pending: prometheus::IntGauge,
     pub usage_published: IntCounterVec,
     pub config_revision: prometheus::IntGauge,
     pub config_updates: IntCounter,
@@ -279,6 +280,13 @@ impl Metrics {
                 .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
             ),
         );
+        let audit_pending = reg(
+            &r,
+            prometheus::IntGauge::new(
+                "api_router_audit_pending_records",
+                "Audit records in the journal not yet in the audit store (waiting for PostgreSQL, or for the next commit).",
+            ),
+        );
         let usage_published = counter(
             &r,
             "api_router_usage_records_published_total",
@@ -426,6 +434,7 @@ impl Metrics {
             buffer_full,
             buffer_write_seconds,
             audit_journal_seconds,
+            audit_pending,
             usage_published,
             config_revision,
             config_updates,

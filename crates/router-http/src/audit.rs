@@ -5,6 +5,7 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use router_core::audit::AuditError;
 use router_core::auth;
 use router_core::request::valid_request_id;
 
@@ -38,7 +39,10 @@ pub async fn lookup(
         .audit
         .get(&request_id, org.as_deref())
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            AuditError::Unavailable(why) => ApiError::AuditStoreUnavailable(why),
+            AuditError::Storage(why) => ApiError::Internal(why),
+        })?
         .ok_or_else(not_found)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], record).into_response())
 }

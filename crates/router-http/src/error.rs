@@ -47,6 +47,9 @@ pub enum ApiError {
     Conflict(String),
     /// etcd could not take (or this replica could not apply) an admin write.
     ConfigServiceUnavailable(String),
+    /// The audit store cannot answer a lookup now (PostgreSQL unreachable,
+    /// or this replica's records still on their way): not a 404.
+    AuditStoreUnavailable(String),
     /// The pipeline's errors: routing, backends, limits, usage.
     Request(RequestError),
     Internal(String),
@@ -139,7 +142,9 @@ impl ApiError {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::ConfigServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ConfigServiceUnavailable(_) | ApiError::AuditStoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Request(e) => request_status(e),
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -158,6 +163,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::ConfigServiceUnavailable(_) => "config_service_unavailable",
+            ApiError::AuditStoreUnavailable(_) => "audit_store_unavailable",
             ApiError::Internal(_) => "internal_error",
             ApiError::Request(e) => match e {
                 RequestError::ModelNotFound(_) => "model_not_found",
@@ -199,6 +205,9 @@ impl ApiError {
                 "missing or invalid admin token: send Authorization: Bearer <ADMIN_TOKEN>".into()
             }
             ApiError::ConfigServiceUnavailable(e) => format!("the config service (etcd) is unavailable: {e}"),
+            ApiError::AuditStoreUnavailable(e) => {
+                format!("the audit store cannot answer now ({e}); the record is not lost, retry the lookup")
+            }
             ApiError::Request(e) => e.to_string(),
             ApiError::Internal(_) => "internal error".into(),
         }
@@ -325,6 +334,7 @@ mod tests {
             (LimitError::LimiterUnavailable.into(), 503, "rate_limiter_unavailable"),
             (RecordError::BufferFull.into(), 503, "usage_buffer_full"),
             (UpdateError::Unavailable("down".into()).into(), 503, "config_service_unavailable"),
+            (ApiError::AuditStoreUnavailable("down".into()), 503, "audit_store_unavailable"),
             (UpdateError::NotFound("x".into()).into(), 404, "not_found"),
             (AuthError::InvalidKey.into(), 401, "unauthorized"),
             (AdminAuthError::Disabled.into(), 403, "admin_disabled"),

@@ -1,7 +1,8 @@
 //! Test harness, split by role: [`process`] (child processes, free ports),
 //! [`http`] (a client, JSON, metrics, waiting with a deadline), [`mock`] (the
 //! mock backend as a process), [`router`] (the router as a process),
-//! [`redis`], [`kafka`] and [`etcd`] (private servers on free ports),
+//! [`redis`] (one server, or a cluster), [`postgres`], [`kafka`] and
+//! [`etcd`] (private servers on free ports),
 //! [`proxy`] (a TCP fault proxy), [`raw`] (a backend and a client that
 //! misbehave at the byte level), [`python`] (the official
 //! SDKs driving a router), [`tls`] (certificates made
@@ -15,6 +16,7 @@ pub mod http;
 pub mod in_process;
 pub mod kafka;
 pub mod mock;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod python;
@@ -27,10 +29,11 @@ pub use etcd::Etcd;
 pub use http::*;
 pub use kafka::{Broker, TOPIC, consume, distinct_keys};
 pub use mock::{Mock, endpoints_of_every_kind};
+pub use postgres::Postgres;
 pub use process::{Proc, free_port, log_message};
 pub use proxy::{Fault, Proxy};
 pub use raw::{Misbehaviour, RawBackend, RawReply, raw_exchange, read_until_closed};
-pub use redis::RedisServer;
+pub use redis::{RedisCluster, RedisServer};
 pub use router::*;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

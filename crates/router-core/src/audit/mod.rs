@@ -1,5 +1,4 @@
-//! Audit: one record per routed request, written to an embedded database
-//! (redb) under `DATA_DIR/audit`, looked up by
+//! Audit: one record per routed request, looked up by
 //! `GET /v1/audit/requests/{requestId}`.
 //!
 //! Durable before the answer, cheap on the request path: a record is first
@@ -7,49 +6,31 @@
 //! `DATA_DIR/audit/journal`) by its group-commit thread, and the request is
 //! answered only once it is there, handed to the OS: killing the process
 //! then loses nothing (as with the usage buffer; power loss can cost the
-//! last moments, as the OS's write-back allows). Committing to redb is off
-//! the request path: one writer task gathers journaled records for a commit
-//! window (`AUDIT_COMMIT_INTERVAL_MS`, or `MAX_BATCH` records) into a single
-//! transaction, and only then are they acknowledged in the journal. At
-//! start-up, journaled records not yet acknowledged are committed first
-//! (writing a record again is harmless: same key, same value).
+//! last moments, as the OS's write-back allows). From the journal, records
+//! go to the audit store off the request path, and are acknowledged in the
+//! journal only once the store has them:
+//! - [`embedded`] (the single-node default): an embedded database under
+//!   `DATA_DIR/audit`, which only this replica can answer from;
+//! - [`postgres`] (`AUDIT_DATABASE_URL`): PostgreSQL, shared by every
+//!   replica, drained from the journal as usage is drained to Kafka, so
+//!   that a PostgreSQL outage costs no record and no request.
 //!
-//! A redb commit costs far more than an insert (page allocation, copy-on-write
-//! of the tree's path, checksums, fsync), so one commit per window rather than
-//! per record is what keeps the audit store's CPU cost per request small
-//! under load. Commits run on one dedicated thread at a lower CPU priority
-//! (nice 10) while it keeps up: where the router shares a core, a commit
-//! yields to the request path instead of delaying it. When a full batch or
-//! more is waiting, it commits at normal priority, so a saturated router
-//! cannot starve it. A lookup, and shutdown, send a flush marker through the
-//! same channel: everything journaled before it is committed first, so a
-//! lookup always sees the requests answered before it.
-//!
-//! Tables:
-//! - `records`: `(request_id, organization_id)` → record JSON. Keyed by both, so
-//!   one organization can never overwrite another's record by reusing an id.
-//! - `by_time`: `(finished_unix_ms, request_id, organization_id)` → `()`, the
-//!   retention index; a clean-up task deletes what is older than the retention.
+//! Either way a lookup on the replica that served a request finds it: the
+//! lookup first waits for what was journaled before it to reach the store.
+
+mod embedded;
+pub mod postgres;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::readiness::{Component, ComponentStatus};
 use crate::routing::decisions::DecisionType;
 use crate::wal::{Wal, Writer, Written};
-
-const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
-const BY_TIME: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_time");
-
-/// The most records written in one transaction.
-const MAX_BATCH: usize = 4096;
-const CHANNEL_CAPACITY: usize = 65_536;
-const AUDIT_CACHE_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditAttempt {
@@ -89,28 +70,26 @@ pub struct AuditRecord {
 
 #[derive(Debug)]
 pub enum AuditError {
+    /// The store failed (a write, a read, the journal).
     Storage(String),
+    /// The store cannot answer now (PostgreSQL unreachable, or records still
+    /// on their way to it): a lookup must not say "not found".
+    Unavailable(String),
 }
 
 impl std::fmt::Display for AuditError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AuditError::Storage(e) => write!(f, "audit store: {e}"),
+            AuditError::Unavailable(e) => write!(f, "the audit store is unavailable: {e}"),
         }
     }
 }
 
+impl std::error::Error for AuditError {}
+
 fn storage<E: std::fmt::Display>(e: E) -> AuditError {
     AuditError::Storage(e.to_string())
-}
-
-/// A record in the journal, on its way to the database.
-struct Journaled {
-    seq: u64,
-    request_id: Arc<str>,
-    organization_id: Arc<str>,
-    finished_ms: u64,
-    json: Vec<u8>,
 }
 
 /// What the journal writer hands on with each record.
@@ -119,90 +98,77 @@ struct Meta {
     finished_ms: u64,
 }
 
-enum Msg {
-    Records(Vec<Journaled>),
-    Flush(oneshot::Sender<()>),
+/// What the journal writer calls with each batch it has written (and the
+/// journal's pending count).
+type OnWritten = Box<dyn FnMut(u64, Vec<Written<Meta>>) + Send>;
+
+/// The keys of a journaled record, read back from its JSON.
+struct JournalKeys {
+    organization_id: String,
+    finished_ms: u64,
 }
 
-/// Cheap to clone; every clone feeds the same journal and writer.
+impl JournalKeys {
+    fn of(payload: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Keys<'a> {
+            #[serde(borrow)]
+            organization_id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            finished_at: std::borrow::Cow<'a, str>,
+        }
+        let keys: Keys<'_> = serde_json::from_slice(payload).ok()?;
+        let finished_ms = humantime::parse_rfc3339_weak(&keys.finished_at).map(unix_ms).unwrap_or(0);
+        Some(Self { organization_id: keys.organization_id.into_owned(), finished_ms })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Clone)]
+enum Store {
+    Embedded(embedded::Embedded),
+    Postgres(Arc<postgres::PgAudit>),
+}
+
+/// Cheap to clone; every clone feeds the same journal and store.
 #[derive(Clone)]
 pub struct AuditStore {
-    db: Arc<Database>,
     journal: Writer<Meta>,
-    tx: mpsc::Sender<Msg>,
+    store: Store,
 }
 
-/// How often the journal's watermark is written down (a record committed but
-/// not yet written down is committed again after a restart: harmless).
-const CURSOR_EVERY: Duration = Duration::from_secs(1);
-
 impl AuditStore {
-    /// Opens (or creates) `dir/audit.redb` and `dir/journal`, commits what the
-    /// journal holds from before a restart, and starts the journal thread and
-    /// the writer task (on the current Tokio runtime).
+    /// The embedded store: opens (or creates) `dir/audit.redb` and
+    /// `dir/journal`, commits what the journal holds from before a restart,
+    /// and starts its writer (on the current Tokio runtime).
     pub fn open(dir: &Path, metrics: Metrics, window: Duration) -> Result<Self, AuditError> {
-        std::fs::create_dir_all(dir).map_err(storage)?;
-        // redb caches up to 1 GiB by default; the audit store is written far
-        // more than it is read, so a small cache (read cache and write buffer
-        // together) keeps the router's memory flat.
-        let db = Arc::new(
-            redb::Builder::new().set_cache_size(AUDIT_CACHE_BYTES).create(dir.join("audit.redb")).map_err(storage)?,
-        );
-        {
-            let txn = db.begin_write().map_err(storage)?;
-            txn.open_table(RECORDS).map_err(storage)?;
-            txn.open_table(BY_TIME).map_err(storage)?;
-            txn.commit().map_err(storage)?;
-        }
-        let (wal, recovery) = Wal::open(&dir.join("journal")).map_err(storage)?;
-        if recovery.damaged_ranges > 0 {
-            tracing::error!(
-                damaged_ranges = recovery.damaged_ranges,
-                "audit journal had damaged entries; intact records recovered"
-            );
-        }
-        let wal = Arc::new(Mutex::new(wal));
-        let replayed = replay(&db, &wal)?;
-        if replayed > 0 {
-            metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
-            tracing::info!(records = replayed, "audit records journaled before the restart committed");
-        }
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let (jobs, jobs_rx) = std::sync::mpsc::channel::<CommitJob>();
-        let commit_db = db.clone();
-        std::thread::Builder::new()
-            .name("audit-commit".into())
-            .spawn(move || committer(commit_db, jobs_rx))
-            .map_err(storage)?;
-        let (forward, failures) = (tx.clone(), metrics.clone());
-        let journal = Writer::spawn(
-            "audit-journal",
-            wal.clone(),
-            false,
-            metrics.audit_journal_seconds.clone(),
-            move |_, written: Vec<Written<Meta>>| {
-                let records = written
-                    .into_iter()
-                    .map(|w| Journaled {
-                        seq: w.seq,
-                        request_id: w.key,
-                        organization_id: w.extra.organization_id,
-                        finished_ms: w.extra.finished_ms,
-                        json: w.payload,
-                    })
-                    .collect();
-                // Waits for room when the database is far behind: the
-                // requests wait with it, and nothing is dropped.
-                let _ = forward.blocking_send(Msg::Records(records));
-            },
-            move |e, records| {
-                failures.audit_records.with_label_values(&["error"]).inc_by(records as u64);
-                tracing::error!(error = %e, records, "audit journal write failed; refusing these requests");
-            },
-        )
-        .map_err(storage)?;
-        tokio::spawn(writer(rx, jobs, metrics, window, wal));
-        Ok(Self { db, journal, tx })
+        let wal = open_journal(dir)?;
+        let (store, on_written) = embedded::Embedded::open(dir, metrics.clone(), window, wal.clone())?;
+        let journal = spawn_journal(wal, &metrics, on_written)?;
+        Ok(Self { journal, store: Store::Embedded(store) })
+    }
+
+    /// PostgreSQL: the journal under `dir/journal`, drained to the database
+    /// by [`AuditStore::run`]. Does not wait for PostgreSQL: records wait in
+    /// the journal until it answers. `ca_file`: extra CAs for `sslmode=require`.
+    pub fn open_postgres(dir: &Path, metrics: Metrics, url: &str, ca_file: Option<&Path>) -> Result<Self, AuditError> {
+        let config = postgres::parse_url(url).map_err(AuditError::Storage)?;
+        let tls = if postgres::wants_tls(&config) {
+            let spec = router_providers::transport::tls::TlsSpec {
+                ca_file: ca_file.map(Path::to_path_buf),
+                ..Default::default()
+            };
+            Some(Arc::new(spec.client_config(&[]).map_err(storage)?))
+        } else {
+            None
+        };
+        let wal = open_journal(dir)?;
+        let (store, on_written) = postgres::PgAudit::new(postgres::plain(config), tls, metrics.clone(), wal.clone());
+        let journal = spawn_journal(wal, &metrics, on_written)?;
+        Ok(Self { journal, store: Store::Postgres(store) })
     }
 
     /// Journals a record; returns once it is in the journal's file. `Err`:
@@ -213,255 +179,100 @@ impl AuditStore {
         self.journal.append(record.request_id.clone(), json, meta).await.map(drop).map_err(storage)
     }
 
-    /// Waits until everything journaled so far is committed.
+    /// Waits until everything journaled so far is in the store (with
+    /// PostgreSQL unreachable, until it is back: callers bound the wait).
     pub async fn flush(&self) {
-        let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
-            let _ = done.await;
+        match &self.store {
+            Store::Embedded(s) => s.flush().await,
+            Store::Postgres(s) => s.flush().await,
         }
     }
 
     /// The record JSON for `request_id`. With `org`, only that organization's
     /// record; without (admin), the most recent of any organization.
     pub async fn get(&self, request_id: &str, org: Option<&str>) -> Result<Option<Vec<u8>>, AuditError> {
-        // Commit what is queued, so that every request answered before this
-        // lookup can be found.
-        self.flush().await;
-        let db = self.db.clone();
-        let request_id = request_id.to_string();
-        let org = org.map(str::to_string);
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(storage)?;
-            let table = txn.open_table(RECORDS).map_err(storage)?;
-            if let Some(org) = org {
-                return Ok(table
-                    .get((request_id.as_str(), org.as_str()))
-                    .map_err(storage)?
-                    .map(|v| v.value().to_vec()));
-            }
-            // All organizations' records with this id are adjacent in key order.
-            let mut found: Option<Vec<u8>> = None;
-            for entry in table.range((request_id.as_str(), "")..).map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                if k.value().0 != request_id {
-                    break;
-                }
-                found = Some(v.value().to_vec());
-            }
-            Ok(found)
-        })
-        .await
-        .map_err(storage)?
-    }
-
-    /// Deletes records that finished before `cutoff`. Returns how many.
-    pub fn prune(&self, cutoff: SystemTime) -> Result<usize, AuditError> {
-        let cutoff_ms = unix_ms(cutoff);
-        let txn = self.db.begin_write().map_err(storage)?;
-        let mut removed = 0;
-        {
-            let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
-            let mut records = txn.open_table(RECORDS).map_err(storage)?;
-            let old = by_time.extract_from_if(..(cutoff_ms, "", ""), |_, _| true).map_err(storage)?;
-            for entry in old {
-                let (k, _) = entry.map_err(storage)?;
-                let (_, rid, org) = k.value();
-                records.remove((rid, org)).map_err(storage)?;
-                removed += 1;
-            }
+        match &self.store {
+            Store::Embedded(s) => s.get(request_id, org).await,
+            Store::Postgres(s) => s.get(request_id, org).await,
         }
-        txn.commit().map_err(storage)?;
-        Ok(removed)
     }
 
-    /// Runs `prune` every `every` until cancelled.
-    pub async fn run_retention(
-        self,
-        retention: Duration,
-        every: Duration,
-        cancel: tokio_util::sync::CancellationToken,
-    ) {
+    /// Deletes records that finished before `cutoff` (with PostgreSQL, the
+    /// daily partitions wholly before it). Returns how many records (with
+    /// PostgreSQL, partitions) went.
+    pub async fn prune(&self, cutoff: SystemTime) -> Result<usize, AuditError> {
+        match &self.store {
+            Store::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.prune(cutoff)).await.map_err(storage)?
+            }
+            Store::Postgres(s) => s.prune(cutoff).await,
+        }
+    }
+
+    /// The store's background work until cancelled: retention every `every`
+    /// and, with PostgreSQL, the drainer from the journal.
+    pub async fn run(self, retention: Duration, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+        let drainer = match &self.store {
+            Store::Postgres(s) => Some(tokio::spawn(s.clone().run_drainer(cancel.clone()))),
+            Store::Embedded(_) => None,
+        };
         loop {
+            let cutoff = SystemTime::now() - retention;
+            match self.prune(cutoff).await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "audit retention removed old records"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "audit retention failed"),
+            }
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
-            let store = self.clone();
-            let cutoff = SystemTime::now() - retention;
-            match tokio::task::spawn_blocking(move || store.prune(cutoff)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    tracing::info!(removed = n, "audit retention removed old records")
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
-                Err(e) => tracing::error!(error = %e, "audit retention task failed"),
-            }
         }
+        if let Some(d) = drainer {
+            let _ = d.await;
+        }
+    }
+
+    /// The `audit_store` readiness component.
+    pub fn component(&self) -> Arc<dyn Component> {
+        Arc::new(self.clone())
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Commits whatever the journal holds from before a restart; acknowledges
-/// it. Returns how many records.
-fn replay(db: &Database, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
-    #[derive(serde::Deserialize)]
-    struct Keys<'a> {
-        #[serde(borrow)]
-        organization_id: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        finished_at: std::borrow::Cow<'a, str>,
+impl Component for AuditStore {
+    fn name(&self) -> &'static str {
+        "audit_store"
     }
-    let mut wal = wal.lock().unwrap_or_else(|p| p.into_inner());
-    let mut replayed = 0;
-    loop {
-        let entries = wal.read_from(wal.watermark(), MAX_BATCH).map_err(storage)?;
-        if entries.is_empty() {
-            break;
-        }
-        let mut batch = Vec::with_capacity(entries.len());
-        for e in &entries {
-            // An entry that is not a record (it cannot be: the crc matched)
-            // is acknowledged and skipped rather than blocking the rest.
-            let Ok(keys) = serde_json::from_slice::<Keys<'_>>(&e.payload) else { continue };
-            let finished = humantime::parse_rfc3339_weak(&keys.finished_at).map(unix_ms).unwrap_or(0);
-            batch.push(Journaled {
-                seq: e.seq,
-                request_id: Arc::from(String::from_utf8_lossy(&e.key).as_ref()),
-                organization_id: Arc::from(keys.organization_id.as_ref()),
-                finished_ms: finished,
-                json: e.payload.clone(),
-            });
-        }
-        write_batch(db, &batch)?;
-        for e in &entries {
-            wal.ack(e.seq);
-        }
-        replayed += batch.len() as u64;
-    }
-    wal.persist_cursor().map_err(storage)?;
-    Ok(replayed)
-}
-
-/// A batch for the commit thread, whether records are piling up behind it,
-/// and where to report how it went.
-struct CommitJob {
-    batch: Vec<Journaled>,
-    behind: bool,
-    done: oneshot::Sender<(Vec<Journaled>, Result<(), AuditError>)>,
-}
-
-/// The commit thread's nice value while it keeps up: a commit then yields to
-/// the request path on a shared core. While records pile up (a full batch or
-/// more waiting) it commits at normal priority, so that a saturated router
-/// cannot starve it and grow the queue without bound.
-const NICE_WHEN_KEEPING_UP: i32 = 10;
-
-/// The commit thread: one transaction per batch. Ends when the writer task is gone.
-fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
-    let mut nice = 0;
-    while let Ok(job) = jobs.recv() {
-        let want = if job.behind { 0 } else { NICE_WHEN_KEEPING_UP };
-        if want != nice {
-            // On Linux a thread id names just this thread to setpriority(2).
-            match rustix::process::setpriority_process(Some(rustix::thread::gettid()), want) {
-                Ok(()) => nice = want,
-                Err(e) => {
-                    tracing::debug!(error = %e, nice = want, "could not change the audit commit thread's priority")
-                }
-            }
-        }
-        let result = write_batch(&db, &job.batch);
-        let _ = job.done.send((job.batch, result));
+    fn status(&self) -> ComponentStatus {
+        let healthy = match &self.store {
+            Store::Embedded(s) => s.is_healthy(),
+            Store::Postgres(s) => s.is_healthy(),
+        };
+        if healthy { ComponentStatus::Healthy } else { ComponentStatus::Unhealthy }
     }
 }
 
-/// The writer: gathers journaled records for up to `window` after the first
-/// (less when a flush is asked for or `MAX_BATCH` is reached), has the
-/// commit thread write them in one transaction, then acknowledges them in
-/// the journal. Ends when every sender is gone.
-async fn writer(
-    mut rx: mpsc::Receiver<Msg>,
-    jobs: std::sync::mpsc::Sender<CommitJob>,
-    metrics: Metrics,
-    window: Duration,
-    wal: Arc<Mutex<Wal>>,
-) {
-    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut cursor_written = Instant::now();
-    while let Some(first) = rx.recv().await {
-        let mut batch: Vec<Journaled> = Vec::new();
-        let deadline = tokio::time::sleep(window);
-        tokio::pin!(deadline);
-        let mut next = Some(first);
-        loop {
-            match next.take() {
-                Some(Msg::Records(r)) => batch.extend(r),
-                Some(Msg::Flush(ack)) => acks.push(ack),
-                None => {}
-            }
-            if batch.len() >= MAX_BATCH || !acks.is_empty() {
-                break;
-            }
-            next = tokio::select! {
-                biased;
-                msg = rx.recv() => match msg {
-                    Some(msg) => Some(msg),
-                    None => break,
-                },
-                _ = &mut deadline => break,
-            };
-        }
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            let (done, result) = oneshot::channel();
-            let behind = batch.len() >= MAX_BATCH || rx.len() >= MAX_BATCH;
-            let outcome = match jobs.send(CommitJob { batch, behind, done }) {
-                Ok(()) => result.await.ok(),
-                Err(_) => None,
-            };
-            match outcome {
-                Some((batch, Ok(()))) => {
-                    metrics.audit_records.with_label_values(&["written"]).inc_by(n);
-                    let mut w = wal.lock().unwrap_or_else(|p| p.into_inner());
-                    for r in &batch {
-                        w.ack(r.seq);
-                    }
-                    if !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY {
-                        if let Err(e) = w.persist_cursor() {
-                            tracing::warn!(error = %e, "cannot write the audit journal's watermark");
-                        }
-                        cursor_written = Instant::now();
-                    }
-                }
-                // The records stay in the journal: committed after a restart.
-                Some((_, Err(e))) => {
-                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
-                    tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
-                }
-                None => tracing::error!(records = n, "the audit commit thread stopped"),
-            }
-        }
-        for ack in acks.drain(..) {
-            let _ = ack.send(());
-        }
+fn open_journal(dir: &Path) -> Result<Arc<Mutex<Wal>>, AuditError> {
+    std::fs::create_dir_all(dir).map_err(storage)?;
+    let (wal, recovery) = Wal::open(&dir.join("journal")).map_err(storage)?;
+    if recovery.damaged_ranges > 0 {
+        tracing::error!(
+            damaged_ranges = recovery.damaged_ranges,
+            "audit journal had damaged entries; intact records recovered"
+        );
     }
+    Ok(Arc::new(Mutex::new(wal)))
 }
 
-fn write_batch(db: &Database, batch: &[Journaled]) -> Result<(), AuditError> {
-    let txn = db.begin_write().map_err(storage)?;
-    {
-        let mut records = txn.open_table(RECORDS).map_err(storage)?;
-        let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
-        for r in batch {
-            let key = (&*r.request_id, &*r.organization_id);
-            records.insert(key, r.json.as_slice()).map_err(storage)?;
-            by_time.insert((r.finished_ms, key.0, key.1), ()).map_err(storage)?;
-        }
-    }
-    txn.commit().map_err(storage)
+/// The journal's group-commit thread, handing each written batch to the store.
+fn spawn_journal(wal: Arc<Mutex<Wal>>, metrics: &Metrics, on_written: OnWritten) -> Result<Writer<Meta>, AuditError> {
+    let failures = metrics.clone();
+    Writer::spawn("audit-journal", wal, false, metrics.audit_journal_seconds.clone(), on_written, move |e, records| {
+        failures.audit_records.with_label_values(&["error"]).inc_by(records as u64);
+        tracing::error!(error = %e, records, "audit journal write failed; refusing these requests");
+    })
+    .map_err(storage)
 }
 
 #[cfg(test)]
@@ -550,7 +361,7 @@ mod tests {
         store.record(&record("old", "o", now - Duration::from_secs(8 * 86400))).await.unwrap();
         store.record(&record("new", "o", now)).await.unwrap();
         store.flush().await;
-        assert_eq!(store.prune(now - Duration::from_secs(7 * 86400)).unwrap(), 1);
+        assert_eq!(store.prune(now - Duration::from_secs(7 * 86400)).await.unwrap(), 1);
         assert!(store.get("old", Some("o")).await.unwrap().is_none());
         assert!(store.get("new", Some("o")).await.unwrap().is_some());
     }

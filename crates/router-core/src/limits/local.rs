@@ -404,3 +404,67 @@ mod tests {
         assert!(names.iter().any(|n| n.starts_with("ledger.json.damaged-")), "{names:?}");
     }
 }
+
+#[cfg(test)]
+mod key_names {
+    use super::*;
+    use crate::limits::KeyPlan;
+    use crate::limits::period::Period;
+
+    fn plan_with_key() -> Plan {
+        Plan {
+            rate: Some((1000, 10)),
+            budget: Some((5, Period::Monthly)),
+            cost_micros: 1,
+            quota_requests: Some(3),
+            quota_tokens: Some(3),
+            quota_period: Period::Daily,
+            tokens: 0,
+            key: Some(KeyPlan { rate: Some((1000, 1)), budget: Some(1), period: Period::Monthly }),
+        }
+    }
+
+    fn all(k: &Keys) -> [&str; 8] {
+        [&k.rate, &k.spend, &k.requests, &k.tokens, &k.reservation, &k.key_rate, &k.key_spend, &k.key_tokens]
+    }
+
+    /// Redis Cluster hashes only what is inside the first `{...}`: every key
+    /// one admission touches must have the same first tag.
+    #[test]
+    fn on_a_cluster_every_key_of_an_admission_carries_the_organizations_tag() {
+        let now = SystemTime::now();
+        // Organization ids have no braces (`valid_id`), so the tag is the id.
+        for org in ["org-a", "a.b:c_1"] {
+            let k = Keys::tagged("api-router:", org, "req-1", &plan_with_key(), now, Some("key_1"));
+            let tag = |key: &str| {
+                let open = key.find('{').expect("a hash tag");
+                let close = key[open + 1..].find('}').map(|c| open + 1 + c).expect("a closed tag");
+                key[open + 1..close].to_string()
+            };
+            let first = tag(&k.rate);
+            assert_eq!(first, org);
+            for key in all(&k) {
+                assert_eq!(tag(key), first, "{key}");
+            }
+        }
+        // Two organizations: two tags.
+        let a = Keys::tagged("p:", "org-a", "r", &plan_with_key(), now, None);
+        let b = Keys::tagged("p:", "org-b", "r", &plan_with_key(), now, None);
+        assert_ne!(a.rate, b.rate);
+        assert_eq!(a.rate, "p:rl:{org-a}");
+    }
+
+    /// On one Redis the names stay as they were, so an upgrade keeps the
+    /// counters of the running period.
+    #[test]
+    fn on_one_redis_the_names_are_unchanged() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let k = Keys::new("api-router:", "org-a", "req-1", &plan_with_key(), now, Some("key_1"));
+        assert_eq!(k.rate, "api-router:rl:org-a");
+        assert_eq!(k.reservation, "api-router:res:org-a:req-1");
+        assert_eq!(k.key_rate, "api-router:krl:key_1");
+        assert!(k.spend.starts_with("api-router:spend:org-a:m"));
+        assert!(k.key_spend.starts_with("api-router:kspend:key_1:m"));
+        assert!(all(&k).iter().all(|key| !key.contains('{')));
+    }
+}

@@ -170,7 +170,8 @@ pub struct LimitSettings {
     /// `None` when `RATE_LIMIT_DEFAULT_RPS=0`: no default limit.
     pub default_rate: Option<RateLimit>,
     pub failure_mode: FailureMode,
-    pub redis_url: Option<String>,
+    /// `REDIS_URL` or `REDIS_CLUSTER_URLS`; `None`: limits in process.
+    pub redis: Option<redis::RedisTarget>,
     pub redis_timeout: Duration,
     pub redis_prefix: String,
     pub default_request_cost: f64,
@@ -294,21 +295,53 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str, org: &str, request_id: &str, plan: &Plan, now: SystemTime, key_id: Option<&str>) -> Self {
+        Self::build(prefix, org, false, request_id, plan, now, key_id)
+    }
+
+    /// For Redis Cluster: every key carries the organization's hash tag
+    /// `{org}` (an API key's counters too), so that all the keys one
+    /// admission touches are in one slot.
+    pub fn tagged(
+        prefix: &str,
+        org: &str,
+        request_id: &str,
+        plan: &Plan,
+        now: SystemTime,
+        key_id: Option<&str>,
+    ) -> Self {
+        Self::build(prefix, org, true, request_id, plan, now, key_id)
+    }
+
+    fn build(
+        prefix: &str,
+        org: &str,
+        tagged: bool,
+        request_id: &str,
+        plan: &Plan,
+        now: SystemTime,
+        key_id: Option<&str>,
+    ) -> Self {
         let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
         let qp = plan.quota_period.key(now);
+        let (o, key_scope) =
+            if tagged { (format!("{{{org}}}"), format!("{{{org}}}:")) } else { (org.to_string(), String::new()) };
         let (key_rate, key_spend, key_tokens) = match (key_id, plan.key) {
             (Some(id), Some(k)) => {
                 let kp = k.period.key(now);
-                (format!("{prefix}krl:{id}"), format!("{prefix}kspend:{id}:{kp}"), format!("{prefix}ktok:{id}:{kp}"))
+                (
+                    format!("{prefix}krl:{key_scope}{id}"),
+                    format!("{prefix}kspend:{key_scope}{id}:{kp}"),
+                    format!("{prefix}ktok:{key_scope}{id}:{kp}"),
+                )
             }
             _ => Default::default(),
         };
         Keys {
-            rate: format!("{prefix}rl:{org}"),
-            spend: format!("{prefix}spend:{org}:{bp}"),
-            requests: format!("{prefix}qreq:{org}:{qp}"),
-            tokens: format!("{prefix}qtok:{org}:{qp}"),
-            reservation: format!("{prefix}res:{org}:{request_id}"),
+            rate: format!("{prefix}rl:{o}"),
+            spend: format!("{prefix}spend:{o}:{bp}"),
+            requests: format!("{prefix}qreq:{o}:{qp}"),
+            tokens: format!("{prefix}qtok:{o}:{qp}"),
+            reservation: format!("{prefix}res:{o}:{request_id}"),
             key_rate,
             key_spend,
             key_tokens,
@@ -508,7 +541,7 @@ impl Limits {
         }
         let now = SystemTime::now();
         let key_id = req.key.map(|k| &*k.key_id);
-        let keys = Keys::new(self.prefix(), req.org, req.request_id, &plan, now, key_id);
+        let keys = self.keys(req.org, req.request_id, &plan, now, key_id);
         let reservation = |store| self.reservation(req, &keys, store);
 
         // Budget service: rate limits here, budget and quota there. (Key
@@ -549,8 +582,13 @@ impl Limits {
         }
     }
 
-    fn prefix(&self) -> &str {
-        if self.redis.is_some() { &self.settings.redis_prefix } else { "" }
+    /// The counters' names: prefixed in Redis, hash-tagged on a cluster.
+    fn keys(&self, org: &str, request_id: &str, plan: &Plan, now: SystemTime, key_id: Option<&str>) -> Keys {
+        match &self.redis {
+            None => Keys::new("", org, request_id, plan, now, key_id),
+            Some(r) if r.is_cluster() => Keys::tagged(&self.settings.redis_prefix, org, request_id, plan, now, key_id),
+            Some(_) => Keys::new(&self.settings.redis_prefix, org, request_id, plan, now, key_id),
+        }
     }
 
     /// Rate limit plus (without a budget service) budget and quota, against
@@ -785,7 +823,7 @@ impl Limits {
             tokens: 0,
             key: Some(key_plan(key)),
         };
-        let keys = Keys::new(self.prefix(), &key.organization_id, "", &plan, now, Some(&key.key_id));
+        let keys = self.keys(&key.organization_id, "", &plan, now, Some(&key.key_id));
         let (spend, tokens) = match &self.redis {
             Some(r) => r.key_counters(&keys).await.map_err(|_| LimitError::LimiterUnavailable)?,
             None => (self.ledger.get(&keys.key_spend), self.ledger.get(&keys.key_tokens)),
@@ -826,7 +864,7 @@ impl Limits {
             billable: true,
             key: None,
         });
-        let keys = Keys::new(self.prefix(), org, "", &plan, now, None);
+        let keys = self.keys(org, "", &plan, now, None);
         let (spend, requests, tokens) = if let Some(svc) = &self.service {
             return svc.usage(org).await;
         } else if let Some(r) = &self.redis {

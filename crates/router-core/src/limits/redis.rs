@@ -1,8 +1,27 @@
 //! Limits in Redis: one Lua script per admission (rate limit, budget and quota
 //! checked and reserved together, in one round trip) and one per settlement.
 //!
-//! The connection is redis-rs's `ConnectionManager`: async, multiplexed, and
-//! reconnecting by itself.
+//! The connection is redis-rs's `ConnectionManager` (one Redis, `REDIS_URL`)
+//! or its cluster connection (`REDIS_CLUSTER_URLS`): async, multiplexed, and
+//! reconnecting by itself; the cluster connection follows `MOVED` and `ASK`
+//! redirections and refreshes its slot map when a master fails over.
+//!
+//! On Redis Cluster one script may only touch keys of one hash slot, so every
+//! key of an organization carries the hash tag `{org}` (its keys, its API
+//! keys' counters and its reservations; [`super::Keys::tagged`]), and an
+//! admission stays one round trip. Replication in Redis is asynchronous: a
+//! master that dies can take its last writes with it, and the replica that
+//! takes over would then have counted less than was admitted. With
+//! `REDIS_CLUSTER_REPLICA_ACKS=n` every admission that changed counters waits
+//! (up to [`ACK_WAIT`]) for `n` replicas to have it (`WAIT`), so a failover
+//! loses no admission. `WAIT` blocks the connection it is sent on (the
+//! multiplexed one, to that master) until the replicas answer, so its bound
+//! is short: about one replication round trip is what it normally costs; an acknowledgement that does not come in
+//! time is counted (`api_router_redis_errors_total{op="replica_ack"}`)
+//! and the request goes on. A master left without replicas (after a
+//! failover, until the old master rejoins) would make every admission wait
+//! the full bound, so after a missed acknowledgement the waits pause for
+//! [`ACK_PAUSE`]: one request in that period pays for finding out.
 //!
 //! A slow Redis is not a Redis that is down. A request waits for Redis's
 //! answer up to `REDIS_TIMEOUT_MS` (default 250 ms): a busy machine or a slow
@@ -19,8 +38,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Client, Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gcra::RateInfo;
@@ -33,6 +55,12 @@ use crate::readiness::Healthy;
 const RESERVATION_TTL_SECS: u64 = 3600;
 const PING_EVERY: Duration = Duration::from_secs(1);
 
+/// The longest an admission waits for its replica acknowledgements.
+pub const ACK_WAIT: Duration = Duration::from_millis(100);
+
+/// How long replica acknowledgements are not waited for after one did not come.
+pub const ACK_PAUSE: Duration = Duration::from_secs(5);
+
 /// Failed calls in a row that mark Redis down.
 pub const FAILURES_TO_DOWN: u32 = 3;
 
@@ -44,13 +72,13 @@ pub const FAILURES_TO_DOWN: u32 = 3;
 ///       (0: none), 12 key burst, 13 key budget limit (-1: none), 14 key
 ///       cost (-1: no managed key, nothing counted), 15 key counters' ttl
 ///       (0: never), 16 key tokens.
-/// Returns {code, a, b}: 0 allowed (a remaining, b reset µs; a = -1 when the
-/// reservation already existed), 1 rate limited (a retry-after µs, b reset
+/// Returns {code, a, b}: 0 allowed (a remaining, -1 without a rate limit; b
+/// reset µs; a = b = -1 when the reservation already existed: nothing changed), 1 rate limited (a retry-after µs, b reset
 /// µs), 2 budget (a spent), 3 request quota (a used), 4 token quota (a used),
 /// 5 the key's rate limit (as 1), 6 the key's budget (a spent).
 /// Nothing is charged unless every limit allows.
 const ADMIT: &str = r#"
-if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -1, 0} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -1, -1} end
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local kinterval, kburst = tonumber(ARGV[11]), tonumber(ARGV[12])
 local now = 0
@@ -151,10 +179,77 @@ redis.call('DEL', KEYS[4])
 return 1
 "#;
 
+/// Where the shared limits live. Its `Debug` hides the URLs, which can hold
+/// passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (`REDIS_URL`).
+    Single(String),
+    /// A Redis Cluster's seed nodes (`REDIS_CLUSTER_URLS`), and how many
+    /// replicas must have an admission before it is answered.
+    Cluster { urls: Vec<String>, replica_acks: u32 },
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTarget::Single(_) => f.write_str("Single(<redacted>)"),
+            RedisTarget::Cluster { urls, replica_acks } => {
+                f.debug_struct("Cluster").field("seed_nodes", &urls.len()).field("replica_acks", replica_acks).finish()
+            }
+        }
+    }
+}
+
+enum Source {
+    Single(Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to one Redis or to a cluster: cheap to clone, multiplexed.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisLimits {
-    client: Client,
+    source: Source,
+    /// On a cluster: replicas that must acknowledge an admission.
+    replica_acks: u32,
+    /// Replica acknowledgements are not waited for before this (ms since the
+    /// epoch): one did not come in time.
+    acks_paused_until_ms: std::sync::atomic::AtomicU64,
     /// Replaced when Redis stops answering on it (see [`RedisLimits::reconnect`]).
-    conn: arc_swap::ArcSwap<ConnectionManager>,
+    conn: arc_swap::ArcSwap<Conn>,
     admit: Script,
     finish: Script,
     timeout: Duration,
@@ -165,12 +260,27 @@ pub struct RedisLimits {
 }
 
 impl RedisLimits {
-    /// Creates the manager without waiting for Redis; `connect` then tries.
-    pub fn new(url: &str, timeout: Duration, metrics: Metrics) -> Result<Self, String> {
-        let client = Client::open(url).map_err(|e| e.to_string())?;
-        let conn = manager(&client)?;
+    /// Creates the connection without waiting for Redis; `connect` then tries.
+    pub fn new(target: &RedisTarget, timeout: Duration, metrics: Metrics) -> Result<Self, String> {
+        let (source, replica_acks) = match target {
+            RedisTarget::Single(url) => (Source::Single(Client::open(url.as_str()).map_err(|e| e.to_string())?), 0),
+            RedisTarget::Cluster { urls, replica_acks } => {
+                // Redirections and slot refreshes after a failover are
+                // retried by the client, quickly; the request path bounds
+                // every call by REDIS_TIMEOUT_MS.
+                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                (Source::Cluster(Box::new(client)), *replica_acks)
+            }
+        };
+        let conn = connection(&source, timeout)?;
         Ok(Self {
-            client,
+            source,
+            replica_acks,
+            acks_paused_until_ms: std::sync::atomic::AtomicU64::new(0),
             conn: arc_swap::ArcSwap::from_pointee(conn),
             admit: Script::new(ADMIT),
             finish: Script::new(FINISH),
@@ -185,8 +295,13 @@ impl RedisLimits {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Whether the limits live on a Redis Cluster (keys then carry hash tags).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.source, Source::Cluster(_))
+    }
+
     /// The connection to use now (a cheap clone of a multiplexed handle).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.load().as_ref().clone()
     }
 
@@ -196,7 +311,7 @@ impl RedisLimits {
     /// then commands queue behind replies that will never come. A failed
     /// PING replaces it, so that the next PING tries a fresh one.
     fn reconnect(&self) {
-        match manager(&self.client) {
+        match connection(&self.source, self.timeout) {
             Ok(conn) => self.conn.store(std::sync::Arc::new(conn)),
             Err(e) => tracing::warn!(error = %e, "cannot create a new Redis connection"),
         }
@@ -302,6 +417,11 @@ impl RedisLimits {
             reply.get(1).copied().unwrap_or(0),
             reply.get(2).copied().unwrap_or(0),
         );
+        // An allowed admission changed counters (unless its reservation
+        // already existed): on a cluster, have replicas take it first.
+        if code == 0 && b != -1 {
+            self.replica_ack(conn, &keys.rate).await;
+        }
         let secs = |us: i64| (us.max(0) as u64).div_ceil(1_000_000);
         Ok(match code {
             0 => Decision::Allowed {
@@ -325,6 +445,37 @@ impl RedisLimits {
             6 => Decision::KeyBudget { spent: a },
             other => return Err(self.failed("admit", &format!("unexpected reply code {other}"))),
         })
+    }
+
+    /// `WAIT` for `replica_acks` replicas of the master holding `key`'s
+    /// slot, bounded by [`ACK_WAIT`] (or the request timeout, if shorter). Not having them is counted and
+    /// logged, never a refusal: the master has the admission.
+    async fn replica_ack(&self, conn: Conn, key: &str) {
+        let (Conn::Cluster(mut conn), n @ 1..) = (conn, self.replica_acks) else { return };
+        if crate::util::now_ms() < self.acks_paused_until_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        let bound = self.timeout.min(ACK_WAIT);
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(n).arg(bound.as_millis() as u64);
+        let route =
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)));
+        let acked =
+            tokio::time::timeout(self.timeout + Duration::from_millis(50), conn.route_command(wait, route)).await;
+        match acked {
+            Ok(Ok(Value::Int(got))) if got >= i64::from(n) => {}
+            other => {
+                self.metrics.redis_errors.with_label_values(&["replica_ack"]).inc();
+                let until = crate::util::now_ms() + ACK_PAUSE.as_millis() as u64;
+                self.acks_paused_until_ms.store(until, Ordering::Relaxed);
+                tracing::warn!(
+                    wanted = n,
+                    answer = ?other.ok(),
+                    paused_ms = ACK_PAUSE.as_millis() as u64,
+                    "Redis Cluster replicas did not acknowledge an admission in time; not waiting for them for a while"
+                );
+            }
+        }
     }
 
     pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
@@ -405,14 +556,28 @@ impl RedisLimits {
     }
 }
 
-/// A lazy connection manager: it connects on first use.
-fn manager(client: &Client) -> Result<ConnectionManager, String> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())
+/// A lazy connection: it connects on first use. `timeout` is the request
+/// path's bound (`REDIS_TIMEOUT_MS`).
+fn connection(source: &Source, timeout: Duration) -> Result<Conn, String> {
+    match source {
+        Source::Single(client) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_millis(500)))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map(Conn::Single).map_err(|e| e.to_string())
+        }
+        Source::Cluster(client) => {
+            // The client's own response timeout stays above every bound the
+            // router sets (a WAIT is answered by the server at `timeout`):
+            // a call the router has given up on is not a broken connection.
+            let config = ClusterConfig::new()
+                .set_connection_timeout(Duration::from_millis(500))
+                .set_response_timeout(timeout + Duration::from_secs(1));
+            Ok(Conn::Cluster(client.get_pending_async_connection_with_config(config)))
+        }
+    }
 }
 
 impl Healthy for RedisLimits {

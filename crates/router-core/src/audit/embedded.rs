@@ -1,0 +1,344 @@
+//! The embedded audit store, the single-node default: an embedded database
+//! (redb) at `DATA_DIR/audit/audit.redb`, fed from the audit journal.
+//!
+//! A redb commit costs far more than an insert (page allocation, copy-on-write
+//! of the tree's path, checksums, fsync), so one writer task gathers
+//! journaled records for a commit window (`AUDIT_COMMIT_INTERVAL_MS`, or
+//! `MAX_BATCH` records) into a single transaction, and only then are they
+//! acknowledged in the journal. Commits run on one dedicated thread at a
+//! lower CPU priority (nice 10) while it keeps up: where the router shares a
+//! core, a commit yields to the request path instead of delaying it. When a
+//! full batch or more is waiting, it commits at normal priority, so a
+//! saturated router cannot starve it. A lookup, and shutdown, send a flush
+//! marker through the same channel: everything journaled before it is
+//! committed first, so a lookup always sees the requests answered before it.
+//! At start-up, journaled records not yet acknowledged are committed first
+//! (writing a record again is harmless: same key, same value).
+//!
+//! Tables:
+//! - `records`: `(request_id, organization_id)` → record JSON. Keyed by both, so
+//!   one organization can never overwrite another's record by reusing an id.
+//! - `by_time`: `(finished_unix_ms, request_id, organization_id)` → `()`, the
+//!   retention index; the retention task deletes what is older.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AuditError, JournalKeys, Meta, OnWritten, storage, unix_ms};
+use crate::metrics::Metrics;
+use crate::wal::{Wal, Written};
+
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+const BY_TIME: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_time");
+
+/// The most records written in one transaction.
+const MAX_BATCH: usize = 4096;
+const CHANNEL_CAPACITY: usize = 65_536;
+const AUDIT_CACHE_BYTES: usize = 4 << 20;
+
+/// How often the journal's watermark is written down (a record committed but
+/// not yet written down is committed again after a restart: harmless).
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
+
+/// A record in the journal, on its way to the database.
+struct Journaled {
+    seq: u64,
+    request_id: Arc<str>,
+    organization_id: Arc<str>,
+    finished_ms: u64,
+    json: Vec<u8>,
+}
+
+enum Msg {
+    Records(Vec<Journaled>),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub(super) struct Embedded {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Msg>,
+    /// False after a commit failed, until one succeeds.
+    healthy: Arc<AtomicBool>,
+}
+
+impl Embedded {
+    /// Opens (or creates) `dir/audit.redb`, commits what the journal holds
+    /// from before a restart, and starts the commit thread and the writer
+    /// task (on the current Tokio runtime). Returns the store and what the
+    /// journal writer hands its records to.
+    pub(super) fn open(
+        dir: &Path,
+        metrics: Metrics,
+        window: Duration,
+        wal: Arc<Mutex<Wal>>,
+    ) -> Result<(Self, OnWritten), AuditError> {
+        // redb caches up to 1 GiB by default; the audit store is written far
+        // more than it is read, so a small cache (read cache and write buffer
+        // together) keeps the router's memory flat.
+        let db = Arc::new(
+            redb::Builder::new().set_cache_size(AUDIT_CACHE_BYTES).create(dir.join("audit.redb")).map_err(storage)?,
+        );
+        {
+            let txn = db.begin_write().map_err(storage)?;
+            txn.open_table(RECORDS).map_err(storage)?;
+            txn.open_table(BY_TIME).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+        }
+        let replayed = replay(&db, &wal)?;
+        if replayed > 0 {
+            metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
+            tracing::info!(records = replayed, "audit records journaled before the restart committed");
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (jobs, jobs_rx) = std::sync::mpsc::channel::<CommitJob>();
+        let commit_db = db.clone();
+        std::thread::Builder::new()
+            .name("audit-commit".into())
+            .spawn(move || committer(commit_db, jobs_rx))
+            .map_err(storage)?;
+        let forward = tx.clone();
+        let on_written: OnWritten = Box::new(move |_, written: Vec<Written<Meta>>| {
+            let records = written
+                .into_iter()
+                .map(|w| Journaled {
+                    seq: w.seq,
+                    request_id: w.key,
+                    organization_id: w.extra.organization_id,
+                    finished_ms: w.extra.finished_ms,
+                    json: w.payload,
+                })
+                .collect();
+            // Waits for room when the database is far behind: the requests
+            // wait with it, and nothing is dropped.
+            let _ = forward.blocking_send(Msg::Records(records));
+        });
+        let healthy = Arc::new(AtomicBool::new(true));
+        tokio::spawn(writer(rx, jobs, metrics, window, wal, healthy.clone()));
+        Ok((Self { db, tx, healthy }, on_written))
+    }
+
+    pub(super) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything journaled so far is committed.
+    pub(super) async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    pub(super) async fn get(&self, request_id: &str, org: Option<&str>) -> Result<Option<Vec<u8>>, AuditError> {
+        // Commit what is queued, so that every request answered before this
+        // lookup can be found.
+        self.flush().await;
+        let db = self.db.clone();
+        let request_id = request_id.to_string();
+        let org = org.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(RECORDS).map_err(storage)?;
+            if let Some(org) = org {
+                return Ok(table
+                    .get((request_id.as_str(), org.as_str()))
+                    .map_err(storage)?
+                    .map(|v| v.value().to_vec()));
+            }
+            // All organizations' records with this id are adjacent in key order.
+            let mut found: Option<Vec<u8>> = None;
+            for entry in table.range((request_id.as_str(), "")..).map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                if k.value().0 != request_id {
+                    break;
+                }
+                found = Some(v.value().to_vec());
+            }
+            Ok(found)
+        })
+        .await
+        .map_err(storage)?
+    }
+
+    /// Deletes records that finished before `cutoff`. Returns how many.
+    pub(super) fn prune(&self, cutoff: SystemTime) -> Result<usize, AuditError> {
+        let cutoff_ms = unix_ms(cutoff);
+        let txn = self.db.begin_write().map_err(storage)?;
+        let mut removed = 0;
+        {
+            let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
+            let mut records = txn.open_table(RECORDS).map_err(storage)?;
+            let old = by_time.extract_from_if(..(cutoff_ms, "", ""), |_, _| true).map_err(storage)?;
+            for entry in old {
+                let (k, _) = entry.map_err(storage)?;
+                let (_, rid, org) = k.value();
+                records.remove((rid, org)).map_err(storage)?;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(removed)
+    }
+}
+
+/// Commits whatever the journal holds from before a restart; acknowledges
+/// it. Returns how many records.
+fn replay(db: &Database, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
+    let mut wal = wal.lock().unwrap_or_else(|p| p.into_inner());
+    let mut replayed = 0;
+    loop {
+        let entries = wal.read_from(wal.watermark(), MAX_BATCH).map_err(storage)?;
+        if entries.is_empty() {
+            break;
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        for e in &entries {
+            // An entry that is not a record (it cannot be: the crc matched)
+            // is acknowledged and skipped rather than blocking the rest.
+            let Some(keys) = JournalKeys::of(&e.payload) else { continue };
+            batch.push(Journaled {
+                seq: e.seq,
+                request_id: Arc::from(String::from_utf8_lossy(&e.key).as_ref()),
+                organization_id: Arc::from(keys.organization_id.as_str()),
+                finished_ms: keys.finished_ms,
+                json: e.payload.clone(),
+            });
+        }
+        write_batch(db, &batch)?;
+        for e in &entries {
+            wal.ack(e.seq);
+        }
+        replayed += batch.len() as u64;
+    }
+    wal.persist_cursor().map_err(storage)?;
+    Ok(replayed)
+}
+
+/// A batch for the commit thread, whether records are piling up behind it,
+/// and where to report how it went.
+struct CommitJob {
+    batch: Vec<Journaled>,
+    behind: bool,
+    done: oneshot::Sender<(Vec<Journaled>, Result<(), AuditError>)>,
+}
+
+/// The commit thread's nice value while it keeps up: a commit then yields to
+/// the request path on a shared core. While records pile up (a full batch or
+/// more waiting) it commits at normal priority, so that a saturated router
+/// cannot starve it and grow the queue without bound.
+const NICE_WHEN_KEEPING_UP: i32 = 10;
+
+/// The commit thread: one transaction per batch. Ends when the writer task is gone.
+fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
+    let mut nice = 0;
+    while let Ok(job) = jobs.recv() {
+        let want = if job.behind { 0 } else { NICE_WHEN_KEEPING_UP };
+        if want != nice {
+            // On Linux a thread id names just this thread to setpriority(2).
+            match rustix::process::setpriority_process(Some(rustix::thread::gettid()), want) {
+                Ok(()) => nice = want,
+                Err(e) => {
+                    tracing::debug!(error = %e, nice = want, "could not change the audit commit thread's priority")
+                }
+            }
+        }
+        let result = write_batch(&db, &job.batch);
+        let _ = job.done.send((job.batch, result));
+    }
+}
+
+/// The writer: gathers journaled records for up to `window` after the first
+/// (less when a flush is asked for or `MAX_BATCH` is reached), has the
+/// commit thread write them in one transaction, then acknowledges them in
+/// the journal. Ends when every sender is gone.
+async fn writer(
+    mut rx: mpsc::Receiver<Msg>,
+    jobs: std::sync::mpsc::Sender<CommitJob>,
+    metrics: Metrics,
+    window: Duration,
+    wal: Arc<Mutex<Wal>>,
+    healthy: Arc<AtomicBool>,
+) {
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut cursor_written = Instant::now();
+    while let Some(first) = rx.recv().await {
+        let mut batch: Vec<Journaled> = Vec::new();
+        let deadline = tokio::time::sleep(window);
+        tokio::pin!(deadline);
+        let mut next = Some(first);
+        loop {
+            match next.take() {
+                Some(Msg::Records(r)) => batch.extend(r),
+                Some(Msg::Flush(ack)) => acks.push(ack),
+                None => {}
+            }
+            if batch.len() >= MAX_BATCH || !acks.is_empty() {
+                break;
+            }
+            next = tokio::select! {
+                biased;
+                msg = rx.recv() => match msg {
+                    Some(msg) => Some(msg),
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            };
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            let (done, result) = oneshot::channel();
+            let behind = batch.len() >= MAX_BATCH || rx.len() >= MAX_BATCH;
+            let outcome = match jobs.send(CommitJob { batch, behind, done }) {
+                Ok(()) => result.await.ok(),
+                Err(_) => None,
+            };
+            match outcome {
+                Some((batch, Ok(()))) => {
+                    healthy.store(true, Ordering::Relaxed);
+                    metrics.audit_records.with_label_values(&["written"]).inc_by(n);
+                    let mut w = wal.lock().unwrap_or_else(|p| p.into_inner());
+                    for r in &batch {
+                        w.ack(r.seq);
+                    }
+                    metrics.audit_pending.set(w.pending() as i64);
+                    if !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY {
+                        if let Err(e) = w.persist_cursor() {
+                            tracing::warn!(error = %e, "cannot write the audit journal's watermark");
+                        }
+                        cursor_written = Instant::now();
+                    }
+                }
+                // The records stay in the journal: committed after a restart.
+                Some((_, Err(e))) => {
+                    healthy.store(false, Ordering::Relaxed);
+                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
+                    tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
+                }
+                None => tracing::error!(records = n, "the audit commit thread stopped"),
+            }
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[Journaled]) -> Result<(), AuditError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut records = txn.open_table(RECORDS).map_err(storage)?;
+        let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
+        for r in batch {
+            let key = (&*r.request_id, &*r.organization_id);
+            records.insert(key, r.json.as_slice()).map_err(storage)?;
+            by_time.insert((r.finished_ms, key.0, key.1), ()).map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)
+}
