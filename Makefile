@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt fuzz mutants bench bench-http bench-quick bench-soak bench-keys reliability build clean stack stack-down
+.PHONY: run test lint fmt fuzz mutants bench bench-http bench-quick bench-soak bench-keys bench-audit reliability build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -31,6 +31,12 @@ bench-quick:
 # 10 minutes at 1,000 requests/s with all features: p99 and RSS per minute.
 bench-soak:
 	bash scripts/bench-soak.sh 10 1000
+
+# The audit store on PostgreSQL (release, a private server): the rate a
+# backlog of 20,000 journaled records drains at, and how long a record takes
+# to be visible on another replica while the first serves load.
+bench-audit:
+	cargo nextest run --release -p api-router --test audit_postgres --run-ignored only --no-capture measure_audit
 
 # How long a key revoked on one replica takes to be refused by another
 # (two release routers on one etcd, 100 keys): p50, p99, max.

@@ -265,3 +265,78 @@ async fn a_url_that_is_not_postgresql_stops_the_start_without_echoing_it() {
     assert!(text.contains("AUDIT_DATABASE_URL"), "{text}");
     assert!(!text.contains("s3cret-pw"), "the password is echoed: {text}");
 }
+
+/// `make bench-audit` (release): the rate at which PostgreSQL takes a
+/// backlog of journaled records, and how long a record served by one
+/// replica takes to be visible on another while the first is under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement: make bench-audit"]
+async fn measure_audit_write_rate_and_visibility_under_load() {
+    let mut pg = Postgres::start();
+    let url = pg.create_database("bench");
+    let m1 = Mock::start("backend-1", &[]);
+    let a = with_pg(RouterBuilder::new(&[&m1]), &url).start();
+    let b = with_pg(RouterBuilder::new(&[&m1]), &url).start();
+    wait_audit_store(&a, "healthy").await;
+
+    // A backlog while PostgreSQL is down, then the time it takes to drain.
+    pg.stop();
+    let backlog = 20_000;
+    let (_, failures) = load(&a, KEY_A, "m", backlog, 32).await;
+    assert!(failures.is_empty(), "served while PostgreSQL is down");
+    pg.restart();
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            metric(&a.metrics().await, "api_router_audit_pending_records", &[]) == 0.0
+        })
+        .await
+    );
+    let drain = started.elapsed();
+    println!(
+        "backlog of {backlog} records drained in {drain:?}: {:.0} records/s (includes reconnecting, up to 2 s of backoff)",
+        backlog as f64 / drain.as_secs_f64()
+    );
+
+    // Visibility on B while A serves steady load.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for _ in 0..8 {
+        let (url, stop) = (a.url("/v1/inference"), stop.clone());
+        loaders.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = send(Method::POST, &url, &[("x-api-key", KEY_A)], r#"{"model":"m"}"#).await;
+                assert_eq!(r.status, 200);
+                n += 1;
+            }
+            n
+        }));
+    }
+    let load_started = Instant::now();
+    let mut delays = Vec::new();
+    for i in 0..200 {
+        let id = format!("visible-{i}");
+        assert_eq!(infer(&a, &id).await.status, 200);
+        let answered = Instant::now();
+        while lookup(&b, &id, KEY_A).await.status != 200 {
+            assert!(answered.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        delays.push(answered.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for l in loaders {
+        served += l.await.unwrap();
+    }
+    let rate = served as f64 / load_started.elapsed().as_secs_f64();
+    delays.sort();
+    println!(
+        "visibility on another replica at {rate:.0} requests/s: p50 {:?}, p99 {:?}, max {:?} ({} samples)",
+        delays[delays.len() / 2],
+        delays[delays.len() * 99 / 100 - 1],
+        delays[delays.len() - 1],
+        delays.len()
+    );
+}
