@@ -73,7 +73,8 @@ impl Drop for RedisServer {
 /// create`), nothing persisted. The node timeout is one second, so a killed
 /// master is failed over within a few.
 pub struct RedisCluster {
-    dir: tempfile::TempDir,
+    /// The nodes' config and RDB files; removed at drop.
+    _dir: tempfile::TempDir,
     nodes: Vec<(u16, Option<Proc>)>,
 }
 
@@ -95,7 +96,7 @@ impl RedisCluster {
         }
         let out = create.args(["--cluster-replicas", "1", "--cluster-yes"]).output().unwrap();
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = RedisCluster { dir, nodes };
+        let cluster = RedisCluster { _dir: dir, nodes };
         cluster.wait_ok(Duration::from_secs(30));
         cluster
     }
@@ -185,13 +186,6 @@ impl RedisCluster {
         }
     }
 
-    /// The value of `key`, read from its master.
-    pub fn get(&self, key: &str) -> Option<String> {
-        let v = Self::cli(self.master_of(key), &["get", key])?;
-        let v = v.trim();
-        (!v.is_empty()).then(|| v.to_string())
-    }
-
     /// Every key the cluster holds, from every running master.
     pub fn keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
@@ -201,10 +195,6 @@ impl RedisCluster {
             }
         }
         keys
-    }
-
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
     }
 }
 
