@@ -29,34 +29,18 @@ fn with_patient_redis(b: RouterBuilder, redis: &RedisServer) -> RouterBuilder {
     with_redis(b, redis).env("REDIS_TIMEOUT_MS", "2000")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_replicas_share_one_rate_limit() {
-    let redis = RedisServer::start();
-    let m1 = Mock::start("backend-1", &[]);
-    let routers: Vec<Router> = (0..3)
-        .map(|_| {
-            with_patient_redis(RouterBuilder::new(&[&m1]), &redis)
-                .env("RATE_LIMIT_DEFAULT_RPS", "20")
-                .env("RATE_LIMIT_BURST_SIZE", "20")
-                .start()
-        })
-        .collect();
-    for r in &routers {
-        assert!(r.proc.lines().iter().any(|l| log_message(l).as_deref() == Some("Redis connected for rate limiting")));
-        assert_eq!(r.readiness().await["components"]["redis"], "healthy");
-    }
-    // Hammer all three together for 3 s.
-    let window = Duration::from_secs(3);
+/// Three clients per router send back to back for `window`: every answer
+/// 200 or 429. Returns (admitted, limited, a 429 answer).
+async fn hammer(routers: &[Router], key: &str, window: Duration) -> (usize, usize, Option<Resp>) {
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for r in &routers {
+    for r in routers {
         for _ in 0..3 {
-            let url = r.url("/v1/inference");
+            let (url, key) = (r.url("/v1/inference"), key.to_string());
             tasks.push(tokio::spawn(async move {
-                let (mut ok, mut limited) = (0usize, 0usize);
-                let mut sample_429 = None;
+                let (mut ok, mut limited, mut sample_429) = (0usize, 0usize, None);
                 while start.elapsed() < window {
-                    let resp = send(Method::POST, &url, &[("x-api-key", KEY_A)], r#"{"model":"m"}"#).await;
+                    let resp = send(Method::POST, &url, &[("x-api-key", &key)], r#"{"model":"m"}"#).await;
                     match resp.status.as_u16() {
                         200 => ok += 1,
                         429 => {
@@ -77,6 +61,27 @@ async fn three_replicas_share_one_rate_limit() {
         limited += l;
         sample = sample.or(s);
     }
+    (admitted, limited, sample)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_one_rate_limit() {
+    let redis = RedisServer::start();
+    let m1 = Mock::start("backend-1", &[]);
+    let routers: Vec<Router> = (0..3)
+        .map(|_| {
+            with_patient_redis(RouterBuilder::new(&[&m1]), &redis)
+                .env("RATE_LIMIT_DEFAULT_RPS", "20")
+                .env("RATE_LIMIT_BURST_SIZE", "20")
+                .start()
+        })
+        .collect();
+    for r in &routers {
+        assert!(r.proc.lines().iter().any(|l| log_message(l).as_deref() == Some("Redis connected for rate limiting")));
+        assert_eq!(r.readiness().await["components"]["redis"], "healthy");
+    }
+    // Hammer all three together for 3 s.
+    let (admitted, limited, sample) = hammer(&routers, KEY_A, Duration::from_secs(3)).await;
     let max = 20 * 3 + 20 + 1;
     assert!(admitted <= max, "admitted {admitted} > {max}: replicas do not share the limit");
     assert!(admitted as f64 >= 0.9 * max as f64, "admitted only {admitted} of {max}");
@@ -449,33 +454,9 @@ async fn on_a_redis_cluster_three_replicas_share_one_rate_limit_and_one_budget()
     settled_spend(&routers[1], "org-a", 0.30).await;
 
     // org-b has no budget: the rate limit alone, hammered through all three.
-    let window = Duration::from_secs(3);
-    let start = Instant::now();
     let before = m1.requests().await as usize;
-    let mut tasks = Vec::new();
-    for r in &routers {
-        for _ in 0..3 {
-            let url = r.url("/v1/inference");
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut limited) = (0usize, 0usize);
-                while start.elapsed() < window {
-                    let resp = send(Method::POST, &url, &[("x-api-key", KEY_B)], r#"{"model":"m"}"#).await;
-                    match resp.status.as_u16() {
-                        200 => ok += 1,
-                        429 => limited += 1,
-                        other => panic!("unexpected {other}: {}", resp.text()),
-                    }
-                }
-                (ok, limited)
-            }));
-        }
-    }
-    let (mut admitted, mut limited) = (0, 0);
-    for t in tasks {
-        let (ok, l) = t.await.unwrap();
-        admitted += ok;
-        limited += l;
-    }
+    let start = Instant::now();
+    let (admitted, limited, _) = hammer(&routers, KEY_B, Duration::from_secs(3)).await;
     let elapsed = start.elapsed().as_secs_f64();
     let max = (20.0 * elapsed) as usize + 20 + 1;
     assert!(admitted <= max, "admitted {admitted} > {max}: replicas do not share the limit");

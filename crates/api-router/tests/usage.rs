@@ -194,55 +194,9 @@ async fn the_cap_refuses_with_503_and_service_resumes_as_it_drains() {
 async fn the_loss_hunt_sigkill_under_load_loses_no_answered_record() {
     let broker = Broker::start();
     let m1 = Mock::start("backend-1", &[]);
-    let mut router = with_kafka(RouterBuilder::new(&[&m1]), &broker).start();
-    let mut answered: HashSet<String> = HashSet::new();
-    // Requests cut by each kill (sent, then the connection died): the proof
-    // that the kill landed while requests were in flight.
-    let mut cut_per_round = Vec::new();
-    for round in 0..10 {
-        // Steady load from 4 clients; SIGKILL at a random moment.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for c in 0..4 {
-            let (url, stop) = (router.url("/v1/inference"), stop.clone());
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut cut) = (Vec::new(), 0usize);
-                let client =
-                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let id = format!("hunt-{round}-{c}-{i}");
-                    i += 1;
-                    let req = hyper::Request::post(&url)
-                        .header("x-api-key", KEY_A)
-                        .body(http_body_util::Full::new(bytes::Bytes::from(
-                            json!({"request_id": id, "model": "m"}).to_string(),
-                        )))
-                        .unwrap();
-                    match client.request(req).await {
-                        Ok(resp) if resp.status() == 200 => ok.push(id),
-                        // Refused connections came after the kill; others were cut by it.
-                        Err(e) if !e.is_connect() => cut += 1,
-                        _ => {}
-                    }
-                }
-                (ok, cut)
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..400))).await;
-        router.proc.signal("KILL");
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut cut = 0;
-        for t in tasks {
-            let (ok, c) = t.await.unwrap();
-            answered.extend(ok);
-            cut += c;
-        }
-        cut_per_round.push(cut);
-        router.proc.wait_exit(Duration::from_secs(5)).expect("killed router exits");
-        router =
-            with_kafka(RouterBuilder::new(&[&m1]), &broker).data_dir(&router.data_dir.clone()).start_keeping(router);
-    }
+    let router = with_kafka(RouterBuilder::new(&[&m1]), &broker).start();
+    let (router, answered, cut_per_round) =
+        kill_under_load(router, 10, || with_kafka(RouterBuilder::new(&[&m1]), &broker)).await;
     assert!(answered.len() > 100, "the load was too light to hunt: {}", answered.len());
     let rounds_cut = cut_per_round.iter().filter(|c| **c > 0).count();
     assert!(rounds_cut >= 7, "too few kills landed on requests in flight: {cut_per_round:?}");

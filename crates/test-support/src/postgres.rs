@@ -17,7 +17,13 @@ pub struct Postgres {
 
 /// The directory of `initdb` and `postgres`: `pg_config --bindir`, else the
 /// newest `/usr/lib/postgresql/*/bin` (Debian keeps them off the PATH).
-fn bin_dir() -> PathBuf {
+/// Looked up once.
+fn bin_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(find_bin_dir)
+}
+
+fn find_bin_dir() -> PathBuf {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
@@ -38,7 +44,10 @@ fn bin_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    })
 }
 
 /// `program` as the `postgres` user when we are root (exec'd, not forked:

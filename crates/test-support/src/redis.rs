@@ -129,14 +129,15 @@ impl RedisCluster {
             let all_ok = self.nodes.iter().filter(|(_, p)| p.is_some()).all(|(port, _)| {
                 Self::cli(*port, &["cluster", "info"]).is_some_and(|i| i.contains("cluster_state:ok"))
             });
-            let masters_alive = self.masters().iter().all(|m| self.nodes.iter().any(|(p, r)| p == m && r.is_some()));
+            let masters = self.masters();
+            let masters_alive = masters.iter().all(|m| self.nodes.iter().any(|(p, r)| p == m && r.is_some()));
             // A replica that has not synced with its master cannot take
             // over from it: wait for every running replica's link.
             let synced = self.nodes.iter().filter(|(_, p)| p.is_some()).all(|(port, _)| {
                 Self::cli(*port, &["info", "replication"])
                     .is_some_and(|i| i.contains("role:master") || i.contains("master_link_status:up"))
             });
-            if all_ok && masters_alive && synced && self.masters().len() == 3 {
+            if all_ok && masters_alive && synced && masters.len() == 3 {
                 return;
             }
             assert!(

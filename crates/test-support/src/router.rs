@@ -319,3 +319,62 @@ pub async fn burst(routers: &[&Router], key: &str, model: &str, n: usize) -> Vec
 pub fn count_status(resps: &[Resp], status: u16) -> usize {
     resps.iter().filter(|r| r.status.as_u16() == status).count()
 }
+
+/// The loss hunt's kills: `rounds` times, steady load from 4 clients (ids
+/// `hunt-{round}-{client}-{i}`, org A), SIGKILL at a random moment, then a
+/// restart on the same data dir from `builder()`. Returns the router now
+/// running, the ids answered 200, and for each kill how many requests it cut
+/// (sent, then the connection died): the proof that the kill landed while
+/// requests were in flight.
+pub async fn kill_under_load(
+    mut router: Router,
+    rounds: usize,
+    builder: impl Fn() -> RouterBuilder,
+) -> (Router, std::collections::HashSet<String>, Vec<usize>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut answered = std::collections::HashSet::new();
+    let mut cut_per_round = Vec::new();
+    for round in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for c in 0..4 {
+            let (url, stop) = (router.url("/v1/inference"), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut cut) = (Vec::new(), 0usize);
+                let client =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = format!("hunt-{round}-{c}-{i}");
+                    i += 1;
+                    let req = hyper::Request::post(&url)
+                        .header("x-api-key", KEY_A)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            serde_json::json!({"request_id": id, "model": "m"}).to_string(),
+                        )))
+                        .unwrap();
+                    match client.request(req).await {
+                        Ok(resp) if resp.status() == 200 => ok.push(id),
+                        // Refused connections came after the kill; others were cut by it.
+                        Err(e) if !e.is_connect() => cut += 1,
+                        _ => {}
+                    }
+                }
+                (ok, cut)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..400))).await;
+        router.proc.signal("KILL");
+        stop.store(true, Ordering::SeqCst);
+        let mut cut = 0;
+        for t in tasks {
+            let (ok, c) = t.await.unwrap();
+            answered.extend(ok);
+            cut += c;
+        }
+        cut_per_round.push(cut);
+        router.proc.wait_exit(Duration::from_secs(5)).expect("killed router exits");
+        router = builder().data_dir(&router.data_dir.clone()).start_keeping(router);
+    }
+    (router, answered, cut_per_round)
+}
