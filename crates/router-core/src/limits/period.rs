@@ -101,6 +101,56 @@ mod tests {
         assert_eq!(Period::Monthly.reset_at(dec), Some(at(1_798_761_600))); // 2027-01-01
     }
 
+    /// The next (year, month, day), by the Gregorian rules written plainly.
+    fn next_date((y, m, d): (i64, u32, u32)) -> (i64, u32, u32) {
+        let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let len = match m {
+            2 if leap => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        match (d < len, m < 12) {
+            (true, _) => (y, m, d + 1),
+            (false, true) => (y, m + 1, 1),
+            (false, false) => (y + 1, 1, 1),
+        }
+    }
+
+    #[test]
+    fn every_day_from_1600_to_2800_follows_the_calendar() {
+        // 1600-01-01 is day -135,140; walk 1,200 years, both directions.
+        let mut days = -135_140;
+        let mut date = (1600, 1, 1);
+        assert_eq!(civil_from_days(days), date);
+        while date.0 < 2800 {
+            assert_eq!(days_from_civil(date.0, date.1, date.2), days, "{date:?}");
+            days += 1;
+            date = next_date(date);
+            assert_eq!(civil_from_days(days), date, "day {days}");
+        }
+    }
+
+    #[test]
+    fn periods_change_at_midnight_utc_and_live_a_day_past_their_end() {
+        // 2024-02-29T23:59:59Z, a leap day, and the second after it.
+        let last = at(1_709_251_199);
+        let next = at(1_709_251_200);
+        assert_eq!(Period::Daily.key(last), "d20240229");
+        assert_eq!(Period::Daily.key(next), "d20240301");
+        assert_eq!(Period::Monthly.key(last), "m202402");
+        assert_eq!(Period::Monthly.key(next), "m202403");
+        assert_eq!(Period::Daily.reset_at(last), Some(next));
+        assert_eq!(Period::Monthly.reset_at(last), Some(next));
+        // A day's key lives to the end of the day plus a day.
+        assert_eq!(Period::Daily.ttl_secs(last), Some(1 + 86_400));
+        assert_eq!(Period::Daily.ttl_secs(next), Some(2 * 86_400));
+        // 2024-03-01 to 2024-04-01 is 31 days.
+        assert_eq!(Period::Monthly.ttl_secs(next), Some(31 * 86_400 + 86_400));
+        assert_eq!(Period::Total.ttl_secs(next), None);
+        assert_eq!(Period::Total.key(next), "t");
+    }
+
     #[test]
     fn civil_round_trip() {
         for days in [-1000, 0, 59, 60, 365, 11_016, 20_419, 30_000] {
