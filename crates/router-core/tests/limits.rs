@@ -4,6 +4,8 @@
 //! failure modes when Redis goes away. End to end through the HTTP door:
 //! `api-router/tests/limits.rs`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
