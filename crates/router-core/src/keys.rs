@@ -510,4 +510,136 @@ mod tests {
         assert_eq!(rt.last_used_ms(), Some(later), "another replica's later use counts");
         assert_eq!(rt.due(), None, "and is not written again");
     }
+
+    #[test]
+    fn the_view_shows_times_in_rfc3339_and_the_rotation_end_only_while_it_lasts() {
+        // 2026-01-01T00:00:00Z
+        let now = 1_767_225_600_000;
+        let mut r = record(now);
+        r.name = Some("ci".into());
+        r.expires_at_ms = Some(now + 86_400_000);
+        r.previous = Some(Previous { hash: "11".repeat(32), prefix: "sk-ar-11111111".into(), until_ms: now + 1_000 });
+        r.models = Some(vec!["m".into()]);
+        let v = r.view(Some(now - 500), now);
+        assert_eq!(v["status"], "rotating");
+        assert_eq!(v["created_at"], "2026-01-01T00:00:00.000Z");
+        assert_eq!(v["expires_at"], "2026-01-02T00:00:00.000Z");
+        assert_eq!(v["last_used_at"], "2025-12-31T23:59:59.500Z");
+        assert_eq!(v["rotation_ends_at"], "2026-01-01T00:00:01.000Z");
+        assert_eq!(v["revoked_at"], Value::Null);
+        assert_eq!((&v["key_id"], &v["organization_id"], &v["name"]), (&json!("key_1"), &json!("org"), &json!("ci")));
+        assert_eq!((&v["prefix"], &v["models"]), (&json!("sk-ar-00000000"), &json!(["m"])));
+        let after = r.view(None, now + 1_000);
+        assert_eq!(
+            (&after["status"], &after["rotation_ends_at"], &after["last_used_at"]),
+            (&json!("active"), &Value::Null, &Value::Null)
+        );
+        r.revoked_at_ms = Some(now + 2_000);
+        assert_eq!(r.view(None, now + 3_000)["revoked_at"], "2026-01-01T00:00:02.000Z");
+        let names =
+            [KeyStatus::Active, KeyStatus::Rotating, KeyStatus::Expired, KeyStatus::Revoked].map(KeyStatus::as_str);
+        assert_eq!(names, ["active", "rotating", "expired", "revoked"]);
+    }
+
+    #[test]
+    fn a_records_working_hashes_are_its_own_and_its_predecessors_until_the_grace_ends() {
+        let mut r = record(0);
+        r.hash = "ab".repeat(32);
+        assert_eq!(r.hashes(), vec![([0xab; 32], None)]);
+        r.previous = Some(Previous { hash: "cd".repeat(32), prefix: String::new(), until_ms: 7 });
+        assert_eq!(r.hashes(), vec![([0xab; 32], None), ([0xcd; 32], Some(7))]);
+        // A damaged hash (not 32 bytes of hex) opens nothing.
+        r.hash = "ab".repeat(31);
+        r.previous.as_mut().unwrap().hash = "zz".repeat(32);
+        assert_eq!(r.hashes(), vec![]);
+    }
+
+    #[test]
+    fn runtimes_are_one_per_key_and_kept_only_for_live_keys() {
+        let rts = KeyRuntimes::default();
+        assert!(Arc::ptr_eq(&rts.get("key_a"), &rts.get("key_a")), "one runtime per key, across snapshots");
+        let two_minutes_ago = now_ms() - 2 * LAST_USED_EVERY_MS;
+        rts.restore(&BTreeMap::from([("key_a".to_string(), two_minutes_ago), ("key_b".to_string(), 5)]));
+        assert_eq!(rts.due(), vec![], "times read from storage are not written back");
+        assert_eq!(rts.get("key_a").last_used_ms(), Some(two_minutes_ago));
+        rts.get("key_a").touch();
+        let due = rts.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, "key_a");
+        assert!(due[0].1 >= two_minutes_ago + 2 * LAST_USED_EVERY_MS);
+        rts.get("key_c");
+        assert_eq!(rts.last_used().keys().collect::<Vec<_>>(), ["key_a", "key_b"], "never used: no time");
+        let live = BTreeMap::from([("key_b".to_string(), record(0))]);
+        rts.retain(&live);
+        assert_eq!(rts.last_used(), BTreeMap::from([("key_b".to_string(), 5)]));
+    }
+
+    #[test]
+    fn the_key_file_round_trips_and_a_missing_one_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = KeyFile::new(&dir.path().join("data"));
+        let empty = file.load().unwrap();
+        assert!(empty.keys.is_empty() && empty.last_used_ms.is_empty());
+        let keys = BTreeMap::from([("key_1".to_string(), record(9))]);
+        file.save(&keys, BTreeMap::from([("key_1".to_string(), 42)])).unwrap();
+        let back = file.load().unwrap();
+        assert_eq!(back.keys, keys);
+        assert_eq!(back.last_used_ms, BTreeMap::from([("key_1".to_string(), 42)]));
+        std::fs::write(dir.path().join("data/keys.json"), b"{not json").unwrap();
+        assert!(file.load().unwrap_err().contains("keys.json"));
+    }
+
+    #[test]
+    fn a_key_limited_to_models_allows_only_those() {
+        let entry = |models: Option<Vec<String>>| KeyEntry {
+            key_id: Arc::from("key_1"),
+            organization_id: Arc::from("org"),
+            expires_at_ms: None,
+            revoked: false,
+            models,
+            rate_limit: None,
+            budget: None,
+            runtime: Arc::default(),
+        };
+        assert!(entry(None).allows("anything"));
+        let only_a = entry(Some(vec!["a".into()]));
+        assert!(only_a.allows("a") && !only_a.allows("b"));
+    }
+
+    #[test]
+    fn more_bad_shapes_of_a_new_key_are_refused_by_name() {
+        let now = now_ms();
+        let err = |v: Value, needle: &str| {
+            let e = NewKey::from_json(v.clone(), now).unwrap_err().0;
+            assert!(e.contains(needle), "{v}: {e:?} should mention {needle:?}");
+        };
+        err(json!({"organization_id": "no spaces allowed"}), "`organization_id` must be");
+        err(json!({"organization_id": 7}), "`organization_id` must be");
+        err(json!({"organization_id": "org", "name": "a\nb"}), "without control characters");
+        err(json!({"organization_id": "org", "name": 5}), "`name` must be a string");
+        err(json!({"organization_id": "org", "expires_at": 1}), "must be an RFC 3339 time");
+        err(json!({"organization_id": "org", "models": [""]}), "1-256 characters");
+        err(json!({"organization_id": "org", "models": ["m".repeat(257)]}), "1-256 characters");
+        err(json!({"organization_id": "org", "models": "m"}), "non-empty array");
+        let longest =
+            NewKey::from_json(json!({"organization_id": "org", "models": ["m".repeat(256)], "name": null}), now);
+        assert_eq!(longest.map(|k| (k.name, k.models.map(|m| m[0].len()))), Ok((None, Some(256))));
+        let named = NewKey::from_json(json!({"organization_id": "org", "name": "x".repeat(MAX_NAME)}), now).unwrap();
+        assert_eq!(named.name.map(|n| n.len()), Some(MAX_NAME));
+        let r = named_record(now);
+        assert_eq!((r.created_at_ms, r.revoked_at_ms, r.previous), (now, None, None));
+        assert_eq!(parse_time("1970-01-01T00:00:01.250Z"), Some(1_250));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    fn named_record(now: u64) -> KeyRecord {
+        let k = NewKey::from_json(json!({"organization_id": "org", "name": "n", "models": ["m"]}), now).unwrap();
+        let r = k.into_record("key_9".into(), "ab".repeat(32), "sk-ar-abababab".into(), now);
+        assert_eq!(
+            (r.key_id.as_str(), r.hash.as_str(), r.prefix.as_str()),
+            ("key_9", &*"ab".repeat(32), "sk-ar-abababab")
+        );
+        assert_eq!((r.name.as_deref(), r.models.as_deref()), (Some("n"), Some(&["m".to_string()][..])));
+        r
+    }
 }

@@ -36,12 +36,24 @@ struct Fixture {
 }
 
 async fn fixture(store: Store, default_rate: Option<RateLimit>, failure_mode: FailureMode) -> Fixture {
+    let server = (store == Store::Redis).then(RedisServer::start);
+    let target = server.as_ref().map(|s| RedisTarget::Single(s.url()));
+    let mut f = fixture_on(target, None, default_rate, failure_mode).await;
+    f.redis = server;
+    f
+}
+
+/// Limits on `target` (`None`: in process), with an optional budget service.
+async fn fixture_on(
+    target: Option<RedisTarget>,
+    budget_service: Option<BudgetServiceSettings>,
+    default_rate: Option<RateLimit>,
+    failure_mode: FailureMode,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(Ledger::open(dir.path()).unwrap());
     let metrics = Metrics::new();
     let transport = Transports::new(Default::default()).unwrap().default_transport();
-    let server = (store == Store::Redis).then(RedisServer::start);
-    let target = server.as_ref().map(|s| RedisTarget::Single(s.url()));
     let redis = match &target {
         Some(t) => {
             let r = RedisLimits::new(t, Duration::from_millis(500), metrics.clone()).unwrap();
@@ -58,10 +70,10 @@ async fn fixture(store: Store, default_rate: Option<RateLimit>, failure_mode: Fa
         redis_prefix: "test:".into(),
         default_request_cost: 0.25,
         estimated_tokens: 100,
-        budget_service: None,
+        budget_service,
     };
     let limits = Arc::new(Limits::new(settings, ledger, redis, transport, metrics.clone()));
-    Fixture { limits, metrics, redis: server, _dir: dir }
+    Fixture { limits, metrics, redis: None, _dir: dir }
 }
 
 fn org() -> Arc<str> {
@@ -171,6 +183,7 @@ async fn a_budget_denial_says_the_limit_what_remains_and_when_it_resets() {
         for id in ["r1", "r2"] {
             let a = admit(&f.limits, id, budget(0.6), None).await.unwrap();
             assert!(a.reservation.is_some(), "{store:?}");
+            assert!(a.rate.is_none(), "{store:?}: no rate limit, no rate headers");
         }
         let now = SystemTime::now();
         match admit(&f.limits, "r3", budget(0.6), None).await {
@@ -331,6 +344,140 @@ async fn a_managed_keys_usage_counts_its_own_spend_and_tokens() {
 }
 
 #[tokio::test]
+async fn a_request_served_by_a_fallback_model_settles_at_that_models_price() {
+    for store in STORES {
+        let f = fixture(store, None, FailureMode::Local).await;
+        let price = |input_per_1k| Price {
+            input_per_1k,
+            output_per_1k: 0.0,
+            cache_read_per_1k: None,
+            cache_write_per_1k: None,
+            request_cost: None,
+        };
+        let (o, id) = (org(), Arc::from("fallback"));
+        let mut req = request(&o, &id, budget(100.0), None);
+        req.price = Some(price(1.0));
+        let mut r = f.limits.admit(&req).await.unwrap().reservation.unwrap();
+        r.reprice(Some(price(3.0)));
+        f.limits.finish(r, Some(Some(Usage { prompt_tokens: 1000, total_tokens: 1000, ..Default::default() })));
+        settle(&f, 1).await;
+        assert_eq!(f.limits.usage("org-a", Some(budget(100.0))).await.unwrap()["budget"]["spent"], 3.0, "{store:?}");
+    }
+}
+
+#[tokio::test]
+async fn counters_are_named_by_organization_and_period_without_hash_tags_on_one_redis() {
+    let f = fixture(Store::Redis, None, FailureMode::Local).await;
+    assert!(f.limits.redis().is_some() && f.limits.service().is_none());
+    let _held = admit(&f.limits, "r1", budget(1.0), None).await.unwrap();
+    let port = f.redis.as_ref().unwrap().port;
+    let keys = test_support::redis::RedisCluster::cli(port, &["KEYS", "*"]).unwrap();
+    let mut keys: Vec<&str> = keys.lines().collect();
+    keys.sort();
+    let day = Period::Daily.key(SystemTime::now());
+    assert_eq!(keys, ["test:res:org-a:r1".to_string(), format!("test:spend:org-a:{day}")], "{keys:?}");
+    let local = fixture(Store::Local, None, FailureMode::Local).await;
+    assert!(local.limits.redis().is_none() && local.limits.service().is_none());
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_one_admission_stays_in_one_slot_and_waits_for_a_replica() {
+    let cluster = test_support::redis::RedisCluster::start();
+    let urls = cluster.urls().split(',').map(str::to_string).collect();
+    let target = RedisTarget::Cluster { urls, replica_acks: 1 };
+    let f = fixture_on(Some(target), None, None, FailureMode::Closed).await;
+    assert!(f.limits.redis().is_some_and(|r| r.is_cluster()));
+    // Without the organization's hash tag the rate, spend and reservation
+    // keys would lie in different slots, and Redis would refuse the script.
+    let limits = OrgLimits { rate_limit: rate(100.0, 10), ..budget(0.5) };
+    for id in ["c1", "c2", "c1"] {
+        let a = admit(&f.limits, id, limits, None).await.unwrap();
+        assert!(a.reservation.is_some(), "{id}: reserved on the cluster");
+    }
+    assert!(matches!(admit(&f.limits, "c3", limits, None).await, Err(LimitError::BudgetExceeded { .. })));
+    let keys = cluster.keys();
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.contains("{org-a}")), "{keys:?}");
+    // A replica acknowledges each admission that changed counters: c1 and
+    // c2, not c1 again (its reservation existed) nor the refused c3.
+    let master = cluster.master_of("{org-a}");
+    let stats = test_support::redis::RedisCluster::cli(master, &["INFO", "commandstats"]).unwrap();
+    assert!(stats.contains("cmdstat_wait:calls=2,"), "{stats}");
+    assert_eq!(errors(&f.metrics, "replica_ack"), 0);
+}
+
+#[tokio::test]
+async fn replicas_that_do_not_acknowledge_are_not_waited_for_a_while() {
+    // Each master has one replica: two acknowledgements never come.
+    let cluster = test_support::redis::RedisCluster::start();
+    let urls = cluster.urls().split(',').map(str::to_string).collect();
+    let f = fixture_on(Some(RedisTarget::Cluster { urls, replica_acks: 2 }), None, None, FailureMode::Closed).await;
+    let master = cluster.master_of("{org-a}");
+    let waits = || {
+        let stats = test_support::redis::RedisCluster::cli(master, &["INFO", "commandstats"]).unwrap();
+        stats.lines().find_map(|l| l.strip_prefix("cmdstat_wait:calls=")?.split(',').next()?.parse::<u64>().ok())
+    };
+    let first = admit(&f.limits, "w1", budget(10.0), None).await.unwrap();
+    assert!(first.reservation.is_some(), "a missing acknowledgement is counted, never a refusal");
+    assert_eq!((waits(), errors(&f.metrics, "replica_ack")), (Some(1), 1));
+    // Within ACK_PAUSE (5 s) of the miss: admitted without a WAIT.
+    admit(&f.limits, "w2", budget(10.0), None).await.unwrap();
+    assert_eq!(waits(), Some(1));
+    // Then the replicas are asked again.
+    let deadline = tokio::time::Instant::now() + router_core::limits::redis::ACK_PAUSE * 3;
+    let mut n = 0;
+    while waits() == Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "never asked the replicas again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        n += 1;
+        admit(&f.limits, &format!("w-{n}"), budget(10.0), None).await.unwrap();
+    }
+    assert_eq!(errors(&f.metrics, "replica_ack"), 2);
+}
+
+#[tokio::test]
+async fn with_a_budget_service_only_budgets_and_quotas_are_asked_of_it() {
+    // Nothing listens on port 1: asking the service fails at once.
+    let service = BudgetServiceSettings {
+        url: "http://127.0.0.1:1".into(),
+        timeout: Duration::from_millis(500),
+        fail_open: false,
+        denial_cache: Duration::from_secs(1),
+    };
+    let f = fixture_on(None, Some(service), None, FailureMode::Local).await;
+    assert!(f.limits.service().is_some());
+    let rate_only = OrgLimits { rate_limit: rate(10.0, 5), ..Default::default() };
+    let a = admit(&f.limits, "s1", rate_only, None).await.unwrap();
+    assert_eq!(a.rate.map(|r| r.remaining), Some(4), "the rate limit is kept here, the service is not asked");
+    assert!(a.reservation.is_none());
+    assert_eq!(admit(&f.limits, "s2", budget(1.0), None).await.err(), Some(LimitError::BudgetServiceUnavailable));
+}
+
+#[tokio::test]
+async fn settlements_that_cannot_land_before_shutdown_are_counted_as_dropped() {
+    let mut f = fixture(Store::Redis, None, FailureMode::Local).await;
+    let mut held = Vec::new();
+    for id in ["d1", "d2", "d3"] {
+        held.push(admit(&f.limits, id, budget(10.0), None).await.unwrap().reservation.unwrap());
+    }
+    f.redis.as_mut().unwrap().kill();
+    for r in held {
+        f.limits.finish(r, None);
+    }
+    let cancel = CancellationToken::new();
+    let settler = tokio::spawn(f.limits.clone().run_settler(cancel.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counter(&f.metrics.settlements, &["retried"]) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first settlement was not tried within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    settler.await.unwrap();
+    // The one being retried and the two behind it: each tried once more.
+    assert_eq!(counter(&f.metrics.settlements, &["dropped"]), 3);
+    assert_eq!(counter(&f.metrics.settlements, &["applied"]), 0);
+}
+
+#[tokio::test]
 async fn redis_going_away_applies_the_failure_mode() {
     let one_a_second = OrgLimits { rate_limit: rate(1.0, 1), ..Default::default() };
     // closed: refused, and counted.
@@ -357,12 +504,149 @@ async fn redis_going_away_applies_the_failure_mode() {
     assert!(counter(&f.metrics.redis_errors, &["admit"]) >= 1);
 }
 
+/// One request's keys and plan: a budget of 10 (Redis calls, not denials).
+fn budget_plan(id: &str) -> (Plan, Keys) {
+    let plan = Plan {
+        rate: None,
+        budget: Some((10_000_000, Period::Daily)),
+        quota_requests: None,
+        quota_tokens: None,
+        quota_period: Period::Total,
+        cost_micros: 1,
+        tokens: 0,
+        key: None,
+    };
+    let keys = Keys::new("test:", "org-a", id, &plan, SystemTime::now(), None);
+    (plan, keys)
+}
+
+fn errors(m: &Metrics, op: &str) -> u64 {
+    m.redis_errors.with_label_values(&[op]).get()
+}
+
+#[tokio::test]
+async fn redis_is_down_after_three_failures_in_a_row_and_back_when_a_ping_answers() {
+    let server = RedisServer::start();
+    let metrics = Metrics::new();
+    let target = RedisTarget::Single(server.url());
+    let redis = Arc::new(RedisLimits::new(&target, Duration::from_millis(100), metrics.clone()).unwrap());
+    redis.connect().await.unwrap();
+    assert!(redis.is_healthy() && !redis.is_cluster());
+    let admit = |id: &str| {
+        let (plan, keys) = budget_plan(id);
+        let redis = redis.clone();
+        async move { redis.admit(&keys, &plan, SystemTime::now()).await }
+    };
+    // The scripts were loaded at connect: the first admission is one call.
+    assert!(matches!(admit("a0").await, Ok(Decision::Allowed { .. })));
+    let stats = test_support::redis::RedisCluster::cli(server.port, &["INFO", "commandstats"]).unwrap();
+    assert!(stats.contains("cmdstat_evalsha:calls=1,"), "{stats}");
+    // Two timeouts, then an answer: the count starts again.
+    server.pause(true);
+    for id in ["t1", "t2"] {
+        assert!(admit(id).await.is_err());
+    }
+    assert!(redis.is_healthy(), "two failures are not an outage");
+    server.pause(false);
+    assert!(admit("a1").await.is_ok());
+    server.pause(true);
+    for id in ["t3", "t4"] {
+        assert!(admit(id).await.is_err());
+    }
+    assert!(redis.is_healthy(), "an answer in between resets the count");
+    assert!(admit("t5").await.is_err());
+    assert!(!redis.is_healthy(), "the third failure in a row: down");
+    assert_eq!(errors(&metrics, "admit_timeout"), 5);
+    // Known down: not asked at all until a ping answers.
+    assert!(admit("t6").await.is_err());
+    assert_eq!(errors(&metrics, "admit_timeout"), 5);
+    assert!(redis.ping(Duration::from_millis(100)).await.is_err());
+    server.pause(false);
+    let cancel = CancellationToken::new();
+    let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !redis.is_healthy() {
+        assert!(tokio::time::Instant::now() < deadline, "not healthy again within 10 s of Redis answering");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admit("a2").await.is_ok());
+    cancel.cancel();
+    health.await.unwrap();
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_its_scripts_are_loaded_before_the_first_admission() {
+    let mut server = RedisServer::start();
+    let metrics = Metrics::new();
+    let target = RedisTarget::Single(server.url());
+    let redis = Arc::new(RedisLimits::new(&target, Duration::from_millis(200), metrics.clone()).unwrap());
+    redis.connect().await.unwrap();
+    assert!(router_core::readiness::Healthy::is_healthy(&*redis), "the readiness component agrees");
+    let cancel = CancellationToken::new();
+    let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
+    let wait = |healthy: bool| {
+        let redis = redis.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while redis.is_healthy() != healthy {
+                assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    server.kill();
+    wait(false).await;
+    assert!(!router_core::readiness::Healthy::is_healthy(&*redis));
+    // A new server knows no scripts.
+    server.restart();
+    wait(true).await;
+    let (plan, keys) = budget_plan("first");
+    assert!(matches!(redis.admit(&keys, &plan, SystemTime::now()).await, Ok(Decision::Allowed { .. })));
+    let stats = test_support::redis::RedisCluster::cli(server.port, &["INFO", "commandstats"]).unwrap();
+    assert!(stats.contains("cmdstat_evalsha:calls=1,"), "one call, no NOSCRIPT round: {stats}");
+    cancel.cancel();
+    health.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_replaced_so_redis_is_healthy_again_once_it_answers() {
+    let server = RedisServer::start();
+    let proxy = test_support::proxy::Proxy::start(server.port).await;
+    let metrics = Metrics::new();
+    let target = RedisTarget::Single(format!("redis://127.0.0.1:{}", proxy.port));
+    let redis = Arc::new(RedisLimits::new(&target, Duration::from_millis(100), metrics.clone()).unwrap());
+    redis.connect().await.unwrap();
+    let cancel = CancellationToken::new();
+    let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
+    let wait = |healthy: bool| {
+        let redis = redis.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while redis.is_healthy() != healthy {
+                assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Everything sent is thrown away, and the connection stays open: the
+    // pings queued on it will never be answered.
+    proxy.set_fault(test_support::proxy::Fault::BlackHole);
+    wait(false).await;
+    assert!(errors(&metrics, "ping") >= 1);
+    proxy.set_fault(test_support::proxy::Fault::None);
+    wait(true).await;
+    let (plan, keys) = budget_plan("after");
+    assert!(redis.admit(&keys, &plan, SystemTime::now()).await.is_ok());
+    cancel.cancel();
+    health.await.unwrap();
+}
+
 #[tokio::test]
 async fn cost_prices_cached_tokens_and_falls_back_to_the_flat_cost() {
     let f = fixture(Store::Local, None, FailureMode::Local).await;
     let l = &f.limits;
     let price = Price {
-        input_per_1k: 1.0,
+        input_per_1k: 2.0,
         output_per_1k: 4.0,
         cache_read_per_1k: Some(0.1),
         cache_write_per_1k: Some(2.0),
@@ -375,10 +659,10 @@ async fn cost_prices_cached_tokens_and_falls_back_to_the_flat_cost() {
         cache_read_tokens: 300,
         cache_write_tokens: 200,
     };
-    // 500 uncached × 1.0 + 300 × 0.1 + 200 × 2.0 + 500 × 4.0, per 1,000.
-    assert!((l.cost(Some(price), Some(u)) - 2.93).abs() < 1e-9);
+    // 500 uncached × 2.0 + 300 × 0.1 + 200 × 2.0 + 500 × 4.0, per 1,000.
+    assert!((l.cost(Some(price), Some(u)) - 3.43).abs() < 1e-9);
     let no_cache_prices = Price { cache_read_per_1k: None, cache_write_per_1k: None, ..price };
-    assert!((l.cost(Some(no_cache_prices), Some(u)) - 3.0).abs() < 1e-9);
+    assert!((l.cost(Some(no_cache_prices), Some(u)) - 4.0).abs() < 1e-9);
     assert_eq!(l.cost(Some(price), None), 0.5);
     assert_eq!(l.cost(Some(price), Some(Usage::default())), 0.5, "no tokens reported: the flat cost");
     let output_only = Usage { completion_tokens: 1000, total_tokens: 1000, ..Default::default() };

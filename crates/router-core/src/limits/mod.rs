@@ -769,6 +769,9 @@ impl Limits {
         let Some(mut rx) = self.settle_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
+        // A settlement still being retried when cancelled gets its one last
+        // try with the rest of the queue.
+        let mut carried = None;
         loop {
             let s = tokio::select! {
                 biased;
@@ -776,21 +779,24 @@ impl Limits {
                 _ = cancel.cancelled() => break,
             };
             let mut backoff = crate::util::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-            loop {
+            let unapplied = loop {
                 match self.apply(&s).await {
                     Ok(()) => {
                         self.metrics.settlements.with_label_values(&["applied"]).inc();
-                        break;
+                        break false;
                     }
                     Err(e) => {
                         self.metrics.settlements.with_label_values(&["retried"]).inc();
                         tracing::warn!(error = %e, request_id = %s.reservation.request_id, "settlement failed; will retry");
                         tokio::select! {
-                            _ = cancel.cancelled() => break,
+                            _ = cancel.cancelled() => break true,
                             _ = tokio::time::sleep(backoff.next_delay()) => {}
                         }
                     }
                 }
+            };
+            if unapplied {
+                carried = Some(s);
             }
             if cancel.is_cancelled() {
                 break;
@@ -798,7 +804,7 @@ impl Limits {
         }
         rx.close();
         let mut lost = 0u64;
-        while let Ok(s) = rx.try_recv() {
+        for s in carried.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             if self.apply(&s).await.is_err() {
                 lost += 1;
             }

@@ -585,3 +585,19 @@ impl Healthy for RedisLimits {
         RedisLimits::is_healthy(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_prints_without_its_urls() {
+        let single = RedisTarget::Single("redis://:s3cret@redis.internal:6379".into());
+        assert_eq!(format!("{single:?}"), "Single(<redacted>)");
+        let cluster = RedisTarget::Cluster {
+            urls: vec!["redis://:s3cret@a:6379".into(), "redis://:s3cret@b:6379".into()],
+            replica_acks: 1,
+        };
+        assert_eq!(format!("{cluster:?}"), "Cluster { seed_nodes: 2, replica_acks: 1 }");
+    }
+}

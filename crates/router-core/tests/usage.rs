@@ -1,0 +1,189 @@
+//! The usage buffer and its publisher against a real Kafka-protocol broker
+//! (a private tansu): every record written ahead reaches the topic once the
+//! broker answers, in order, and leaves the buffer only then; a broker that
+//! goes away holds records back (retries counted, health down) until it is
+//! back; an operator's retry skips the backoff; a full buffer refuses or
+//! bypasses as its policy says. End to end through the router:
+//! `api-router/tests/usage.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use router_core::metrics::Metrics;
+use router_core::usage::publisher::Publisher;
+use router_core::usage::*;
+use test_support::{Broker, TOPIC, consume, distinct_keys};
+use tokio_util::sync::CancellationToken;
+
+fn settings(max_records: u64, full_policy: FullPolicy) -> UsageSettings {
+    UsageSettings { brokers: Some("unused".into()), topic: TOPIC.into(), max_records, full_policy, fsync: Fsync::Never }
+}
+
+fn record(id: &str) -> UsageRecord {
+    UsageRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: Arc::from(id),
+        organization_id: Arc::from("org-a"),
+        key_id: None,
+        model: Arc::from("m"),
+        served_model: None,
+        backend_id: Some(Arc::from("backend-1")),
+        decision_type: None,
+        attempts: 1,
+        status: 200,
+        error: None,
+        latency_ms: 1.0,
+        prompt_tokens: Some(3),
+        completion_tokens: Some(4),
+        total_tokens: Some(7),
+        cache_read_tokens: None,
+        cache_write_tokens: None,
+        cost: Some(0.01),
+        timestamp: SystemTime::now(),
+        router_instance_id: Arc::from("test"),
+    }
+}
+
+/// The sink, its shared state and a publisher to `broker`, with the health
+/// check and the drainer running until `cancel`.
+struct Running {
+    sink: UsageSink,
+    shared: Arc<Shared>,
+    publisher: Arc<Publisher>,
+    metrics: Metrics,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+fn start(broker: &Broker, max_records: u64, policy: FullPolicy) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let (sink, shared) = UsageSink::open(dir.path(), settings(max_records, policy), metrics.clone()).unwrap();
+    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
+    let cancel = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(publisher.clone().run_health(cancel.clone())),
+        tokio::spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone())),
+    ];
+    Running { sink, shared, publisher, metrics, tasks, cancel, _dir: dir }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+async fn until(what: &str, secs: u64, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn published(m: &Metrics, outcome: &str) -> u64 {
+    m.usage_published.with_label_values(&[outcome]).get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_reaches_the_topic_in_order_and_leaves_the_buffer_only_then() {
+    let broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
+    let r = start(&broker, 10_000, FullPolicy::Reject);
+    until("the broker is seen healthy", 30, || r.publisher.is_healthy()).await;
+    let ids: Vec<String> = (0..2_500).map(|i| format!("u-{i:05}")).collect();
+    for id in &ids {
+        r.sink.record(&record(id)).await.unwrap();
+    }
+    until("every record delivered", 60, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
+    assert_eq!(published(&r.metrics, "success"), 2_500, "more than one batch, each delivered once");
+    assert_eq!(r.shared.lock().pending(), 0);
+    let msgs = consume(&broker, ids.len(), Duration::from_secs(30)).await;
+    let keys: Vec<&str> = msgs.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ids.iter().map(String::as_str).collect::<Vec<_>>(), "each once, in the order written");
+    assert_eq!(msgs[0].1["organization_id"], "org-a");
+    assert_eq!(msgs[0].1["total_tokens"], 7);
+    assert!(r.publisher.last_error().is_none(), "{:?}", r.publisher.last_error());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_while_the_broker_is_away_and_an_operators_retry_skips_the_backoff() {
+    let mut broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
+    let r = start(&broker, 10_000, FullPolicy::Reject);
+    until("the broker is seen healthy", 30, || r.publisher.is_healthy()).await;
+    r.sink.record(&record("before")).await.unwrap();
+    until("the first record delivered", 30, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
+    broker.stop();
+    until("the broker is seen away", 30, || !r.publisher.is_healthy()).await;
+    assert!(r.publisher.last_error().is_some(), "the reason is kept for the admin status");
+    for id in ["away-1", "away-2", "away-3"] {
+        r.sink.record(&record(id)).await.unwrap();
+    }
+    // The drainer backs off, doubling up to 5 s (waits of 2.5 to 5 s after
+    // rounds of 0.1, 0.2, 0.4, 0.8, 1.6 and 3.2 s), counting each retry.
+    let retries = || r.metrics.buffer_retries.get();
+    until("into the longest backoff", 30, || retries() >= 7).await;
+    assert_eq!(r.shared.pending.load(Ordering::Relaxed), 3, "held in the buffer, not dropped");
+    // Just as a wait of at least 2.5 s begins, an operator asks for a retry:
+    // the drainer tries again at once (the check itself gives up after 1 s).
+    let before = retries();
+    until("the next retry", 10, || retries() > before).await;
+    let asked = tokio::time::Instant::now();
+    r.publisher.retry_now();
+    until("a retry right after the request", 10, || retries() > before + 1).await;
+    let took = asked.elapsed();
+    assert!(took < Duration::from_millis(2_400), "the retry waited out the backoff: {took:?}");
+    broker.restart();
+    r.publisher.retry_now();
+    until("delivered after the broker came back", 30, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
+    assert!(r.publisher.is_healthy());
+    let msgs = consume(&broker, 4, Duration::from_secs(30)).await;
+    let keys = distinct_keys(&msgs);
+    for id in ["before", "away-1", "away-2", "away-3"] {
+        assert!(keys.contains(id), "{id} missing from {keys:?}");
+    }
+    assert_eq!(published(&r.metrics, "success"), 4);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_refuses_or_bypasses_as_its_policy_says() {
+    // No broker answers on this address: nothing leaves the buffer.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let (sink, shared) = UsageSink::open(dir.path(), settings(2, FullPolicy::Reject), metrics.clone()).unwrap();
+    assert!(sink.enabled());
+    for id in ["r1", "r2"] {
+        sink.check_capacity().unwrap();
+        sink.record(&record(id)).await.unwrap();
+    }
+    until("both records counted as pending", 10, || shared.pending.load(Ordering::Relaxed) == 2).await;
+    assert_eq!(sink.check_capacity(), Err(RecordError::BufferFull));
+    assert_eq!(metrics.buffer_full.get(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let (sink, shared) = UsageSink::open(dir.path(), settings(2, FullPolicy::Bypass), metrics.clone()).unwrap();
+    for id in ["b1", "b2"] {
+        sink.record(&record(id)).await.unwrap();
+    }
+    until("both records counted as pending", 10, || shared.pending.load(Ordering::Relaxed) == 2).await;
+    sink.check_capacity().unwrap();
+    sink.record(&record("b3")).await.unwrap();
+    assert_eq!(shared.lock().pending(), 2, "the cap holds: over it, records are dropped");
+    assert_eq!(published(&metrics, "dropped"), 1);
+    assert_eq!(metrics.buffer_full.get(), 0, "bypass serves: nothing refused");
+
+    let disabled = UsageSink::disabled();
+    assert!(!disabled.enabled());
+    assert_eq!(disabled.check_capacity(), Ok(()));
+    disabled.record(&record("off")).await.unwrap();
+}
