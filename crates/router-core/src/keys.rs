@@ -454,6 +454,10 @@ mod tests {
         assert_eq!(hash, hex::encode(crate::auth::hash_key(&key)));
         assert_ne!(generate().unwrap().0, key, "drawn afresh each time");
         assert!(new_key_id().unwrap().starts_with("key_"));
+        // What listings show: "sk-ar-" and the key's first 8 hex digits.
+        assert_eq!(prefix.len(), 14);
+        assert_eq!(prefix, key[..14]);
+        assert_eq!(KeyError("the reason".into()).to_string(), "the reason");
     }
 
     #[test]
@@ -587,6 +591,9 @@ mod tests {
         assert_eq!(back.last_used_ms, BTreeMap::from([("key_1".to_string(), 42)]));
         std::fs::write(dir.path().join("data/keys.json"), b"{not json").unwrap();
         assert!(file.load().unwrap_err().contains("keys.json"));
+        // Unreadable is not the same as absent: no keys would lock every key out.
+        std::fs::create_dir_all(dir.path().join("other/keys.json")).unwrap();
+        assert!(KeyFile::new(&dir.path().join("other")).load().is_err());
     }
 
     #[test]
@@ -630,6 +637,12 @@ mod tests {
         assert_eq!((r.created_at_ms, r.revoked_at_ms, r.previous), (now, None, None));
         assert_eq!(parse_time("1970-01-01T00:00:01.250Z"), Some(1_250));
         assert_eq!(parse_time("yesterday"), None);
+        // An expiry must be later than now: now itself is refused.
+        let at = parse_time("2030-01-01T00:00:00Z").unwrap();
+        let expiring = |t: &str| NewKey::from_json(json!({"organization_id": "org", "expires_at": t}), at);
+        assert!(expiring("2030-01-01T00:00:00Z").unwrap_err().0.contains("not in the future"));
+        assert_eq!(expiring("2030-01-01T00:00:00.001Z").unwrap().expires_at_ms, Some(at + 1));
+        assert_eq!(MAX_GRACE_SECS, 2_592_000, "30 days");
     }
 
     fn named_record(now: u64) -> KeyRecord {

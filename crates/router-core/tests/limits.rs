@@ -399,9 +399,7 @@ async fn on_a_redis_cluster_one_admission_stays_in_one_slot_and_waits_for_a_repl
     assert!(!keys.is_empty() && keys.iter().all(|k| k.contains("{org-a}")), "{keys:?}");
     // A replica acknowledges each admission that changed counters: c1 and
     // c2, not c1 again (its reservation existed) nor the refused c3.
-    let master = cluster.master_of("{org-a}");
-    let stats = test_support::redis::RedisCluster::cli(master, &["INFO", "commandstats"]).unwrap();
-    assert!(stats.contains("cmdstat_wait:calls=2,"), "{stats}");
+    assert_eq!(calls(cluster.master_of("{org-a}"), "wait"), 2);
     assert_eq!(errors(&f.metrics, "replica_ack"), 0);
 }
 
@@ -412,20 +410,17 @@ async fn replicas_that_do_not_acknowledge_are_not_waited_for_a_while() {
     let urls = cluster.urls().split(',').map(str::to_string).collect();
     let f = fixture_on(Some(RedisTarget::Cluster { urls, replica_acks: 2 }), None, None, FailureMode::Closed).await;
     let master = cluster.master_of("{org-a}");
-    let waits = || {
-        let stats = test_support::redis::RedisCluster::cli(master, &["INFO", "commandstats"]).unwrap();
-        stats.lines().find_map(|l| l.strip_prefix("cmdstat_wait:calls=")?.split(',').next()?.parse::<u64>().ok())
-    };
+    let waits = || calls(master, "wait");
     let first = admit(&f.limits, "w1", budget(10.0), None).await.unwrap();
     assert!(first.reservation.is_some(), "a missing acknowledgement is counted, never a refusal");
-    assert_eq!((waits(), errors(&f.metrics, "replica_ack")), (Some(1), 1));
+    assert_eq!((waits(), errors(&f.metrics, "replica_ack")), (1, 1));
     // Within ACK_PAUSE (5 s) of the miss: admitted without a WAIT.
     admit(&f.limits, "w2", budget(10.0), None).await.unwrap();
-    assert_eq!(waits(), Some(1));
+    assert_eq!(waits(), 1);
     // Then the replicas are asked again.
     let deadline = tokio::time::Instant::now() + router_core::limits::redis::ACK_PAUSE * 3;
     let mut n = 0;
-    while waits() == Some(1) {
+    while waits() == 1 {
         assert!(tokio::time::Instant::now() < deadline, "never asked the replicas again");
         tokio::time::sleep(Duration::from_millis(200)).await;
         n += 1;
@@ -524,6 +519,22 @@ fn errors(m: &Metrics, op: &str) -> u64 {
     m.redis_errors.with_label_values(&[op]).get()
 }
 
+/// Waits (10 s at most) until Redis is seen `healthy` or not.
+async fn until_healthy(redis: &RedisLimits, healthy: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.is_healthy() != healthy {
+        assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How many times the Redis on `port` ran `command` (`INFO commandstats`).
+fn calls(port: u16, command: &str) -> u64 {
+    let stats = test_support::redis::RedisCluster::cli(port, &["INFO", "commandstats"]).unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats.lines().find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok()).unwrap_or(0)
+}
+
 #[tokio::test]
 async fn redis_is_down_after_three_failures_in_a_row_and_back_when_a_ping_answers() {
     let server = RedisServer::start();
@@ -539,8 +550,7 @@ async fn redis_is_down_after_three_failures_in_a_row_and_back_when_a_ping_answer
     };
     // The scripts were loaded at connect: the first admission is one call.
     assert!(matches!(admit("a0").await, Ok(Decision::Allowed { .. })));
-    let stats = test_support::redis::RedisCluster::cli(server.port, &["INFO", "commandstats"]).unwrap();
-    assert!(stats.contains("cmdstat_evalsha:calls=1,"), "{stats}");
+    assert_eq!(calls(server.port, "evalsha"), 1);
     // Two timeouts, then an answer: the count starts again.
     server.pause(true);
     for id in ["t1", "t2"] {
@@ -564,11 +574,7 @@ async fn redis_is_down_after_three_failures_in_a_row_and_back_when_a_ping_answer
     server.pause(false);
     let cancel = CancellationToken::new();
     let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !redis.is_healthy() {
-        assert!(tokio::time::Instant::now() < deadline, "not healthy again within 10 s of Redis answering");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_healthy(&redis, true).await;
     assert!(admit("a2").await.is_ok());
     cancel.cancel();
     health.await.unwrap();
@@ -584,26 +590,15 @@ async fn after_a_redis_restart_its_scripts_are_loaded_before_the_first_admission
     assert!(router_core::readiness::Healthy::is_healthy(&*redis), "the readiness component agrees");
     let cancel = CancellationToken::new();
     let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
-    let wait = |healthy: bool| {
-        let redis = redis.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while redis.is_healthy() != healthy {
-                assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     server.kill();
-    wait(false).await;
+    until_healthy(&redis, false).await;
     assert!(!router_core::readiness::Healthy::is_healthy(&*redis));
     // A new server knows no scripts.
     server.restart();
-    wait(true).await;
+    until_healthy(&redis, true).await;
     let (plan, keys) = budget_plan("first");
     assert!(matches!(redis.admit(&keys, &plan, SystemTime::now()).await, Ok(Decision::Allowed { .. })));
-    let stats = test_support::redis::RedisCluster::cli(server.port, &["INFO", "commandstats"]).unwrap();
-    assert!(stats.contains("cmdstat_evalsha:calls=1,"), "one call, no NOSCRIPT round: {stats}");
+    assert_eq!(calls(server.port, "evalsha"), 1, "one call, no NOSCRIPT round");
     cancel.cancel();
     health.await.unwrap();
 }
@@ -618,23 +613,13 @@ async fn a_silent_connection_is_replaced_so_redis_is_healthy_again_once_it_answe
     redis.connect().await.unwrap();
     let cancel = CancellationToken::new();
     let health = tokio::spawn(redis.clone().run_health(cancel.clone()));
-    let wait = |healthy: bool| {
-        let redis = redis.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while redis.is_healthy() != healthy {
-                assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
     // Everything sent is thrown away, and the connection stays open: the
     // pings queued on it will never be answered.
     proxy.set_fault(test_support::proxy::Fault::BlackHole);
-    wait(false).await;
+    until_healthy(&redis, false).await;
     assert!(errors(&metrics, "ping") >= 1);
     proxy.set_fault(test_support::proxy::Fault::None);
-    wait(true).await;
+    until_healthy(&redis, true).await;
     let (plan, keys) = budget_plan("after");
     assert!(redis.admit(&keys, &plan, SystemTime::now()).await.is_ok());
     cancel.cancel();

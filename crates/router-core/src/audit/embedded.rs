@@ -151,16 +151,20 @@ impl Embedded {
                     .map_err(storage)?
                     .map(|v| v.value().to_vec()));
             }
-            // All organizations' records with this id are adjacent in key order.
-            let mut found: Option<Vec<u8>> = None;
+            // All organizations' records with this id are adjacent in key
+            // order; the most recent one is the answer.
+            let mut found: Option<(u64, Vec<u8>)> = None;
             for entry in table.range((request_id.as_str(), "")..).map_err(storage)? {
                 let (k, v) = entry.map_err(storage)?;
                 if k.value().0 != request_id {
                     break;
                 }
-                found = Some(v.value().to_vec());
+                let finished = JournalKeys::of(v.value()).map_or(0, |k| k.finished_ms);
+                if found.as_ref().is_none_or(|(latest, _)| finished > *latest) {
+                    found = Some((finished, v.value().to_vec()));
+                }
             }
-            Ok(found)
+            Ok(found.map(|(_, json)| json))
         })
         .await
         .map_err(storage)?

@@ -351,6 +351,7 @@ mod tests {
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&found).unwrap()["request_id"], "crashed-1");
         let (wal, _) = Wal::open(&dir.path().join("journal")).unwrap();
         assert_eq!(wal.pending(), 0, "acknowledged once committed");
+        assert_eq!(metrics.audit_records.with_label_values(&["written"]).get(), 1, "the replayed record is counted");
     }
 
     #[tokio::test]
@@ -364,5 +365,75 @@ mod tests {
         assert_eq!(store.prune(now - Duration::from_secs(7 * 86400)).await.unwrap(), 1);
         assert!(store.get("old", Some("o")).await.unwrap().is_none());
         assert!(store.get("new", Some("o")).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_admin_lookup_of_an_id_two_organizations_used_finds_the_most_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(10)).unwrap();
+        let now = SystemTime::now();
+        let earlier = now - Duration::from_secs(60);
+        // Key order puts org-a first: the answer must not depend on it.
+        store.record(&record("x", "org-a", now)).await.unwrap();
+        store.record(&record("x", "org-b", earlier)).await.unwrap();
+        store.record(&record("y", "org-a", earlier)).await.unwrap();
+        store.record(&record("y", "org-b", now)).await.unwrap();
+        let org_of = |json: Option<Vec<u8>>| {
+            serde_json::from_slice::<serde_json::Value>(&json.unwrap()).unwrap()["organization_id"].clone()
+        };
+        assert_eq!(org_of(store.get("x", None).await.unwrap()), "org-a");
+        assert_eq!(org_of(store.get("y", None).await.unwrap()), "org-b");
+    }
+
+    #[tokio::test]
+    async fn committed_records_are_counted_and_the_store_reports_itself_healthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let store = AuditStore::open(dir.path(), metrics.clone(), Duration::from_millis(10)).unwrap();
+        for i in 0..5 {
+            store.record(&record(&format!("c{i}"), "org-a", SystemTime::now())).await.unwrap();
+        }
+        store.flush().await;
+        assert_eq!(metrics.audit_records.with_label_values(&["written"]).get(), 5);
+        assert_eq!(metrics.audit_pending.get(), 0);
+        let component = store.component();
+        assert_eq!((component.name(), component.status()), ("audit_store", ComponentStatus::Healthy));
+    }
+
+    #[tokio::test]
+    async fn the_retention_task_prunes_until_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(10)).unwrap();
+        let now = SystemTime::now();
+        store.record(&record("old", "o", now - Duration::from_secs(3 * 3600))).await.unwrap();
+        store.record(&record("new", "o", now)).await.unwrap();
+        store.flush().await;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task =
+            tokio::spawn(store.clone().run(Duration::from_secs(3600), Duration::from_millis(20), cancel.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.get("old", Some("o")).await.unwrap().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hour-old retention did not remove a 3-hour-old record"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.get("new", Some("o")).await.unwrap().is_some());
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("the task ends when cancelled").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_open_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        let Err(e) = AuditStore::open(&not_a_dir, Metrics::new(), Duration::from_millis(10)) else {
+            panic!("a file where the store's directory should be must not open")
+        };
+        assert!(e.to_string().starts_with("audit store: "), "{e}");
+        let e = AuditError::Unavailable("PostgreSQL did not answer".into());
+        assert_eq!(e.to_string(), "the audit store is unavailable: PostgreSQL did not answer");
     }
 }
