@@ -51,6 +51,7 @@ section_of() { if [ "$1" = core ]; then echo mutants; else echo "mutants-$1"; fi
 run_set() {
   local set=$1 args=() out="target/mutants/$1" outcomes status=0 start seconds
   for f in $(files_of "$set"); do args+=(--file "$f"); done
+  local files=("${args[@]}")
   outcomes="$out/mutants.out/outcomes.json"
   if [ "${MUTANTS_ITERATE:-0}" = 1 ]; then
     # Keep the full run's outcomes; this run's replace them mutant by mutant.
@@ -58,7 +59,7 @@ run_set() {
     args+=(--iterate)
     outcomes="$out/full-outcomes.json,$outcomes"
   else
-    rm -f "$out/full-outcomes.json"
+    rm -f "$out/full-outcomes.json" "$out/seconds"
   fi
   mkdir -p "$out"
   echo "==> mutants: set $set"
@@ -70,8 +71,15 @@ run_set() {
   # 0: every mutant caught; 2: some missed; 3: some timed out. Anything else
   # (the tests failed without a mutant, a build error) is a failure.
   case $status in 0|2|3) ;; *) echo "cargo mutants failed ($status)" >&2; exit "$status" ;; esac
-  python3 scripts/mutants-table.py "$outcomes" "$seconds" \
-    "MUTANTS_SET=$set make mutants$([ "${MUTANTS_ITERATE:-0}" = 1 ] && echo ', then MUTANTS_ITERATE=1') ($(nproc) cores, $(date -u +%Y-%m-%d))" \
+  # Each run's time, and the mutants of the code as it is now (the table
+  # counts those: see mutants-table.py).
+  echo "$seconds" >> "$out/seconds"
+  cargo mutants "${files[@]}" --list --json > "$out/current.json"
+  local runs total=0 label
+  runs=$(awk '{printf "%s%d min", (NR > 1 ? ", then MUTANTS_ITERATE=1: " : ""), $1 / 60}' "$out/seconds")
+  while read -r s; do total=$((total + s)); done < "$out/seconds"
+  label="MUTANTS_SET=$set make mutants: $runs; $(nproc) cores, $(date -u +%Y-%m-%d)"
+  python3 scripts/mutants-table.py "$outcomes" "$total" "$label" "$out/current.json" \
     | python3 scripts/bench-section.py docs/testing.md "$(section_of "$set")"
   echo "==> docs/testing.md: mutation table of set $set written ($seconds s)"
 }
