@@ -17,6 +17,7 @@ use router_core::limits::redis::{RedisLimits, RedisTarget};
 use router_core::limits::*;
 use router_core::metrics::Metrics;
 use router_providers::transport::Transports;
+use test_support::eventually;
 use test_support::redis::RedisServer;
 use tokio_util::sync::CancellationToken;
 
@@ -114,11 +115,8 @@ async fn admit(l: &Limits, id: &str, limits: OrgLimits, key: Option<&KeyEntry>) 
 async fn settle(f: &Fixture, n: u64) {
     let cancel = CancellationToken::new();
     let settler = tokio::spawn(f.limits.clone().run_settler(cancel.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while counter(&f.metrics.settlements, &["applied"]) < n {
-        assert!(tokio::time::Instant::now() < deadline, "settlements not applied within 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let applied = || async { counter(&f.metrics.settlements, &["applied"]) >= n };
+    assert!(eventually(Duration::from_secs(10), applied).await, "settlements not applied within 10 s");
     cancel.cancel();
     settler.await.unwrap();
     assert_eq!(counter(&f.metrics.settlements, &["applied"]), n);
@@ -460,11 +458,8 @@ async fn settlements_that_cannot_land_before_shutdown_are_counted_as_dropped() {
     }
     let cancel = CancellationToken::new();
     let settler = tokio::spawn(f.limits.clone().run_settler(cancel.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while counter(&f.metrics.settlements, &["retried"]) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the first settlement was not tried within 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let tried = || async { counter(&f.metrics.settlements, &["retried"]) > 0 };
+    assert!(eventually(Duration::from_secs(10), tried).await, "the first settlement was not tried within 10 s");
     cancel.cancel();
     settler.await.unwrap();
     // The one being retried and the two behind it: each tried once more.
@@ -521,11 +516,8 @@ fn errors(m: &Metrics, op: &str) -> u64 {
 
 /// Waits (10 s at most) until Redis is seen `healthy` or not.
 async fn until_healthy(redis: &RedisLimits, healthy: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.is_healthy() != healthy {
-        assert!(tokio::time::Instant::now() < deadline, "healthy = {healthy} not reached within 10 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let reached = eventually(Duration::from_secs(10), || async { redis.is_healthy() == healthy }).await;
+    assert!(reached, "healthy = {healthy} not reached within 10 s");
 }
 
 /// How many times the Redis on `port` ran `command` (`INFO commandstats`).

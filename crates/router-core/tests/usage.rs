@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use router_core::metrics::Metrics;
 use router_core::usage::publisher::Publisher;
 use router_core::usage::*;
-use test_support::{Broker, TOPIC, consume, distinct_keys};
+use test_support::{Broker, TOPIC, consume, distinct_keys, eventually};
 use tokio_util::sync::CancellationToken;
 
 fn settings(max_records: u64, full_policy: FullPolicy) -> UsageSettings {
@@ -82,11 +82,7 @@ impl Running {
 }
 
 async fn until(what: &str, secs: u64, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {secs} s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(eventually(Duration::from_secs(secs), || async { cond() }).await, "{what}: not within {secs} s");
 }
 
 fn published(m: &Metrics, outcome: &str) -> u64 {

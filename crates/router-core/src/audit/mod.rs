@@ -411,14 +411,11 @@ mod tests {
         let cancel = tokio_util::sync::CancellationToken::new();
         let task =
             tokio::spawn(store.clone().run(Duration::from_secs(3600), Duration::from_millis(20), cancel.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.get("old", Some("o")).await.unwrap().is_some() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the hour-old retention did not remove a 3-hour-old record"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let gone = || async { store.get("old", Some("o")).await.unwrap().is_none() };
+        assert!(
+            test_support::eventually(Duration::from_secs(10), gone).await,
+            "the hour-old retention did not remove a 3-hour-old record"
+        );
         assert!(store.get("new", Some("o")).await.unwrap().is_some());
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("the task ends when cancelled").unwrap();
