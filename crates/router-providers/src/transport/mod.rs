@@ -1,11 +1,11 @@
 //! The transport: HTTP to backends over pooled keep-alive connections, with a
 //! per-attempt timeout and a classification of every failure.
 //!
-//! [`HttpTransport`] is hyper's pooled client over a rustls connector:
-//! `https://` backends get TLS (webpki roots, plus an extra CA bundle and a
+//! [`HttpTransport`] sends to `http://` backends over HTTP/1.1 on its own
+//! pool of kept-alive connections ([`plain`]), and to `https://` backends on
+//! hyper-util's pooled client over a rustls connector: they get TLS (webpki roots, plus an extra CA bundle and a
 //! client certificate per TLS configuration, see [`tls`]) and HTTP/2 when the
-//! handshake agrees on `h2` by ALPN, HTTP/1.1 otherwise; `http://` backends
-//! get plain HTTP/1.1. [`Transports`] keeps one such client (one pool) per
+//! handshake agrees on `h2` by ALPN, HTTP/1.1 otherwise. [`Transports`] keeps one such client (one pool) per
 //! distinct TLS configuration, outside the routing snapshots, so that pools
 //! survive configuration changes.
 //!
@@ -17,6 +17,7 @@
 //! bounded by a timeout, with every failure an [`AttemptError`].
 
 mod diagnose;
+pub mod plain;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use self::diagnose::{Diagnosing, Recent};
+use self::plain::{PlainPool, PooledBody};
 use self::tls::{TlsError, TlsSpec};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -217,10 +219,11 @@ fn go_duration(s: &str) -> Option<Duration> {
     (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
 }
 
-/// A backend's answer body: hyper's, or any other body (the in-process
-/// transport of tests).
+/// A backend's answer body: hyper's, one that gives its connection back to
+/// the plain pool, or any other body (the in-process transport of tests).
 pub enum ResponseBody {
     Hyper(hyper::body::Incoming),
+    Pooled(PooledBody),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -231,6 +234,7 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::Pooled(b) => Pin::new(b).poll_frame(cx),
             ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -238,6 +242,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Hyper(b) => b.is_end_stream(),
+            ResponseBody::Pooled(b) => b.is_end_stream(),
             ResponseBody::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -245,6 +250,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Hyper(b) => b.size_hint(),
+            ResponseBody::Pooled(b) => b.size_hint(),
             ResponseBody::Boxed(b) => b.size_hint(),
         }
     }
@@ -269,8 +275,10 @@ impl std::fmt::Debug for dyn Transport {
     }
 }
 
-/// hyper's pooled client over rustls: see the module doc.
+/// The plain pool for `http://`, hyper's pooled client over rustls for
+/// `https://`: see the module doc.
 pub struct HttpTransport {
+    plain: PlainPool,
     client: Client<Diagnosing<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     recent: Recent,
 }
@@ -295,12 +303,16 @@ impl HttpTransport {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Self { client, recent }
+        Self { plain: PlainPool::new(connect_timeout), client, recent }
     }
 }
 
 impl Transport for HttpTransport {
     fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+        if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+            let plain = self.plain.clone();
+            return Box::pin(async move { plain.send(request).await });
+        }
         let authority = request.uri().authority().cloned();
         let pending = self.client.request(request);
         let recent = self.recent.clone();
