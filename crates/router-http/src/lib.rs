@@ -116,16 +116,14 @@ pub fn router(state: SharedState) -> Router {
 /// Counts every answer by route template and status, and times it.
 async fn track(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // The route template is shared (an `Arc<str>`), not copied.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let response = next.run(request).await;
     let status = response.status();
     let metrics = &state.core.metrics;
-    metrics.http_requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
-    metrics.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+    metrics.http_requests.with_label_values(&[route, status.as_str()]).inc();
+    metrics.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     response
 }
 

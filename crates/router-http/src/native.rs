@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
@@ -20,8 +20,11 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::{Shape, SharedState, credentials, read_body, respond};
 
-pub async fn inference(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    let request = match accept(&state, &headers, body).await {
+pub async fn inference(State(state): State<SharedState>, request: Request) -> Response {
+    // The request taken apart, not its headers copied (as the `HeaderMap`
+    // extractor would).
+    let (parts, body) = request.into_parts();
+    let request = match accept(&state, &parts.headers, body).await {
         Ok(r) => r,
         Err(e) => return e.native(None),
     };

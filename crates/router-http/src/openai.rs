@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -23,25 +23,29 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::{Shape, SharedState, credentials, read_body, respond};
 
-pub async fn chat_completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, headers, body, Operation::Chat).await
+pub async fn chat_completions(State(state): State<SharedState>, request: Request) -> Response {
+    handle(state, request, Operation::Chat).await
 }
 
-pub async fn completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, headers, body, Operation::Completions).await
+pub async fn completions(State(state): State<SharedState>, request: Request) -> Response {
+    handle(state, request, Operation::Completions).await
 }
 
-pub async fn embeddings(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, headers, body, Operation::Embeddings).await
+pub async fn embeddings(State(state): State<SharedState>, request: Request) -> Response {
+    handle(state, request, Operation::Embeddings).await
 }
 
 /// `POST /v1/responses`: the Responses API, passed through to OpenAI and
 /// Azure backends.
-pub async fn responses(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, headers, body, Operation::Responses).await
+pub async fn responses(State(state): State<SharedState>, request: Request) -> Response {
+    handle(state, request, Operation::Responses).await
 }
 
-async fn handle(state: SharedState, headers: HeaderMap, body: Body, op: Operation) -> Response {
+async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
+    // The request taken apart, not its headers copied (as the `HeaderMap`
+    // extractor would).
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let request = match accept(&state, &headers, body, op).await {
         Ok(r) => r,
         Err(e) => return e.openai(None),
