@@ -80,11 +80,17 @@ pub fn valid_request_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// A generated request id: a UUID v4 from the thread's fast generator. It
-/// only has to be unique, not secret (lookups are scoped to the caller's
-/// organization), so it costs no `getrandom` system call per request.
+/// A generated request id: a UUID v7, the time in milliseconds then 74 bits
+/// from the thread's fast generator. It only has to be unique, not secret
+/// (lookups are scoped to the caller's organization), so it costs no
+/// `getrandom` system call per request. Ids in time order make the audit
+/// store's inserts appends at the end of its index rather than into a random
+/// page each (see `docs/benchmarks.md`).
 pub fn new_request_id() -> Arc<str> {
-    let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&fastrand::u128(..).to_le_bytes()[..10]);
+    let uuid = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
     Arc::from(&*uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
 }
 
@@ -102,5 +108,24 @@ mod tests {
         assert!(valid_request_id(&"x".repeat(128)));
         assert!(!valid_request_id(&"x".repeat(129)));
         assert_eq!(new_request_id().len(), 36);
+    }
+
+    #[test]
+    fn generated_ids_are_uuid_v7_in_time_order() {
+        let first = new_request_id();
+        // The first 13 characters are the millisecond: take an id of a later one.
+        let second = loop {
+            let id = new_request_id();
+            if id[..13] != first[..13] {
+                break id;
+            }
+        };
+        assert!(first < second, "{first} then {second}");
+        let uuid = uuid::Uuid::parse_str(&second).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let (secs, nanos) = uuid.get_timestamp().unwrap().to_unix();
+        let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
+        assert!(now.abs_diff(ms) < 5_000, "{ms} vs {now}");
     }
 }
