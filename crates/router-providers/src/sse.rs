@@ -192,4 +192,53 @@ mod tests {
         s.feed(b"event: error\ndata: upstream overloaded\n\n");
         assert_eq!(s.facts.error.as_deref(), Some("upstream overloaded"));
     }
+
+    fn events(chunks: &[&[u8]]) -> Vec<(Option<String>, Vec<u8>)> {
+        let mut p = EventParser::default();
+        let mut seen = Vec::new();
+        let mut on = |e: Option<&str>, d: &[u8]| seen.push((e.map(str::to_owned), d.to_vec()));
+        for c in chunks {
+            p.feed(c, &mut on);
+        }
+        p.finish(&mut on);
+        seen
+    }
+
+    #[test]
+    fn an_event_left_without_its_newline_at_the_end_still_counts() {
+        assert_eq!(
+            events(&[b"data: a
+
+data: {\"b\":1}"]),
+            vec![(None, b"a".to_vec()), (None, b"{\"b\":1}".to_vec())]
+        );
+    }
+
+    #[test]
+    fn what_passes_the_event_limit_is_dropped_whether_in_one_line_or_across_frames() {
+        // A data line longer than the limit, whole in one frame: the event
+        // comes, without the data it could not keep.
+        let long = [b"data: ".as_slice(), &vec![b'x'; MAX_EVENT + 1], b"\n\n"].concat();
+        assert_eq!(events(&[&long]), vec![(None, Vec::new())]);
+        // A line longer than the limit, still unfinished when a frame ends,
+        // is dropped: the blank line after it ends no event.
+        let unfinished = [b"data: ".as_slice(), &vec![b'x'; MAX_EVENT + 1]].concat();
+        assert_eq!(events(&[&unfinished, b"\n\n"]), vec![]);
+        // Up to the limit, both are kept.
+        let fits = [b"data: ".as_slice(), &vec![b'x'; MAX_EVENT - 6]].concat();
+        assert_eq!(events(&[&fits, b"\n\n"]), vec![(None, vec![b'x'; MAX_EVENT - 6])]);
+    }
+
+    #[test]
+    fn openai_lines_are_counted_and_give_usage_and_the_first_error() {
+        let mut f = StreamFacts::default();
+        f.openai_like(br#"{"choices":[{"delta":{"content":"hi"}}]}"#);
+        f.openai_like(br#" {"error":{"message":"first"}} "#);
+        f.openai_like(br#"{"error":{"message":"second"}}"#);
+        f.openai_like(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        f.openai_like(b"[DONE]");
+        assert_eq!(f.events, 4, "[DONE] is not an event");
+        assert_eq!(f.error.as_deref(), Some("first"), "the first error is kept");
+        assert_eq!(f.usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((3, 4)));
+    }
 }

@@ -210,4 +210,22 @@ mod tests {
         .unwrap();
         assert_eq!((responses.prompt_tokens, responses.total(), responses.cache_read_tokens), (35, 39, 20));
     }
+
+    #[test]
+    fn cache_counts_show_only_when_there_are_some() {
+        let plain = Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7, ..Default::default() };
+        let v = serde_json::to_value(plain).unwrap();
+        assert_eq!(v, json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}));
+        assert_eq!(plain.to_openai().get("prompt_tokens_details"), None);
+        let read = Usage { cache_read_tokens: 2, ..plain };
+        let v = serde_json::to_value(read).unwrap();
+        assert_eq!((v["cache_read_tokens"].as_u64(), v.get("cache_write_tokens")), (Some(2), None));
+        assert_eq!(read.to_openai()["prompt_tokens_details"], json!({"cached_tokens": 2, "cache_creation_tokens": 0}));
+        let written = Usage { cache_write_tokens: 5, ..plain };
+        assert_eq!(
+            written.to_openai()["prompt_tokens_details"],
+            json!({"cached_tokens": 0, "cache_creation_tokens": 5})
+        );
+        assert_eq!(serde_json::to_value(written).unwrap()["cache_write_tokens"], 5);
+    }
 }

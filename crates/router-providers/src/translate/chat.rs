@@ -747,4 +747,170 @@ mod tests {
             (Some("server_error"), Some("Overloaded"))
         );
     }
+
+    /// A minimal Anthropic request with `extra` fields merged in.
+    fn anthropic_with(extra: Value) -> Value {
+        let mut req = json!({"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        req
+    }
+
+    #[test]
+    fn anthropic_string_turns_sampling_stops_and_thinking_map_to_chat() {
+        let turns = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]});
+        let chat = messages_to_chat(&anthropic_with(turns)).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+        );
+        let system_turn = json!({"messages": [{"role": "system", "content": "be brief"}]});
+        assert!(messages_to_chat(&anthropic_with(system_turn)).unwrap_err().0.contains("messages[0]"));
+
+        let sampling = json!({"temperature": 0.5, "top_p": 0.9, "stream": true});
+        let chat = messages_to_chat(&anthropic_with(sampling)).unwrap();
+        assert_eq!((&chat["temperature"], &chat["top_p"], &chat["stream"]), (&json!(0.5), &json!(0.9), &json!(true)));
+        let nulls =
+            messages_to_chat(&anthropic_with(json!({"temperature": null, "metadata": {"user_id": null}}))).unwrap();
+        assert_eq!((nulls.get("temperature"), nulls.get("user")), (None, None));
+
+        let four = json!({"stop_sequences": ["a", "b", "c", "d"]});
+        assert_eq!(messages_to_chat(&anthropic_with(four)).unwrap()["stop"], json!(["a", "b", "c", "d"]));
+        let five = json!({"stop_sequences": ["a", "b", "c", "d", "e"]});
+        assert!(messages_to_chat(&anthropic_with(five)).unwrap_err().0.contains("stop_sequences"));
+
+        let off = json!({"thinking": {"type": "disabled"}});
+        assert_eq!(messages_to_chat(&anthropic_with(off)).unwrap().get("thinking"), None);
+    }
+
+    #[test]
+    fn anthropic_tools_choices_images_and_tool_results_map_to_chat() {
+        let chat = messages_to_chat(&anthropic_request()).unwrap();
+        assert_eq!(chat["tools"][0]["function"]["description"], "Weather by city");
+        let tool = json!({"name": "weather", "input_schema": {"type": "object"}});
+        for (choice, mapped) in [
+            (json!({"type": "auto"}), json!("auto")),
+            (json!({"type": "none"}), json!("none")),
+            (json!({"type": "tool", "name": "weather"}), json!({"type": "function", "function": {"name": "weather"}})),
+        ] {
+            let chat = messages_to_chat(&anthropic_with(json!({"tools": [tool], "tool_choice": choice}))).unwrap();
+            assert_eq!(chat["tool_choice"], mapped, "{choice}");
+        }
+        let url_image = json!({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://x/cat.png"}},
+        ]}]});
+        let chat = messages_to_chat(&anthropic_with(url_image)).unwrap();
+        // One image part stays a list of parts (only one text part becomes a string).
+        assert_eq!(
+            chat["messages"][0]["content"],
+            json!([{"type": "image_url", "image_url": {"url": "https://x/cat.png"}}])
+        );
+        let results = json!({"messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1"},
+            {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]}]});
+        let chat = messages_to_chat(&anthropic_with(results)).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([
+                {"role": "tool", "tool_call_id": "t1", "content": ""},
+                {"role": "tool", "tool_call_id": "t2", "content": "a\nb"},
+            ])
+        );
+    }
+
+    /// A minimal OpenAI chat request with `extra` fields merged in.
+    fn chat_with(extra: Value) -> Value {
+        let mut req = json!({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        req
+    }
+
+    #[test]
+    fn chat_fields_at_their_defaults_are_accepted_for_anthropic() {
+        for (field, value) in [
+            ("n", json!(null)),
+            ("n", json!(1)),
+            ("presence_penalty", json!(0.0)),
+            ("frequency_penalty", json!(null)),
+            ("logprobs", json!(false)),
+            ("store", json!(null)),
+            ("response_format", json!({"type": "text"})),
+            ("temperature", json!(1.0)),
+        ] {
+            assert!(chat_to_messages(&chat_with(json!({ field: value }))).is_ok(), "{field} = {value}");
+        }
+    }
+
+    #[test]
+    fn chat_sampling_user_tools_and_choices_map_to_anthropic() {
+        let a = chat_to_messages(&chat_with(json!({"top_p": 0.9, "stream": true, "user": "u-1", "temperature": 0.2})))
+            .unwrap();
+        assert_eq!((&a["top_p"], &a["stream"], &a["temperature"]), (&json!(0.9), &json!(true), &json!(0.2)));
+        assert_eq!(a["metadata"], json!({"user_id": "u-1"}));
+        let a = chat_to_messages(&chat_with(json!({"top_p": null, "user": null}))).unwrap();
+        assert_eq!((a.get("top_p"), a.get("metadata")), (None, None));
+
+        let tools = json!([{"type": "function", "function": {"name": "f", "description": "does f"}}]);
+        let a = chat_to_messages(&chat_with(json!({"tools": tools}))).unwrap();
+        assert_eq!(a["tools"][0]["description"], "does f");
+        let a =
+            chat_to_messages(&chat_with(json!({"tools": [{"type": "function", "function": {"name": "g"}}]}))).unwrap();
+        assert_eq!(a["tools"][0].get("description"), None);
+        let odd = json!({"tool_choice": {"type": "allowed_tools", "function": {"name": "f"}}});
+        assert!(chat_to_messages(&chat_with(odd)).unwrap_err().0.contains("tool_choice"));
+
+        for (choice, mapped) in
+            [("auto", json!({"type": "auto"})), ("required", json!({"type": "any"})), ("none", json!({"type": "none"}))]
+        {
+            let a = chat_to_messages(&chat_with(json!({"tool_choice": choice}))).unwrap();
+            assert_eq!(a["tool_choice"], mapped, "parallel calls stay allowed unless turned off");
+        }
+        let a = chat_to_messages(&chat_with(json!({"tool_choice": "none", "parallel_tool_calls": false}))).unwrap();
+        assert_eq!(a["tool_choice"], json!({"type": "none"}), "no tools, nothing to run in parallel");
+    }
+
+    #[test]
+    fn chat_text_parts_of_system_and_tool_messages_are_joined() {
+        let parts = json!([{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]);
+        let a = chat_to_messages(&chat_with(json!({"messages": [
+            {"role": "system", "content": parts},
+            {"role": "user", "content": "hi"},
+        ]})))
+        .unwrap();
+        assert_eq!(a["system"], "Be brief.");
+        let image = json!([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]);
+        let e = chat_to_messages(&chat_with(json!({"messages": [{"role": "system", "content": image}]}))).unwrap_err();
+        assert!(e.0.contains("messages[0].content[0]"), "{e}");
+    }
+
+    #[test]
+    fn each_status_has_its_error_type_in_both_shapes() {
+        for (status, anthropic, openai) in [
+            (400, "invalid_request_error", "invalid_request_error"),
+            (401, "authentication_error", "authentication_error"),
+            (402, "billing_error", "insufficient_quota"),
+            (403, "permission_error", "permission_error"),
+            (404, "not_found_error", "invalid_request_error"),
+            (413, "request_too_large", "invalid_request_error"),
+            (422, "invalid_request_error", "invalid_request_error"),
+            (429, "rate_limit_error", "rate_limit_error"),
+            (500, "api_error", "server_error"),
+            (503, "overloaded_error", "server_error"),
+            (529, "overloaded_error", "server_error"),
+        ] {
+            assert_eq!((anthropic_error_type(status), openai_error_type(status)), (anthropic, openai), "{status}");
+        }
+    }
+
+    #[test]
+    fn a_translated_answer_is_created_now() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let answer = json!({"id": "msg_1", "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"});
+        let created = message_answer_to_chat(&answer, "m")["created"].as_u64().unwrap();
+        assert!(created.abs_diff(now) <= 5, "{created} vs {now}");
+    }
 }

@@ -156,6 +156,30 @@ mod tests {
         (text, calls, usage)
     }
 
+    #[test]
+    fn each_kind_serves_each_door_directly_through_a_translation_or_not_at_all() {
+        let kind = |n| Kind::parse(n).unwrap();
+        assert_eq!(Translation::between(Operation::Chat, kind("openai")), Some(None));
+        assert_eq!(Translation::between(Operation::Messages, kind("anthropic")), Some(None));
+        assert_eq!(Translation::between(Operation::Messages, kind("openai")), Some(Some(Translation::MessagesViaChat)));
+        assert_eq!(Translation::between(Operation::Chat, kind("anthropic")), Some(Some(Translation::ChatViaMessages)));
+        // The native kind serves neither shape, so neither translation.
+        assert_eq!(Translation::between(Operation::Messages, kind("native")), None);
+        assert_eq!(Translation::between(Operation::Chat, kind("native")), None);
+        assert_eq!(Translation::between(Operation::Embeddings, kind("anthropic")), None);
+        assert_eq!(Untranslatable("`top_k`".into()).to_string(), "`top_k`");
+    }
+
+    #[test]
+    fn a_backends_error_is_answered_in_the_doors_shape() {
+        let openai = br#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
+        let v: Value = serde_json::from_slice(&Translation::MessagesViaChat.error(429, openai)).unwrap();
+        assert_eq!((v["type"].as_str(), v["error"]["message"].as_str()), (Some("error"), Some("slow down")));
+        let anthropic = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let v: Value = serde_json::from_slice(&Translation::ChatViaMessages.error(529, anthropic)).unwrap();
+        assert_eq!(v["error"]["message"], "Overloaded");
+    }
+
     proptest! {
         #[test]
         fn a_request_round_trip_keeps_text_and_tool_calls(

@@ -422,6 +422,8 @@ mod tests {
                 ],
                 "step {step}"
             );
+            let indices: Vec<&Value> = ev[1..9].iter().map(|(_, v)| &v["index"]).collect();
+            assert_eq!(indices, [&json!(0); 4].into_iter().chain([&json!(1); 4]).collect::<Vec<_>>(), "step {step}");
             assert_eq!(ev[5].1["content_block"]["name"], "weather");
             let args: String = ev[6..8].iter().map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap()).collect();
             assert_eq!(args, r#"{"city":"Paris"}"#);
@@ -481,5 +483,42 @@ mod tests {
         let cut = &OPENAI_STREAM[..OPENAI_STREAM.find("data: [DONE]").unwrap()];
         let ev = events(&run(Translation::MessagesViaChat, cut, 4096));
         assert_eq!(ev.last().unwrap().0.as_deref(), Some("message_stop"));
+    }
+
+    #[test]
+    fn a_last_chunk_without_its_blank_line_is_translated_before_the_close() {
+        let unterminated = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}";
+        let ev = events(&run(Translation::MessagesViaChat, unterminated, 4096));
+        let text: String = ev.iter().filter_map(|(_, v)| v["delta"]["text"].as_str()).collect();
+        assert_eq!(text, "Hi");
+        assert_eq!(ev.last().unwrap().0.as_deref(), Some("message_stop"));
+    }
+
+    #[test]
+    fn one_calls_arguments_never_land_in_another_calls_block() {
+        // Call 0 opens, call 1 opens, then more arguments for call 0.
+        let chunk = |call: &str| {
+            format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{call}]}}}}]}}\n\n")
+        };
+        let input = [
+            chunk(r#"{"index":0,"id":"call_a","function":{"name":"f","arguments":"{\"a\":"}}"#),
+            chunk(r#"{"index":1,"id":"call_b","function":{"name":"g","arguments":"{}"}}"#),
+            chunk(r#"{"index":0,"function":{"arguments":"1}"}}"#),
+        ]
+        .concat();
+        let ev = events(&run(Translation::MessagesViaChat, &input, 4096));
+        let block_of_b = ev.iter().find(|(_, v)| v["content_block"]["id"] == "call_b").unwrap().1["index"].clone();
+        let last_args = ev.iter().rev().find(|(_, v)| v["delta"]["partial_json"] == "1}").unwrap();
+        assert_ne!(last_args.1["index"], block_of_b, "{ev:?}");
+    }
+
+    #[test]
+    fn message_stop_ends_the_chat_stream_at_once() {
+        let mut s = Translation::ChatViaMessages.stream("model-x", false);
+        let out = s.push(ANTHROPIC_STREAM.as_bytes());
+        assert!(out.ends_with(b"data: [DONE]\n\n"), "{}", String::from_utf8_lossy(&out));
+        // Whatever a backend sends after it is not the client's.
+        let after = s.push(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"late\"}}\n\n");
+        assert!(after.is_empty() && s.finish().is_empty());
     }
 }
