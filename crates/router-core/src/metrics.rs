@@ -48,6 +48,7 @@ pub struct Inner {
     pub buffer_age: prometheus::Gauge,
     pub buffer_retries: prometheus::IntCounter,
     pub buffer_damaged: prometheus::IntCounter,
+    pub producer_renewals: prometheus::IntCounter,
     pub buffer_full: prometheus::IntCounter,
     pub buffer_write_seconds: Histogram,
     pub audit_journal_seconds: Histogram,
@@ -253,6 +254,13 @@ impl Metrics {
                 "Damaged byte ranges found (and set aside) in the buffer store at start-up.",
             ),
         );
+        let producer_renewals = reg(
+            &r,
+            prometheus::IntCounter::new(
+                "api_router_usage_producer_renewals_total",
+                "Times the Kafka producer was replaced by a new one (a fatal error, or records waiting 15 s without a delivery).",
+            ),
+        );
         let buffer_full = reg(
             &r,
             prometheus::IntCounter::new(
@@ -431,6 +439,7 @@ impl Metrics {
             buffer_age,
             buffer_retries,
             buffer_damaged,
+            producer_renewals,
             buffer_full,
             buffer_write_seconds,
             audit_journal_seconds,

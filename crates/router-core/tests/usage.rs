@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use router_core::metrics::Metrics;
+use router_core::readiness::Healthy;
 use router_core::usage::publisher::Publisher;
 use router_core::usage::*;
 use test_support::{Broker, TOPIC, consume, distinct_keys, eventually};
@@ -117,6 +118,7 @@ async fn records_wait_while_the_broker_is_away_and_an_operators_retry_skips_the_
     until("the broker is seen healthy", 30, || r.publisher.is_healthy()).await;
     r.sink.record(&record("before")).await.unwrap();
     until("the first record delivered", 30, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
+    assert_eq!(r.metrics.producer_renewals.get(), 0, "a producer that delivers is kept");
     broker.stop();
     until("the broker is seen away", 30, || !r.publisher.is_healthy()).await;
     assert!(r.publisher.last_error().is_some(), "the reason is kept for the admin status");
@@ -137,6 +139,9 @@ async fn records_wait_while_the_broker_is_away_and_an_operators_retry_skips_the_
     until("a retry right after the request", 10, || retries() > before + 1).await;
     let took = asked.elapsed();
     assert!(took < Duration::from_millis(2_400), "the retry waited out the backoff: {took:?}");
+    // Records waiting 15 s without a delivery: the producer is replaced
+    // (librdkafka's idempotent producer can be stuck for good after a stall).
+    until("the stuck producer replaced", 30, || r.metrics.producer_renewals.get() >= 1).await;
     broker.restart();
     r.publisher.retry_now();
     until("delivered after the broker came back", 30, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
@@ -182,4 +187,78 @@ async fn a_full_buffer_refuses_or_bypasses_as_its_policy_says() {
     assert!(!disabled.enabled());
     assert_eq!(disabled.check_capacity(), Ok(()));
     disabled.record(&record("off")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_in_the_buffer_is_counted_and_the_intact_one_kept_when_it_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (sink, _) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), Metrics::new()).unwrap();
+        for id in ["damaged", "intact"] {
+            sink.record(&record(id)).await.unwrap();
+        }
+    }
+    let segment = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // A byte in the middle of the first record (whose id is near its start).
+    let at = bytes.windows(7).position(|w| w == b"damaged").unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(&segment, bytes).unwrap();
+    let metrics = Metrics::new();
+    let (_sink, shared) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), metrics.clone()).unwrap();
+    assert_eq!(metrics.buffer_damaged.get(), 1, "one damaged range");
+    assert_eq!(shared.pending.load(Ordering::Relaxed), 1, "the intact record is kept to publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_broker_does_not_have_is_unhealthy() {
+    let broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
+    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), "no-such-topic", "router-core-test").unwrap());
+    let e = publisher.check().await.unwrap_err();
+    assert!(e.contains("no-such-topic"), "{e}");
+    // The readiness component reads the same verdict.
+    assert!(!publisher.is_healthy() && !Healthy::is_healthy(&*publisher));
+    let good = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
+    assert_eq!(good.check().await, Ok(()));
+    assert!(good.is_healthy() && Healthy::is_healthy(&*good));
+}
+
+#[test]
+fn record_errors_tell_the_client_what_happened() {
+    assert_eq!(
+        RecordError::BufferFull.to_string(),
+        "the usage buffer is full (Kafka has been unreachable); retry later"
+    );
+    assert_eq!(
+        RecordError::Unavailable("disk full".into()).to_string(),
+        "the usage record could not be stored (disk full); the request was not recorded, retry it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_records_are_not_sent_again_after_a_restart() {
+    let broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, shared) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), Metrics::new()).unwrap();
+    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
+    let cancel = CancellationToken::new();
+    let tasks = [
+        tokio::spawn(publisher.clone().run_health(cancel.clone())),
+        tokio::spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone())),
+    ];
+    for id in ["d1", "d2", "d3"] {
+        sink.record(&record(id)).await.unwrap();
+    }
+    until("every record delivered", 30, || shared.pending.load(Ordering::Relaxed) == 0).await;
+    cancel.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop((sink, shared));
+    let (_sink, reopened) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), Metrics::new()).unwrap();
+    assert_eq!(reopened.pending.load(Ordering::Relaxed), 0, "the delivered position was written down");
 }

@@ -80,10 +80,11 @@ impl Publisher {
 
     /// Replaces the producer with a new one (a new producer id); the old one
     /// is flushed briefly and dropped off the request path.
-    fn renew_producer(&self, why: &str) {
+    fn renew_producer(&self, why: &str, metrics: &crate::metrics::Metrics) {
         match self.config.create::<FutureProducer>() {
             Ok(p) => {
                 let old = self.producer.swap(Arc::new(p));
+                metrics.producer_renewals.inc();
                 tracing::warn!(reason = why, "Kafka producer replaced by a new one");
                 tokio::task::spawn_blocking(move || {
                     let _ = old.flush(Timeout::After(Duration::from_millis(500)));
@@ -168,7 +169,7 @@ impl Publisher {
                     Some((code, reason)) => format!("fatal error {code:?}: {reason}"),
                     None => format!("records waited {STUCK_AFTER:?} without a delivery"),
                 };
-                self.renew_producer(&why);
+                self.renew_producer(&why, &metrics);
                 progress = Instant::now();
             }
             if last_persist.elapsed() >= CURSOR_EVERY {
