@@ -24,7 +24,7 @@ bench:
 bench-http:
 	bash scripts/bench-http.sh 8
 
-# The HTTP harness at 2 s per point, 2,000 rps and max only, no callgrind: about 1.5 minutes; prints only.
+# The HTTP harness at 2 s per point, 2,000 rps, max and one connection only, no callgrind: about 2 minutes; prints only.
 bench-quick:
 	bash scripts/bench-http.sh 2 --quick
 

@@ -3,7 +3,8 @@
 # to the mock and against nginx, measured side by side in one run.
 #
 #   oha open loop at 1,000, 2,000 and 5,000 requests/s with --latency-correction,
-#   oha closed loop (64 connections) for maximum throughput,
+#   oha closed loop (64 connections) for maximum throughput, and with one
+#   connection (c1: a request's own cost, without queueing),
 #   peak RSS after a closed-loop run with 1,000 connections,
 #   instructions per request under callgrind (stable on a noisy machine).
 #
@@ -13,7 +14,7 @@
 #
 # Usage: scripts/bench-http.sh SECONDS_PER_RUN [--quick]
 #   Writes the results section of docs/benchmarks.md and
-#   docs/benchmarks-latency.png; --quick runs only the 2,000 rps and max
+#   docs/benchmarks-latency.png; --quick runs only the 2,000 rps, max and c1
 #   points, skips callgrind, and prints the table only (make bench-quick).
 source "$(dirname "$0")/bench-lib.sh"
 SECS=${1:-8}
@@ -31,6 +32,8 @@ measure() { # name url
   done
   RESULT[$name,max]=$(oha_run "$url" -z "${SECS}s" -c 64)
   echo "$name max: ${RESULT[$name,max]}"
+  RESULT[$name,c1]=$(oha_run "$url" -z "${SECS}s" -c 1)
+  echo "$name c1: ${RESULT[$name,c1]}"
 }
 
 start_mock
@@ -80,7 +83,7 @@ section() {
   echo
   echo "- Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)."
   echo "- Pinning: $PINNING."
-  echo "- Load: \`oha -z ${SECS}s -q RATE --latency-correction\` (open loop), \`oha -z ${SECS}s -c 64\` (closed loop: max), \`oha -z ${SECS}s -c 1000\` (then the router's VmHWM)."
+  echo "- Load: \`oha -z ${SECS}s -q RATE --latency-correction\` (open loop), \`oha -z ${SECS}s -c 64\` (closed loop: max), \`oha -z ${SECS}s -c 1\` (closed loop, one connection: c1), \`oha -z ${SECS}s -c 1000\` (then the router's VmHWM)."
   echo "- Every run's status codes are checked: any non-2xx answer or connection error marks it FAILED."
   echo "- Instructions: \`valgrind --tool=callgrind\`, 2,000 requests over 4 connections, minus an idle run of the same length."
   echo "- router_all: Redis (rate limit, budget and quota in one script; REDIS_TIMEOUT_MS=250), Kafka via tansu (write-ahead buffer, USAGE_BUFFER_FSYNC=interval), audit, policy and limits from etcd; requests admitted without Redis in all its runs: $FALLBACKS."
@@ -88,7 +91,7 @@ section() {
   echo "| config | rate | p50 ms | p99 ms | p99.9 ms | achieved rps | non-2xx | p99 overhead vs direct ms |"
   echo "|---|---|---|---|---|---|---|---|"
   for name in "${CONFIGS[@]}"; do
-    for rate in "${RATES[@]}" max; do
+    for rate in "${RATES[@]}" max c1; do
       read -r p50 p99 p999 rps bad <<<"${RESULT[$name,$rate]}"
       read -r _ dp99 _ _ _ <<<"${RESULT[direct,$rate]}"
       echo "| $name | $rate | $p50 | $p99 | $p999 | $rps | $([ "$bad" = 0 ] && echo 0 || echo "$bad FAILED") | $(ms_diff "$p99" "$dp99") |"
@@ -99,20 +102,27 @@ section() {
   read -r _ ngp99 _ _ _ <<<"${RESULT[nginx,2000]}"
   read -r _ dp99 _ _ _ <<<"${RESULT[direct,2000]}"
   local nginx_over; nginx_over=$(ms_diff "$ngp99" "$dp99")
+  read -r ngc1 _ _ _ _ <<<"${RESULT[nginx,c1]}"
+  read -r dc1 _ _ _ _ <<<"${RESULT[direct,c1]}"
+  local nginx_c1; nginx_c1=$(ms_diff "$ngc1" "$dc1")
   echo "| figure | router_minimal | router_all | nginx | targets (minimal; all) |"
   echo "|---|---|---|---|---|"
   local row_over="| p99 overhead at 2,000 rps, ms |" row_max="| max throughput, rps (× nginx) |"
   local row_rss="| peak RSS at 1,000 connections, MB |" row_ipr="| instructions per request |"
+  local row_c1="| c=1 p50 overhead over direct, ms |"
   for mode in minimal all; do
     read -r _ p99 _ _ _ <<<"${RESULT[router_$mode,2000]}"
     read -r _ _ _ max _ <<<"${RESULT[router_$mode,max]}"
     row_over+=" $(ms_diff "$p99" "$dp99") |"
+    read -r c1 _ _ _ _ <<<"${RESULT[router_$mode,c1]}"
+    row_c1+=" $(ms_diff "$c1" "$dc1") |"
     row_max+=" $max ($(ratio "$max" "$nginx_max")×) |"
     row_rss+=" ${RSS[$mode]} |"
     row_ipr+=" ${IPR[$mode]:-not measured (quick)} |"
   done
   echo "$row_over $nginx_over | ≤ nginx + 0.100 ($(python3 -c "print(f'{$nginx_over + 0.1:.3f}')")); < 0.500 |"
   echo "$row_max $nginx_max | ≥ 1.0×; ≥ 0.7× |"
+  echo "$row_c1 $nginx_c1 | ≤ nginx's |"
   echo "$row_rss | < 64 |"
   echo "$row_ipr | a regression shows here |"
   if [ "$QUICK" = 0 ]; then

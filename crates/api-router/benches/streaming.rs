@@ -1,8 +1,11 @@
-//! Time to first token (TTFT) through the router minus TTFT direct, at 200
-//! concurrent streams, in the same run. Starts the real `mock-backend` and
-//! `api-router` binaries (release build) on free ports, pinned as in the HTTP
-//! harness (router on core 0; mock and this load generator on core 1), and
-//! alternates direct and routed rounds after a warm-up round of each.
+//! Time to first token (TTFT) through the router minus TTFT direct, in the
+//! same run, at 1 and at 200 concurrent streams, with the mock's chunks 0, 20
+//! and 100 ms apart. Starts the real `mock-backend` and `api-router` binaries
+//! (release build) on free ports, pinned as in the HTTP harness (router on
+//! core 0; mock and this load generator on core 1), and alternates direct and
+//! routed rounds after a warm-up round of each. Every socket on the path
+//! (this client's, the router's both sides, the mock's) has `TCP_NODELAY`,
+//! so no figure waits on a delayed ACK.
 //! Run with `cargo bench --bench streaming` (part of `make bench`).
 
 use std::io::{BufRead, BufReader};
@@ -14,8 +17,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const CONCURRENCY: usize = 200;
 const ROUNDS: usize = 5;
+/// Streams measured per path and row: one at a time takes the chunk
+/// spacing each, so fewer.
+fn samples(concurrency: usize) -> usize {
+    if concurrency == 1 { 200 } else { 1000 }
+}
 
 /// Spawns a process and returns it with the first stdout line matching `pred`.
 fn spawn(mut cmd: Command, pred: impl Fn(&str) -> bool) -> (Child, String) {
@@ -58,17 +65,21 @@ async fn ttft(
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// One round: CONCURRENCY streams started at once; their TTFTs.
-async fn round(client: &HttpClient, url: &str, auth: bool) -> Vec<Duration> {
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.to_string());
-            tokio::spawn(async move { ttft(&client, &url, auth).await })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(CONCURRENCY);
-    for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| panic!("{e}")));
+/// One round: `concurrency` streams at once, a round's share of the row's
+/// samples in all; their TTFTs.
+async fn round(client: &HttpClient, url: &str, auth: bool, concurrency: usize) -> Vec<Duration> {
+    let n = samples(concurrency) / ROUNDS;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.to_string());
+                tokio::spawn(async move { ttft(&client, &url, auth).await })
+            })
+            .collect();
+        for t in tasks {
+            out.push(t.await.unwrap_or_else(|e| panic!("{e}")));
+        }
     }
     out
 }
@@ -119,12 +130,7 @@ fn main() {
         Command::new("taskset").args(["-p", "-c", "1", &std::process::id().to_string()]).stdout(Stdio::null()).status();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
-        // 5 chunks, 20 ms apart: the first chunk is the measured one.
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let faults = hyper::Request::post(format!("http://{mock_addr}/mock/faults"))
-            .body(Full::new(Bytes::from_static(br#"{"stream_chunks": 5, "stream_delay_ms": 20}"#)))
-            .unwrap_or_else(|e| panic!("{e}"));
-        client.request(faults).await.unwrap_or_else(|e| panic!("{e}"));
+        let setup = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         // One client per path, kept from the warm-up on, so that both paths
         // measure with their connections already open; rounds alternate, so
         // that drift on the shared machine hits both alike.
@@ -134,28 +140,47 @@ fn main() {
         ];
         let clients: Vec<HttpClient> = paths
             .iter()
-            .map(|_| Client::builder(TokioExecutor::new()).pool_max_idle_per_host(CONCURRENCY).build_http())
+            .map(|_| {
+                let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+                http.set_nodelay(true);
+                Client::builder(TokioExecutor::new()).pool_max_idle_per_host(200).build(http)
+            })
             .collect();
-        let (mut direct, mut routed) = (Vec::new(), Vec::new());
-        for r in 0..=ROUNDS {
-            for (i, (url, auth)) in paths.iter().enumerate() {
-                let ttfts = round(&clients[i], url, *auth).await;
-                // Round 0 is the warm-up.
-                if r > 0 {
-                    if i == 0 { direct.extend(ttfts) } else { routed.extend(ttfts) }
+        println!("time to first token, direct and through the router ({ROUNDS} rounds per path and row, alternating):");
+        println!("| streams at once | chunk spacing ms | samples per path | direct p50 / p99 ms | via router p50 / p99 ms | router adds p50 / p99 ms |");
+        println!("|---|---|---|---|---|---|");
+        for concurrency in [1, 200] {
+            for spacing in [0, 20, 100] {
+                // The first chunk is the measured one; one stream at a time
+                // needs only one more (the spacing), many at once get five.
+                let chunks = if concurrency == 1 { 2 } else { 5 };
+                let faults = hyper::Request::post(format!("http://{mock_addr}/mock/faults"))
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"stream_chunks": {chunks}, "stream_delay_ms": {spacing}}}"#
+                    ))))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                setup.request(faults).await.unwrap_or_else(|e| panic!("{e}"));
+                let (mut direct, mut routed) = (Vec::new(), Vec::new());
+                for r in 0..=ROUNDS {
+                    for (i, (url, auth)) in paths.iter().enumerate() {
+                        let ttfts = round(&clients[i], url, *auth, concurrency).await;
+                        // Round 0 is the warm-up.
+                        if r > 0 {
+                            if i == 0 { direct.extend(ttfts) } else { routed.extend(ttfts) }
+                        }
+                    }
                 }
+                direct.sort();
+                routed.sort();
+                let (d50, d99, r50, r99) = (pct(&direct, 0.5), pct(&direct, 0.99), pct(&routed, 0.5), pct(&routed, 0.99));
+                println!(
+                    "| {concurrency} | {spacing} | {} | {d50:.3} / {d99:.3} | {r50:.3} / {r99:.3} | {:.3} / {:.3} |",
+                    direct.len(),
+                    r50 - d50,
+                    r99 - d99
+                );
             }
         }
-        direct.sort();
-        routed.sort();
-        println!("time to first token, {CONCURRENCY} concurrent streams x {ROUNDS} rounds:");
-        println!("  direct      median {:.3} ms  p99 {:.3} ms", pct(&direct, 0.5), pct(&direct, 0.99));
-        println!("  via router  median {:.3} ms  p99 {:.3} ms", pct(&routed, 0.5), pct(&routed, 0.99));
-        println!(
-            "  router adds median {:.3} ms  p99 {:.3} ms",
-            pct(&routed, 0.5) - pct(&direct, 0.5),
-            pct(&routed, 0.99) - pct(&direct, 0.99)
-        );
     });
     let _ = router.kill();
     let _ = router.wait();
