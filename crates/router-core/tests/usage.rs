@@ -57,7 +57,7 @@ struct Running {
     metrics: Metrics,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     cancel: CancellationToken,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn start(broker: &Broker, max_records: u64, policy: FullPolicy) -> Running {
@@ -70,15 +70,18 @@ fn start(broker: &Broker, max_records: u64, policy: FullPolicy) -> Running {
         tokio::spawn(publisher.clone().run_health(cancel.clone())),
         tokio::spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone())),
     ];
-    Running { sink, shared, publisher, metrics, tasks, cancel, _dir: dir }
+    Running { sink, shared, publisher, metrics, tasks, cancel, dir }
 }
 
 impl Running {
-    async fn stop(self) {
+    /// Stops the tasks and drops the sink; the buffer's directory is
+    /// returned, to open again.
+    async fn stop(self) -> tempfile::TempDir {
         self.cancel.cancel();
         for t in self.tasks {
             t.await.unwrap();
         }
+        self.dir
     }
 }
 
@@ -242,23 +245,12 @@ fn record_errors_tell_the_client_what_happened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_records_are_not_sent_again_after_a_restart() {
     let broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (sink, shared) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), Metrics::new()).unwrap();
-    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
-    let cancel = CancellationToken::new();
-    let tasks = [
-        tokio::spawn(publisher.clone().run_health(cancel.clone())),
-        tokio::spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone())),
-    ];
+    let r = start(&broker, 100, FullPolicy::Reject);
     for id in ["d1", "d2", "d3"] {
-        sink.record(&record(id)).await.unwrap();
+        r.sink.record(&record(id)).await.unwrap();
     }
-    until("every record delivered", 30, || shared.pending.load(Ordering::Relaxed) == 0).await;
-    cancel.cancel();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    drop((sink, shared));
+    until("every record delivered", 30, || r.shared.pending.load(Ordering::Relaxed) == 0).await;
+    let dir = r.stop().await;
     let (_sink, reopened) = UsageSink::open(dir.path(), settings(100, FullPolicy::Reject), Metrics::new()).unwrap();
     assert_eq!(reopened.pending.load(Ordering::Relaxed), 0, "the delivered position was written down");
 }
