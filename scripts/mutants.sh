@@ -27,7 +27,7 @@ files_of() {
     limits) echo "crates/router-core/src/limits/period.rs crates/router-core/src/limits/mod.rs
       crates/router-core/src/limits/redis.rs" ;;
     records) echo "crates/router-core/src/keys.rs crates/router-core/src/audit/mod.rs
-      crates/router-core/src/audit/embedded.rs" ;;
+      crates/router-core/src/audit/embedded.rs crates/router-core/src/audit/log.rs" ;;
     # The usage buffer's sink and its Kafka publisher (router-core/tests/
     # usage.rs starts a private tansu).
     usage) echo "crates/router-core/src/usage/mod.rs crates/router-core/src/usage/publisher.rs" ;;

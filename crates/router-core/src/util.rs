@@ -22,6 +22,15 @@ pub fn serialize_opt_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result
     }
 }
 
+/// A record's JSON, written into a buffer sized for a whole record (audit
+/// and usage records are a few hundred bytes: `serde_json::to_vec` would
+/// grow its 128-byte buffer several times per request).
+pub fn record_json<T: serde::Serialize + ?Sized>(record: &T) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, record)?;
+    Ok(out)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -1,51 +1,46 @@
-//! The embedded audit store, the single-node default: an embedded database
-//! (redb) at `DATA_DIR/audit/audit.redb`, fed from the audit journal.
+//! The embedded audit store, the single-node default: an append-only log
+//! with an index ([`super::log`]) under `DATA_DIR/audit/log/`, fed from the
+//! audit journal.
 //!
-//! A redb commit costs far more than an insert (page allocation, copy-on-write
-//! of the tree's path, checksums, fsync), so one writer task gathers
-//! journaled records for a commit window (`AUDIT_COMMIT_INTERVAL_MS`, or
-//! `MAX_BATCH` records) into a single transaction, and only then are they
-//! acknowledged in the journal. Commits run on one dedicated thread at a
+//! One writer task gathers journaled records for a commit window
+//! (`AUDIT_COMMIT_INTERVAL_MS`, or `MAX_BATCH` records) into a single append
+//! (one write and one sync per segment), and only then are they
+//! acknowledged in the journal. Appends run on one dedicated thread at a
 //! lower CPU priority (nice 10) while it keeps up: where the router shares a
-//! core, a commit yields to the request path instead of delaying it. When a
-//! full batch or more is waiting, it commits at normal priority, so a
+//! core, the sync yields to the request path instead of delaying it. When a
+//! full batch or more is waiting, it runs at normal priority, so a
 //! saturated router cannot starve it. A lookup, and shutdown, send a flush
 //! marker through the same channel: everything journaled before it is
-//! committed first, so a lookup always sees the requests answered before it.
-//! At start-up, journaled records not yet acknowledged are committed first
-//! (writing a record again is harmless: same key, same value).
+//! written first, so a lookup always sees the requests answered before it.
+//! At start-up, journaled records not yet acknowledged are written first
+//! (writing a record again is harmless: a lookup finds the same record).
 //!
-//! Tables:
-//! - `records`: `(request_id, organization_id)` → record JSON. Keyed by both, so
-//!   one organization can never overwrite another's record by reusing an id.
-//! - `by_time`: `(finished_unix_ms, request_id, organization_id)` → `()`, the
-//!   retention index; the retention task deletes what is older.
+//! Records are found by `(request_id, organization_id)`: one organization
+//! never sees another's record, even under a reused id. A store from before
+//! the log (`DATA_DIR/audit/audit.redb`, a redb database) is copied into the
+//! log once at start-up and renamed `audit.redb.migrated`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use super::log::{Log, NewRecord};
 use super::{AuditError, JournalKeys, Meta, OnWritten, storage, unix_ms};
 use crate::metrics::Metrics;
 use crate::wal::{Wal, Written};
 
-const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
-const BY_TIME: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_time");
-
-/// The most records written in one transaction.
+/// The most records written in one append.
 const MAX_BATCH: usize = 4096;
 const CHANNEL_CAPACITY: usize = 65_536;
-const AUDIT_CACHE_BYTES: usize = 4 << 20;
 
 /// How often the journal's watermark is written down (a record committed but
 /// not yet written down is committed again after a restart: harmless).
 const CURSOR_EVERY: Duration = Duration::from_secs(1);
 
-/// A record in the journal, on its way to the database.
+/// A record in the journal, on its way to the log.
 struct Journaled {
     seq: u64,
     request_id: Arc<str>,
@@ -61,15 +56,15 @@ enum Msg {
 
 #[derive(Clone)]
 pub(super) struct Embedded {
-    db: Arc<Database>,
+    log: Arc<Mutex<Log>>,
     tx: mpsc::Sender<Msg>,
     /// False after a commit failed, until one succeeds.
     healthy: Arc<AtomicBool>,
 }
 
 impl Embedded {
-    /// Opens (or creates) `dir/audit.redb`, commits what the journal holds
-    /// from before a restart, and starts the commit thread and the writer
+    /// Opens (or creates) `dir/log`, writes what the journal holds from
+    /// before a restart, and starts the commit thread and the writer
     /// task (on the current Tokio runtime). Returns the store and what the
     /// journal writer hands its records to.
     pub(super) fn open(
@@ -78,29 +73,26 @@ impl Embedded {
         window: Duration,
         wal: Arc<Mutex<Wal>>,
     ) -> Result<(Self, OnWritten), AuditError> {
-        // redb caches up to 1 GiB by default; the audit store is written far
-        // more than it is read, so a small cache (read cache and write buffer
-        // together) keeps the router's memory flat.
-        let db = Arc::new(
-            redb::Builder::new().set_cache_size(AUDIT_CACHE_BYTES).create(dir.join("audit.redb")).map_err(storage)?,
-        );
-        {
-            let txn = db.begin_write().map_err(storage)?;
-            txn.open_table(RECORDS).map_err(storage)?;
-            txn.open_table(BY_TIME).map_err(storage)?;
-            txn.commit().map_err(storage)?;
+        let (mut log, opened) = Log::open(&dir.join("log")).map_err(storage)?;
+        if opened.cut_bytes > 0 {
+            tracing::warn!(
+                bytes = opened.cut_bytes,
+                "audit log ended in a torn write; cut off (its records are written again from the journal)"
+            );
         }
-        let replayed = replay(&db, &wal)?;
+        migrate_redb(dir, &mut log)?;
+        let log = Arc::new(Mutex::new(log));
+        let replayed = replay(&log, &wal)?;
         if replayed > 0 {
             metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
             tracing::info!(records = replayed, "audit records journaled before the restart committed");
         }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (jobs, jobs_rx) = std::sync::mpsc::channel::<CommitJob>();
-        let commit_db = db.clone();
+        let commit_log = log.clone();
         std::thread::Builder::new()
             .name("audit-commit".into())
-            .spawn(move || committer(commit_db, jobs_rx))
+            .spawn(move || committer(commit_log, jobs_rx))
             .map_err(storage)?;
         let forward = tx.clone();
         let on_written: OnWritten = Box::new(move |_, written: Vec<Written<Meta>>| {
@@ -114,13 +106,13 @@ impl Embedded {
                     json: w.payload,
                 })
                 .collect();
-            // Waits for room when the database is far behind: the requests
+            // Waits for room when the log is far behind: the requests
             // wait with it, and nothing is dropped.
             let _ = forward.blocking_send(Msg::Records(records));
         });
         let healthy = Arc::new(AtomicBool::new(true));
         tokio::spawn(writer(rx, jobs, metrics, window, wal, healthy.clone()));
-        Ok((Self { db, tx, healthy }, on_written))
+        Ok((Self { log, tx, healthy }, on_written))
     }
 
     pub(super) fn is_healthy(&self) -> bool {
@@ -139,32 +131,22 @@ impl Embedded {
         // Commit what is queued, so that every request answered before this
         // lookup can be found.
         self.flush().await;
-        let db = self.db.clone();
+        let log = self.log.clone();
         let request_id = request_id.to_string();
         let org = org.map(str::to_string);
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(storage)?;
-            let table = txn.open_table(RECORDS).map_err(storage)?;
-            if let Some(org) = org {
-                return Ok(table
-                    .get((request_id.as_str(), org.as_str()))
-                    .map_err(storage)?
-                    .map(|v| v.value().to_vec()));
-            }
-            // All organizations' records with this id are adjacent in key
-            // order; the most recent one is the answer.
-            let mut found: Option<(u64, Vec<u8>)> = None;
-            for entry in table.range((request_id.as_str(), "")..).map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                if k.value().0 != request_id {
-                    break;
-                }
-                let finished = JournalKeys::of(v.value()).map_or(0, |k| k.finished_ms);
-                if found.as_ref().is_none_or(|(latest, _)| finished > *latest) {
-                    found = Some((finished, v.value().to_vec()));
-                }
-            }
-            Ok(found.map(|(_, json)| json))
+            let org = org.as_deref();
+            // The open segments under the lock (the commit thread appends to
+            // them); the sealed ones, which never change, without it.
+            let (mut found, sealed, dir) = {
+                let log = lock(&log);
+                let (found, sealed) = log.find_open(&request_id, org).map_err(storage)?;
+                (found, sealed, log.dir().to_path_buf())
+            };
+            found.extend(super::log::find_sealed(&dir, &sealed, &request_id, org).map_err(storage)?);
+            // An id two organizations used (admin lookup), or a record
+            // written twice: the most recent, the last written on a tie.
+            Ok(found.into_iter().reduce(|a, b| if b.finished_ms >= a.finished_ms { b } else { a }).map(|f| f.json))
         })
         .await
         .map_err(storage)?
@@ -172,28 +154,60 @@ impl Embedded {
 
     /// Deletes records that finished before `cutoff`. Returns how many.
     pub(super) fn prune(&self, cutoff: SystemTime) -> Result<usize, AuditError> {
-        let cutoff_ms = unix_ms(cutoff);
-        let txn = self.db.begin_write().map_err(storage)?;
-        let mut removed = 0;
-        {
-            let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
-            let mut records = txn.open_table(RECORDS).map_err(storage)?;
-            let old = by_time.extract_from_if(..(cutoff_ms, "", ""), |_, _| true).map_err(storage)?;
-            for entry in old {
-                let (k, _) = entry.map_err(storage)?;
-                let (_, rid, org) = k.value();
-                records.remove((rid, org)).map_err(storage)?;
-                removed += 1;
-            }
-        }
-        txn.commit().map_err(storage)?;
-        Ok(removed)
+        lock(&self.log).prune(unix_ms(cutoff)).map(|n| n as usize).map_err(storage)
     }
 }
 
-/// Commits whatever the journal holds from before a restart; acknowledges
+fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Copies the records of a store from before the log (a redb database at
+/// `dir/audit.redb`, keyed by `(request_id, organization_id)`) into the
+/// log, then renames the file `audit.redb.migrated`.
+fn migrate_redb(dir: &Path, log: &mut Log) -> Result<(), AuditError> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+    let path = dir.join("audit.redb");
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut copied = 0;
+    {
+        let db = redb::Database::open(&path).map_err(storage)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = txn.open_table(RECORDS).map_err(storage)?;
+        let mut rows: Vec<(String, String, u64, Vec<u8>)> = Vec::new();
+        let mut entries = table.iter().map_err(storage)?.peekable();
+        while entries.peek().is_some() {
+            rows.clear();
+            for entry in entries.by_ref().take(MAX_BATCH) {
+                let (k, v) = entry.map_err(storage)?;
+                let (request_id, org) = k.value();
+                let finished_ms = JournalKeys::of(v.value()).map_or(0, |k| k.finished_ms);
+                rows.push((request_id.to_string(), org.to_string(), finished_ms, v.value().to_vec()));
+            }
+            let batch: Vec<NewRecord<'_>> = rows
+                .iter()
+                .map(|(id, org, finished_ms, json)| NewRecord {
+                    request_id: id,
+                    organization_id: org,
+                    finished_ms: *finished_ms,
+                    json,
+                })
+                .collect();
+            log.append(&batch, unix_ms(SystemTime::now())).map_err(storage)?;
+            copied += batch.len();
+        }
+    }
+    std::fs::rename(&path, dir.join("audit.redb.migrated")).map_err(storage)?;
+    tracing::info!(records = copied, "audit records copied from audit.redb into the audit log");
+    Ok(())
+}
+
+/// Writes whatever the journal holds from before a restart; acknowledges
 /// it. Returns how many records.
-fn replay(db: &Database, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
+fn replay(log: &Mutex<Log>, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
     let mut wal = wal.lock().unwrap_or_else(|p| p.into_inner());
     let mut replayed = 0;
     loop {
@@ -214,7 +228,7 @@ fn replay(db: &Database, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
                 json: e.payload.clone(),
             });
         }
-        write_batch(db, &batch)?;
+        write_batch(log, &batch)?;
         for e in &entries {
             wal.ack(e.seq);
         }
@@ -238,8 +252,8 @@ struct CommitJob {
 /// cannot starve it and grow the queue without bound.
 const NICE_WHEN_KEEPING_UP: i32 = 10;
 
-/// The commit thread: one transaction per batch. Ends when the writer task is gone.
-fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
+/// The commit thread: one append per batch. Ends when the writer task is gone.
+fn committer(log: Arc<Mutex<Log>>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
     let mut nice = 0;
     while let Ok(job) = jobs.recv() {
         let want = if job.behind { 0 } else { NICE_WHEN_KEEPING_UP };
@@ -252,7 +266,7 @@ fn committer(db: Arc<Database>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
                 }
             }
         }
-        let result = write_batch(&db, &job.batch);
+        let result = write_batch(&log, &job.batch);
         let _ = job.done.send((job.batch, result));
     }
 }
@@ -333,16 +347,15 @@ async fn writer(
     }
 }
 
-fn write_batch(db: &Database, batch: &[Journaled]) -> Result<(), AuditError> {
-    let txn = db.begin_write().map_err(storage)?;
-    {
-        let mut records = txn.open_table(RECORDS).map_err(storage)?;
-        let mut by_time = txn.open_table(BY_TIME).map_err(storage)?;
-        for r in batch {
-            let key = (&*r.request_id, &*r.organization_id);
-            records.insert(key, r.json.as_slice()).map_err(storage)?;
-            by_time.insert((r.finished_ms, key.0, key.1), ()).map_err(storage)?;
-        }
-    }
-    txn.commit().map_err(storage)
+fn write_batch(log: &Mutex<Log>, batch: &[Journaled]) -> Result<(), AuditError> {
+    let records: Vec<NewRecord<'_>> = batch
+        .iter()
+        .map(|r| NewRecord {
+            request_id: &r.request_id,
+            organization_id: &r.organization_id,
+            finished_ms: r.finished_ms,
+            json: &r.json,
+        })
+        .collect();
+    lock(log).append(&records, unix_ms(SystemTime::now())).map_err(storage)
 }

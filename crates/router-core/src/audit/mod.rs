@@ -19,6 +19,7 @@
 //! lookup first waits for what was journaled before it to reach the store.
 
 mod embedded;
+mod log;
 pub mod postgres;
 
 use std::path::Path;
@@ -141,8 +142,8 @@ pub struct AuditStore {
 }
 
 impl AuditStore {
-    /// The embedded store: opens (or creates) `dir/audit.redb` and
-    /// `dir/journal`, commits what the journal holds from before a restart,
+    /// The embedded store: opens (or creates) `dir/log` and `dir/journal`,
+    /// writes what the journal holds from before a restart,
     /// and starts its writer (on the current Tokio runtime).
     pub fn open(dir: &Path, metrics: Metrics, window: Duration) -> Result<Self, AuditError> {
         let wal = open_journal(dir)?;
@@ -174,7 +175,7 @@ impl AuditStore {
     /// Journals a record; returns once it is in the journal's file. `Err`:
     /// it could not be written, and the request must not be answered as served.
     pub async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let json = serde_json::to_vec(record).map_err(storage)?;
+        let json = crate::util::record_json(record).map_err(storage)?;
         let meta = Meta { organization_id: record.organization_id.clone(), finished_ms: unix_ms(record.finished_at) };
         self.journal.append(record.request_id.clone(), json, meta).await.map(drop).map_err(storage)
     }
@@ -319,6 +320,31 @@ mod tests {
         assert!(store.get("r1", Some("org-c")).await.unwrap().is_none());
         assert!(store.get("r1", None).await.unwrap().is_some());
         assert!(store.get("r2", None).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn records_in_a_store_from_before_the_log_are_copied_into_it_once() {
+        use redb::TableDefinition;
+        const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = redb::Database::create(dir.path().join("audit.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(RECORDS).unwrap();
+                for (id, org) in [("before-1", "org-a"), ("before-2", "org-b")] {
+                    let json = serde_json::to_vec(&record(id, org, SystemTime::now())).unwrap();
+                    table.insert((id, org), json.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(10)).unwrap();
+        assert!(store.get("before-1", Some("org-a")).await.unwrap().is_some());
+        assert!(store.get("before-2", Some("org-a")).await.unwrap().is_none(), "still scoped by organization");
+        assert!(store.get("before-2", Some("org-b")).await.unwrap().is_some());
+        assert!(!dir.path().join("audit.redb").exists());
+        assert!(dir.path().join("audit.redb.migrated").exists(), "kept, renamed, for the operator to delete");
     }
 
     #[tokio::test]

@@ -237,7 +237,7 @@ impl UsageSink {
             tracing::error!(request_id = %record.request_id, "usage buffer full: record dropped (USAGE_BUFFER_FULL_POLICY=bypass)");
             return Ok(());
         }
-        let payload = serde_json::to_vec(record).map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        let payload = crate::util::record_json(record).map_err(|e| RecordError::Unavailable(e.to_string()))?;
         writer.append(record.request_id.clone(), payload, ()).await.map(drop).map_err(RecordError::Unavailable)
     }
 }
