@@ -395,16 +395,10 @@ impl Log {
         Ok(())
     }
 
-    /// Starts a segment for `bucket`; returns its index in `self.open`.
+    /// Starts a segment for `bucket`, which has no open one (its earlier
+    /// ones, if any, are sealed); returns its index in `self.open`.
     fn create(&mut self, bucket: u64) -> io::Result<usize> {
-        let n = self
-            .sealed
-            .iter()
-            .filter(|s| s.bucket == bucket)
-            .map(|s| s.n + 1)
-            .chain(self.open.iter().filter(|o| o.bucket == bucket).map(|o| o.n + 1))
-            .max()
-            .unwrap_or(0);
+        let n = self.sealed.iter().filter(|s| s.bucket == bucket).map(|s| s.n + 1).max().unwrap_or(0);
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).open(self.dir.join(name(bucket, n, "log")))?;
         // The new name must survive a crash as the records in it do.
@@ -532,6 +526,14 @@ mod tests {
     }
 
     #[test]
+    fn the_hash_on_disk_is_fnv_1a_64() {
+        // Sealed indexes hold it: another function would find nothing in them.
+        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
     fn records_are_found_by_id_and_organization_open_and_sealed() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = Log::open(dir.path()).unwrap();
@@ -540,6 +542,9 @@ mod tests {
         assert_eq!(find(&log, "a", None).len(), 2);
         assert!(find(&log, "a", Some("o3")).is_empty());
         assert!(find(&log, "c", None).is_empty());
+        // Later in the same hour: the same segment.
+        log.append(&[rec("d", "o1", NOW + 1, b"D")], NOW + 1).unwrap();
+        assert_eq!((log.open.len(), log.sealed.len()), (1, 0));
         // Two hours later the segment is sealed by the next append.
         log.append(&[rec("c", "o1", NOW + 2 * HOUR_MS, b"C")], NOW + 2 * HOUR_MS).unwrap();
         assert_eq!((log.open.len(), log.sealed.len()), (1, 1));
@@ -563,6 +568,14 @@ mod tests {
             assert_eq!(jsons(&find(&log, id, Some("o"))), [id.as_bytes()], "{id}");
         }
         assert!(find(&log, "req-5000", None).is_empty());
+        // Read back at the next start: the same fence, the same answers.
+        let fence = log.sealed[0].fence.clone();
+        drop(log);
+        let (log, _) = Log::open(dir.path()).unwrap();
+        assert_eq!(log.sealed[0].fence, fence);
+        for id in ids.iter().step_by(97).chain([&ids[4999]]) {
+            assert_eq!(jsons(&find(&log, id, Some("o"))), [id.as_bytes()], "{id} after reopening");
+        }
     }
 
     #[test]
@@ -588,6 +601,7 @@ mod tests {
         }
         let (log, opened) = Log::open(dir.path()).unwrap();
         assert_eq!(opened, Opened { segments: 2, cut_bytes: 0 });
+        assert_eq!((log.open.len(), log.sealed.len()), (1, 1), "the sealed one is read from its index");
         assert_eq!(jsons(&find(&log, "old", Some("o"))), [b"OLD"]);
         assert_eq!(jsons(&find(&log, "new", Some("o"))), [b"NEW"]);
     }
@@ -615,19 +629,108 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_hour_stays_open_for_records_that_finished_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        let hour = bucket_of(NOW) * HOUR_MS;
+        log.append(&[rec("a", "o", hour, b"A")], hour).unwrap();
+        log.append(&[rec("b", "o", hour + HOUR_MS, b"B")], hour + HOUR_MS).unwrap();
+        assert_eq!((log.open.len(), log.sealed.len()), (2, 0));
+        log.append(&[rec("c", "o", hour + 2 * HOUR_MS, b"C")], hour + 2 * HOUR_MS).unwrap();
+        assert_eq!((log.open.len(), log.sealed.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_record_for_a_sealed_hour_starts_its_next_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        log.append(&[rec("a", "o", NOW, b"A")], NOW).unwrap();
+        log.seal(0).unwrap();
+        // Written again from the journal after the hour was sealed.
+        log.append(&[rec("late", "o", NOW, b"LATE")], NOW).unwrap();
+        assert_eq!((log.sealed[0].n, log.open[0].n), (0, 1));
+        assert!(dir.path().join(name(bucket_of(NOW), 1, "log")).exists());
+        assert_eq!(jsons(&find(&log, "late", None)), [b"LATE"]);
+        assert_eq!(jsons(&find(&log, "a", None)), [b"A"]);
+    }
+
+    #[test]
+    fn an_id_written_more_times_than_an_index_block_holds_is_found_in_every_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        let orgs: Vec<String> = (0..2500).map(|i| format!("org-{i}")).collect();
+        let others: Vec<String> = (0..1000).map(|i| format!("other-{i}")).collect();
+        let mut records: Vec<NewRecord<'_>> = orgs.iter().map(|o| rec("dup", o, NOW, o.as_bytes())).collect();
+        records.extend(others.iter().map(|id| rec(id, "o", NOW, b"X")));
+        log.append(&records, NOW).unwrap();
+        log.seal(0).unwrap();
+        for org in [&orgs[0], &orgs[1023], &orgs[1024], &orgs[2499]] {
+            assert_eq!(jsons(&find(&log, "dup", Some(org))), [org.as_bytes()], "{org}");
+        }
+        assert_eq!(find(&log, "dup", None).len(), 2500);
+    }
+
+    #[test]
+    fn a_segment_pruned_during_a_lookup_is_read_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        log.append(&[rec("a", "o", NOW, b"A")], NOW).unwrap();
+        log.seal(0).unwrap();
+        let (_, sealed) = log.find_open("a", None).unwrap();
+        assert_eq!(log.prune(NOW + HOUR_MS).unwrap(), 1);
+        assert!(find_sealed(dir.path(), &sealed, "a", None).unwrap().is_empty());
+    }
+
+    /// A log with one sealed segment holding "a"; returns its index's path.
+    fn sealed_log(dir: &Path) -> PathBuf {
+        let (mut log, _) = Log::open(dir).unwrap();
+        log.append(&[rec("a", "o", NOW, b"A")], NOW).unwrap();
+        log.seal(0).unwrap();
+        dir.join(name(bucket_of(NOW), 0, "idx"))
+    }
+
+    /// Opens the log and checks the segment was read again from its records.
+    fn assert_rebuilt(dir: &Path) {
+        let (log, _) = Log::open(dir).unwrap();
+        assert_eq!((log.open.len(), log.sealed.len()), (1, 0), "the index is not trusted");
+        assert_eq!(jsons(&find(&log, "a", None)), [b"A"]);
+    }
+
+    #[test]
     fn a_damaged_index_is_rebuilt_from_its_segment() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut log, _) = Log::open(dir.path()).unwrap();
-            log.append(&[rec("a", "o", NOW, b"A")], NOW).unwrap();
-            log.seal(0).unwrap();
-        }
-        std::fs::write(dir.path().join(name(bucket_of(NOW), 0, "idx")), b"garbage").unwrap();
+        let idx = sealed_log(dir.path());
+        std::fs::write(idx, b"garbage").unwrap();
         std::fs::write(dir.path().join("0000000001-0000.idx.tmp"), b"half").unwrap();
-        let (log, _) = Log::open(dir.path()).unwrap();
-        assert_eq!((log.open.len(), log.sealed.len()), (1, 0));
-        assert_eq!(jsons(&find(&log, "a", None)), [b"A"]);
+        assert_rebuilt(dir.path());
         assert!(!dir.path().join("0000000001-0000.idx.tmp").exists(), "a half-written index is removed");
+    }
+
+    #[test]
+    fn an_index_cut_short_is_rebuilt_from_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = sealed_log(dir.path());
+        let bytes = std::fs::read(&idx).unwrap();
+        // One pair (16 bytes) and its fence (8) in all; drop the pair.
+        assert_eq!(bytes.len(), 16 + 8 + FOOTER);
+        std::fs::write(&idx, &bytes[16..]).unwrap();
+        assert_rebuilt(dir.path());
+    }
+
+    #[test]
+    fn an_index_with_another_magic_or_no_fence_step_is_rebuilt() {
+        for (at, byte) in [(16 + 8 + FOOTER - 1, b'2'), (16 + 8 + 8, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let idx = sealed_log(dir.path());
+            let mut bytes = std::fs::read(&idx).unwrap();
+            // The magic's last byte; or FENCE_EVERY (its low byte; 1024 has none).
+            bytes[at] = byte;
+            if at == 16 + 8 + 8 {
+                bytes[at + 1] = 0;
+            }
+            std::fs::write(&idx, &bytes).unwrap();
+            assert_rebuilt(dir.path());
+        }
     }
 
     #[test]
