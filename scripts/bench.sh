@@ -19,6 +19,7 @@ scripts/deps.sh protoc:protobuf-compiler redis-server:redis-server etcd:etcd-ser
 run cargo bench --bench routing -- --noplot --warm-up-time 1 --measurement-time 3
 run cargo bench --bench limits
 run cargo bench --bench usage
+run cargo bench --bench audit
 run cargo bench --bench config
 run cargo bench --bench streaming
 {
