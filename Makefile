@@ -51,7 +51,7 @@ fuzz:
 
 # Mutation testing of the money- and record-keeping mechanisms (long: each
 # mutant is a build and a test run); writes the tables of docs/testing.md.
-# MUTANTS_SET=core|limits|records|usage|providers runs one set (default: all);
+# MUTANTS_SET=core|limits|records|audit-log|usage|providers runs one set (default: all);
 # MUTANTS_ITERATE=1 tests again only what the set's last run did not catch.
 mutants:
 	bash scripts/mutants.sh
