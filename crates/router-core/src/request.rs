@@ -83,11 +83,10 @@ pub fn valid_request_id(id: &str) -> bool {
 /// A generated request id: a UUID v7, the time in milliseconds then 74 bits
 /// from the thread's fast generator. It only has to be unique, not secret
 /// (lookups are scoped to the caller's organization), so it costs no
-/// `getrandom` system call per request. Ids in time order make the audit
-/// store's inserts appends at the end of its index rather than into a random
-/// page each (see `docs/benchmarks.md`).
+/// `getrandom` system call per request. Ids sort in the order requests
+/// started, as logs and audit records are read.
 pub fn new_request_id() -> Arc<str> {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let ms = crate::util::now_ms();
     let mut random = [0u8; 10];
     random.copy_from_slice(&fastrand::u128(..).to_le_bytes()[..10]);
     let uuid = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();

@@ -18,7 +18,7 @@ pub fn serialize_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::E
 /// `t` as `humantime::format_rfc3339_millis` writes it
 /// (`2026-12-02T07:58:12.123Z`), straight into a buffer: audit and usage
 /// records carry three times each, and the formatting machinery cost about
-/// 800 instructions a time. Clamped to years 1970 to 9999 (where humantime
+/// 300 instructions more a time (`docs/benchmarks.md`). Clamped to years 1970 to 9999 (where humantime
 /// would panic or fail).
 fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     const LAST_MS_OF_9999: Duration = Duration::from_millis(253_402_300_799_999);

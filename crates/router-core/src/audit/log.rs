@@ -265,31 +265,33 @@ impl Sealed {
         if from >= to {
             return Ok(Vec::new());
         }
-        let (idx, log) = match (File::open(dir.join(name(self.bucket, self.n, "idx"))), File::open(self.log_path(dir)))
-        {
-            (Ok(i), Ok(l)) => (i, l),
-            // Deleted by retention since the lookup began: nothing to find.
-            (Err(e), _) | (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            (Err(e), _) | (_, Err(e)) => return Err(e),
+        // Deleted by retention since the lookup began: nothing to find.
+        let open = |ext| match File::open(dir.join(name(self.bucket, self.n, ext))) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            other => other.map(Some),
         };
+        let Some(idx) = open("idx")? else { return Ok(Vec::new()) };
         let mut raw = vec![0; ((to - from) * 16) as usize];
         idx.read_exact_at(&mut raw, from * 16)?;
-        let mut found = Vec::new();
+        let mut offsets = Vec::new();
         for pair in raw.chunks_exact(16) {
             let (ph, offset) = pair.split_at(8);
-            if u64::from_le_bytes(ph.try_into().map_err(|_| invalid("pair"))?) != h {
-                continue;
+            if u64::from_le_bytes(ph.try_into().map_err(|_| invalid("pair"))?) == h {
+                offsets.push(u64::from_le_bytes(offset.try_into().map_err(|_| invalid("pair"))?));
             }
-            let offset = u64::from_le_bytes(offset.try_into().map_err(|_| invalid("pair"))?);
+        }
+        // The segment itself only where its index has the hash.
+        if offsets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(log) = open("log")? else { return Ok(Vec::new()) };
+        let mut found = Vec::new();
+        for offset in offsets {
             if let Some(f) = read_frame(&log, offset)?.and_then(|b| matching(&b, request_id, org)) {
                 found.push(f);
             }
         }
         Ok(found)
-    }
-
-    fn log_path(&self, dir: &Path) -> PathBuf {
-        dir.join(name(self.bucket, self.n, "log"))
     }
 }
 
