@@ -58,7 +58,14 @@ async fn fixture_on(
     let redis = match &target {
         Some(t) => {
             let r = RedisLimits::new(t, Duration::from_millis(500), metrics.clone()).unwrap();
-            r.connect().await.unwrap();
+            // A cluster's first PING also fetches its slot map from every
+            // node, which can take longer than connect's 2 s on a loaded
+            // machine: retry until a deadline (the tests are not about that).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while let Err(e) = r.connect().await {
+                assert!(tokio::time::Instant::now() < deadline, "Redis never answered: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Some(Arc::new(r))
         }
         None => None,
