@@ -71,7 +71,7 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
         "HTTP server starting"
     );
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<Instant>();
-    let app = router_http::router(state);
+    let app = router_http::App::new(state);
     let metrics = running.core.metrics.clone();
     let server = router_http::server::serve(listener, app, settings.server.clone(), metrics, async move {
         shutdown_signal().await;

@@ -59,6 +59,17 @@ async fn startup_logs_status_endpoints_and_metrics() {
         2.0
     );
     assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "200")]), 2.0);
+    // A door's path with another method is the router's 405, and a path
+    // near a door's is not the door: both counted like any other answer.
+    let get = send(Method::GET, &router.url("/v1/inference"), &[("x-api-key", KEY_A)], "").await;
+    assert_eq!(get.status, 405);
+    let near = send(Method::POST, &router.url("/v1/inference/"), &[("x-api-key", KEY_A)], "{}").await;
+    assert_eq!(near.status, 404);
+    assert_eq!(near.json()["error"]["code"], "not_found", "{:?}", near.body);
+    let text = router.metrics().await;
+    assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "405")]), 1.0);
+    assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "unmatched"), ("status", "404")]), 1.0);
+    assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "200")]), 2.0);
     // No secrets in logs.
     let logs = router.proc.lines().join("\n");
     assert!(!logs.contains(KEY_A) && !logs.contains(ADMIN_TOKEN));

@@ -11,8 +11,10 @@
 //! Doors: [`native`] (`POST /v1/inference`), [`openai`] (chat,
 //! completions, embeddings, the Responses API, models) and [`anthropic`]
 //! (messages, token counting). [`admin`], [`keys`], [`audit`] and
-//! [`status`] serve the operators. [`track`] counts every answer by route
-//! and status. [`server`] accepts and serves the connections.
+//! [`status`] serve the operators. [`App`] is what the connections serve:
+//! the doors' `POST` routes directly, the rest through an axum router; both
+//! count every answer by route and status. [`server`] accepts and serves
+//! the connections.
 
 pub mod admin;
 pub mod anthropic;
@@ -26,13 +28,14 @@ pub mod server;
 pub mod status;
 pub mod throttle;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +43,7 @@ use bytes::Bytes;
 use router_core::Core;
 use router_core::pipeline::stream::BreakEvent;
 use router_core::pipeline::{Outcome, Processed};
+use tower::ServiceExt;
 
 use self::error::{ApiError, rate_limit_headers};
 
@@ -74,7 +78,99 @@ impl HttpState {
 
 pub type SharedState = Arc<HttpState>;
 
-pub fn router(state: SharedState) -> Router {
+/// The inference doors' routes: `POST` to each path is served by
+/// [`App::serve`] straight from the connection, without axum's router and
+/// middleware (the profile put those layers at about 8,000 instructions a
+/// request, `docs/benchmarks.md`). The same routes are in the axum router,
+/// which answers the other methods (405) and every other path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Door {
+    Native,
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+    Messages,
+    CountTokens,
+}
+
+impl Door {
+    const ALL: [Door; 7] = [
+        Door::Native,
+        Door::Chat,
+        Door::Completions,
+        Door::Embeddings,
+        Door::Responses,
+        Door::Messages,
+        Door::CountTokens,
+    ];
+
+    /// The route, which is also its metrics label.
+    fn path(self) -> &'static str {
+        match self {
+            Door::Native => "/v1/inference",
+            Door::Chat => "/v1/chat/completions",
+            Door::Completions => "/v1/completions",
+            Door::Embeddings => "/v1/embeddings",
+            Door::Responses => "/v1/responses",
+            Door::Messages => "/v1/messages",
+            Door::CountTokens => "/v1/messages/count_tokens",
+        }
+    }
+
+    /// The door a request is for: `POST` and exactly its path (as axum's
+    /// router matches it).
+    fn of(method: &Method, path: &str) -> Option<Door> {
+        if method != Method::POST {
+            return None;
+        }
+        Door::ALL.into_iter().find(|d| d.path() == path)
+    }
+
+    async fn serve(self, state: SharedState, request: Request) -> Response {
+        let state = State(state);
+        match self {
+            Door::Native => native::inference(state, request).await,
+            Door::Chat => openai::chat_completions(state, request).await,
+            Door::Completions => openai::completions(state, request).await,
+            Door::Embeddings => openai::embeddings(state, request).await,
+            Door::Responses => openai::responses(state, request).await,
+            Door::Messages => anthropic::messages(state, request).await,
+            Door::CountTokens => anthropic::count_tokens(state, request).await,
+        }
+    }
+}
+
+/// What the server serves: the doors directly, everything else through the
+/// axum router.
+#[derive(Clone)]
+pub struct App {
+    state: SharedState,
+    router: Router,
+}
+
+impl App {
+    pub fn new(state: SharedState) -> Self {
+        Self { router: router(state.clone()), state }
+    }
+
+    /// One request from `peer`, counted by route and status.
+    pub async fn serve(&self, mut request: hyper::Request<hyper::body::Incoming>, peer: SocketAddr) -> Response {
+        if let Some(door) = Door::of(request.method(), request.uri().path()) {
+            let started = Instant::now();
+            let response = door.serve(self.state.clone(), request.map(Body::new)).await;
+            count(&self.state, door.path(), &response, started);
+            return response;
+        }
+        request.extensions_mut().insert(ConnectInfo(peer));
+        match self.router.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+fn router(state: SharedState) -> Router {
     let admin = Router::new()
         .route("/v1/admin/routing/backends", get(admin::list_backends))
         .route("/v1/admin/routing/backends/{backend_id}/health", get(admin::backend_health))
@@ -93,14 +189,14 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/admin/keys/{key_id}/usage", get(keys::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin));
 
-    Router::new()
-        .route("/v1/inference", post(native::inference))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/responses", post(openai::responses))
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+    let mut doors = Router::new();
+    for door in Door::ALL {
+        doors = doors.route(
+            door.path(),
+            post(move |State(state): State<SharedState>, request: Request| door.serve(state, request)),
+        );
+    }
+    doors
         .route("/v1/models", get(openai::models))
         .route("/v1/status/healthz", get(status::healthz))
         .route("/v1/status/readyz", get(status::readyz))
@@ -113,18 +209,21 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-/// Counts every answer by route template and status, and times it.
+/// Counts every answer the axum router gives by route template and status.
 async fn track(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     // The route template is shared (an `Arc<str>`), not copied.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let response = next.run(request).await;
-    let status = response.status();
-    let metrics = &state.core.metrics;
-    metrics.http_requests.with_label_values(&[route, status.as_str()]).inc();
-    metrics.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    count(&state, route, &response, started);
     response
+}
+
+fn count(state: &HttpState, route: &str, response: &Response, started: Instant) {
+    let metrics = &state.core.metrics;
+    metrics.http_requests.with_label_values(&[route, response.status().as_str()]).inc();
+    metrics.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
 }
 
 /// How much of an oversized body is read and thrown away, so that a client
@@ -278,5 +377,26 @@ fn ids(response: &mut Response, request_id: &str, backend_id: &str) {
     }
     if let Ok(v) = HeaderValue::from_str(backend_id) {
         h.insert("x-backend-id", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doors_are_matched_by_post_and_exact_path_only() {
+        for door in Door::ALL {
+            assert_eq!(Door::of(&Method::POST, door.path()), Some(door));
+            for method in [Method::GET, Method::PUT, Method::HEAD, Method::OPTIONS] {
+                assert_eq!(Door::of(&method, door.path()), None, "{method} {}", door.path());
+            }
+            for near in [format!("{}/", door.path()), door.path().to_uppercase(), door.path()[1..].to_string()] {
+                assert_eq!(Door::of(&Method::POST, &near), None, "{near}");
+            }
+        }
+        let paths: std::collections::HashSet<_> = Door::ALL.iter().map(|d| d.path()).collect();
+        assert_eq!(paths.len(), Door::ALL.len(), "each door has its own path");
+        assert_eq!(Door::of(&Method::POST, "/v1/models"), None);
     }
 }

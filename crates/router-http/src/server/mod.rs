@@ -15,7 +15,7 @@
 //!   framed two ways (smuggling): 400 and closed ([`framing`]).
 //! - TLS, when configured ([`tls`]): the handshake within the header
 //!   timeout; the certificate reloaded when its files change.
-//! - Each request carries the peer address (`ConnectInfo`) for the doors.
+//! - Each request is served with the peer's address ([`App::serve`]).
 //!
 //! The body's read timeout and size limit are the doors' (`read_body`).
 
@@ -32,8 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use router_core::metrics::Metrics;
@@ -41,9 +39,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use self::framing::Framing;
+use crate::App;
 
 /// The server's limits.
 #[derive(Debug, Clone)]
@@ -94,7 +92,7 @@ struct ConnState {
 
 /// Everything the connections share.
 struct Shared {
-    app: Router,
+    app: App,
     builder: auto::Builder<TokioExecutor>,
     settings: ServerSettings,
     metrics: Metrics,
@@ -106,7 +104,7 @@ struct Shared {
 /// caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: App,
     settings: ServerSettings,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
@@ -132,8 +130,6 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    // Every route made into a service now, not per request.
-    let app = app.with_state(());
     let shared = Arc::new(Shared { app, builder, settings, metrics, tls });
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(tls) = &shared.tls {
@@ -219,10 +215,10 @@ where
 {
     let settings = &shared.settings;
     let io = Guarded::new(io, state.clone(), settings.max_header_bytes, shared.metrics.clone());
-    let app = shared.app.clone();
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        app.clone().oneshot(request)
+    let app = shared.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(app.app.serve(request, peer).await) }
     });
     let conn = shared.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
