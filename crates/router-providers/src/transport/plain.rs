@@ -52,11 +52,32 @@ pub struct PlainPool {
 
 struct Inner {
     /// Held only to push or pop, never across an await.
-    idle: Mutex<HashMap<Authority, VecDeque<Idle>>>,
+    idle: Mutex<HashMap<Origin, VecDeque<Idle>>>,
     connect_timeout: Duration,
     /// The reaper task is started with the first connection (the pool may
     /// be built outside a runtime).
     reaping: AtomicBool,
+}
+
+/// A destination: its authority as written, compared and hashed as one
+/// string. (`Authority`'s own `Hash` lowercases it byte by byte, which cost
+/// about 900 instructions a lookup, two lookups a request; a target's URIs
+/// are built once, so its authority is written the same way every time.)
+#[derive(Clone)]
+struct Origin(Authority);
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state);
+    }
 }
 
 struct Idle {
@@ -79,9 +100,9 @@ impl PlainPool {
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<ResponseBody>, AttemptError> {
         let (mut parts, body) = request.into_parts();
         let authority =
-            parts.uri.authority().cloned().ok_or_else(|| AttemptError::Connect("the URL has no host".into()))?;
+            Origin(parts.uri.authority().cloned().ok_or_else(|| AttemptError::Connect("the URL has no host".into()))?);
         if !parts.headers.contains_key(HOST) {
-            let host = HeaderValue::from_str(authority.as_str()).map_err(|e| AttemptError::Connect(e.to_string()))?;
+            let host = HeaderValue::from_str(authority.0.as_str()).map_err(|e| AttemptError::Connect(e.to_string()))?;
             parts.headers.insert(HOST, host);
         }
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -110,12 +131,12 @@ impl PlainPool {
         }
     }
 
-    fn pooled(&self, response: Response<Incoming>, sender: Sender, authority: Authority) -> Response<ResponseBody> {
+    fn pooled(&self, response: Response<Incoming>, sender: Sender, authority: Origin) -> Response<ResponseBody> {
         let keep = Keep { sender, authority, pool: Arc::downgrade(&self.inner) };
         response.map(|body| ResponseBody::Pooled(PooledBody { body, keep: Some(keep) }))
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Sender, AttemptError> {
+    async fn connect(&self, Origin(authority): &Origin) -> Result<Sender, AttemptError> {
         self.inner.start_reaper();
         // An IPv6 literal is bracketed in the authority, not in an address.
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
@@ -144,7 +165,7 @@ impl PlainPool {
 
 impl Inner {
     /// The most recently used idle connection to `authority`.
-    fn checkout(&self, authority: &Authority) -> Option<Sender> {
+    fn checkout(&self, authority: &Origin) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
         while let Some(entry) = list.pop_back() {
@@ -155,7 +176,7 @@ impl Inner {
         None
     }
 
-    fn give_back(&self, authority: Authority, sender: Sender) {
+    fn give_back(&self, authority: Origin, sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -200,7 +221,7 @@ impl Inner {
 /// What gives a connection back to its pool.
 struct Keep {
     sender: Sender,
-    authority: Authority,
+    authority: Origin,
     pool: Weak<Inner>,
 }
 
@@ -359,7 +380,7 @@ mod tests {
         for response in held {
             assert_eq!(read(response).await.0, 200);
         }
-        let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
+        let authority = Origin(format!("127.0.0.1:{port}").parse().unwrap());
         assert_eq!(pool.inner.idle.lock().unwrap()[&authority].len(), 4);
         for _ in 0..8 {
             assert_eq!(read(pool.send(request(&uri)).await.unwrap()).await.0, 200);
@@ -406,7 +427,7 @@ mod tests {
         let pool = PlainPool::new(Duration::from_secs(2));
         let uri = format!("http://127.0.0.1:{port}/");
         assert_eq!(read(pool.send(request(&uri)).await.unwrap()).await.0, 200);
-        let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
+        let authority = Origin(format!("127.0.0.1:{port}").parse().unwrap());
         let idle = |pool: &PlainPool| pool.inner.idle.lock().unwrap().get(&authority).map_or(0, VecDeque::len);
         assert_eq!(idle(&pool), 1);
         let now = Instant::now();
