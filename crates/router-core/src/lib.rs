@@ -30,6 +30,7 @@ pub mod backends;
 pub mod build_info;
 pub mod config_service;
 pub mod core;
+pub mod json;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

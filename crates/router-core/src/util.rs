@@ -20,7 +20,7 @@ pub fn serialize_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::E
 /// records carry three times each, and the formatting machinery cost about
 /// 300 instructions more a time (`docs/benchmarks.md`). Clamped to years 1970 to 9999 (where humantime
 /// would panic or fail).
-fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
+pub(crate) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     const LAST_MS_OF_9999: Duration = Duration::from_millis(253_402_300_799_999);
     let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).min(LAST_MS_OF_9999);
     let secs = since.as_secs();
@@ -58,15 +58,6 @@ pub fn serialize_opt_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result
         Some(t) => serialize_time(t, s),
         None => s.serialize_none(),
     }
-}
-
-/// A record's JSON, written into a buffer sized for a whole record (audit
-/// and usage records are a few hundred bytes: `serde_json::to_vec` would
-/// grow its 128-byte buffer several times per request).
-pub fn record_json<T: serde::Serialize + ?Sized>(record: &T) -> serde_json::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut out, record)?;
-    Ok(out)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::json;
 use crate::metrics::Metrics;
 use crate::readiness::{Component, ComponentStatus};
 use crate::routing::decisions::DecisionType;
@@ -67,6 +68,49 @@ pub struct AuditRecord {
     pub attempts: Vec<AuditAttempt>,
     /// Token usage reported by the backend, when there was any.
     pub usage: Option<crate::limits::Usage>,
+}
+
+impl AuditRecord {
+    /// The record's JSON, as its `Serialize` writes it ([`crate::json`]).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024);
+        json::Object::new(&mut out)
+            .field("request_id", &*self.request_id)
+            .field("organization_id", &*self.organization_id)
+            .some("key_id", self.key_id.as_deref())
+            .field("model", &*self.model)
+            .field("status", self.status)
+            .field("backend_id", self.backend_id.as_deref())
+            .field("error", self.error.as_deref())
+            .field("latency_ms", self.latency_ms)
+            .field("started_at", self.started_at)
+            .field("finished_at", self.finished_at)
+            .field("attempts", &self.attempts[..])
+            .field("usage", self.usage)
+            .end();
+        out
+    }
+}
+
+impl json::Value for &[AuditAttempt] {
+    fn write(self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, a) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::Object::new(out)
+                .field("backend_id", &*a.backend_id)
+                .field("model", &*a.model)
+                .field("decision_type", a.decision_type)
+                .field("status", a.status)
+                .field("error", a.error.as_deref())
+                .field("latency_ms", a.latency_ms)
+                .field("started_at", a.started_at)
+                .end();
+        }
+        out.push(b']');
+    }
 }
 
 #[derive(Debug)]
@@ -175,7 +219,7 @@ impl AuditStore {
     /// Journals a record; returns once it is in the journal's file. `Err`:
     /// it could not be written, and the request must not be answered as served.
     pub async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let json = crate::util::record_json(record).map_err(storage)?;
+        let json = record.to_json();
         let meta = Meta { organization_id: record.organization_id.clone(), finished_ms: unix_ms(record.finished_at) };
         self.journal.append(record.request_id.clone(), json, meta).await.map(drop).map_err(storage)
     }
@@ -278,7 +322,10 @@ fn spawn_journal(wal: Arc<Mutex<Wal>>, metrics: &Metrics, on_written: OnWritten)
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::json::tests::{text, time};
 
     fn record(id: &str, org: &str, finished: SystemTime) -> AuditRecord {
         AuditRecord {
@@ -294,6 +341,64 @@ mod tests {
             finished_at: finished,
             attempts: vec![],
             usage: None,
+        }
+    }
+
+    fn attempt() -> impl proptest::strategy::Strategy<Value = AuditAttempt> {
+        let decision = proptest::sample::select(vec![
+            DecisionType::Primary,
+            DecisionType::Failover,
+            DecisionType::NoHealthyBackend,
+            DecisionType::FallbackModel,
+        ]);
+        (text(), text(), decision, any::<Option<u16>>(), proptest::option::of(text()), any::<f64>(), time()).prop_map(
+            |(b, m, decision_type, status, error, latency_ms, started_at)| AuditAttempt {
+                backend_id: Arc::from(b),
+                model: Arc::from(m),
+                decision_type,
+                status,
+                error,
+                latency_ms,
+                started_at,
+            },
+        )
+    }
+
+    fn usage() -> impl proptest::strategy::Strategy<Value = Option<crate::limits::Usage>> {
+        let n = || prop_oneof![Just(0u64), any::<u64>()];
+        proptest::option::of((n(), n(), n(), n(), n()).prop_map(|(p, c, t, r, w)| crate::limits::Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: t,
+            cache_read_tokens: r,
+            cache_write_tokens: w,
+        }))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_hand_written_json_is_what_serialize_writes(
+            (id, org, key, model) in (text(), text(), proptest::option::of(text()), text()),
+            (status, backend, error, latency) in (any::<u16>(), proptest::option::of(text()), proptest::option::of(text()), any::<f64>()),
+            (started_at, finished_at) in (time(), time()),
+            attempts in proptest::collection::vec(attempt(), 0..3),
+            usage in usage(),
+        ) {
+            let r = AuditRecord {
+                request_id: Arc::from(id),
+                organization_id: Arc::from(org),
+                key_id: key.map(Arc::from),
+                model: Arc::from(model),
+                status,
+                backend_id: backend.map(Arc::from),
+                error,
+                latency_ms: latency,
+                started_at,
+                finished_at,
+                attempts,
+                usage,
+            };
+            proptest::prop_assert_eq!(String::from_utf8(r.to_json()).unwrap(), serde_json::to_string(&r).unwrap());
         }
     }
 

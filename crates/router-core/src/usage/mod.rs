@@ -97,6 +97,36 @@ pub struct UsageRecord {
     pub router_instance_id: Arc<str>,
 }
 
+impl UsageRecord {
+    /// The record's JSON, as its `Serialize` writes it ([`crate::json`]).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024);
+        crate::json::Object::new(&mut out)
+            .field("schema_version", self.schema_version)
+            .field("request_id", &*self.request_id)
+            .field("organization_id", &*self.organization_id)
+            .some("key_id", self.key_id.as_deref())
+            .field("model", &*self.model)
+            .some("served_model", self.served_model.as_deref())
+            .field("backend_id", self.backend_id.as_deref())
+            .field("decision_type", self.decision_type)
+            .field("attempts", self.attempts)
+            .field("status", self.status)
+            .some("error", self.error.as_deref())
+            .field("latency_ms", self.latency_ms)
+            .field("prompt_tokens", self.prompt_tokens)
+            .field("completion_tokens", self.completion_tokens)
+            .field("total_tokens", self.total_tokens)
+            .some("cache_read_tokens", self.cache_read_tokens)
+            .some("cache_write_tokens", self.cache_write_tokens)
+            .field("cost", self.cost)
+            .field("timestamp", self.timestamp)
+            .field("router_instance_id", &*self.router_instance_id)
+            .end();
+        out
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
     Never,
@@ -237,7 +267,57 @@ impl UsageSink {
             tracing::error!(request_id = %record.request_id, "usage buffer full: record dropped (USAGE_BUFFER_FULL_POLICY=bypass)");
             return Ok(());
         }
-        let payload = crate::util::record_json(record).map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        let payload = record.to_json();
         writer.append(record.request_id.clone(), payload, ()).await.map(drop).map_err(RecordError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::json::tests::{text, time};
+
+    proptest! {
+        #[test]
+        fn the_hand_written_json_is_what_serialize_writes(
+            (schema_version, id, org, key, model, served) in
+                (any::<u32>(), text(), text(), proptest::option::of(text()), text(), proptest::option::of(text())),
+            (backend, decision, attempts, status, error) in (
+                proptest::option::of(text()),
+                proptest::option::of(proptest::sample::select(vec![DecisionType::Primary, DecisionType::FallbackModel])),
+                any::<u32>(),
+                any::<u16>(),
+                proptest::option::of(text()),
+            ),
+            (latency_ms, tokens, cache, cost) in
+                (any::<f64>(), any::<[Option<u64>; 3]>(), any::<[Option<u64>; 2]>(), any::<Option<f64>>()),
+            (timestamp, instance) in (time(), text()),
+        ) {
+            let r = UsageRecord {
+                schema_version,
+                request_id: Arc::from(id),
+                organization_id: Arc::from(org),
+                key_id: key.map(Arc::from),
+                model: Arc::from(model),
+                served_model: served.map(Arc::from),
+                backend_id: backend.map(Arc::from),
+                decision_type: decision,
+                attempts,
+                status,
+                error,
+                latency_ms,
+                prompt_tokens: tokens[0],
+                completion_tokens: tokens[1],
+                total_tokens: tokens[2],
+                cache_read_tokens: cache[0],
+                cache_write_tokens: cache[1],
+                cost,
+                timestamp,
+                router_instance_id: Arc::from(instance),
+            };
+            prop_assert_eq!(String::from_utf8(r.to_json()).unwrap(), serde_json::to_string(&r).unwrap());
+        }
     }
 }
