@@ -107,17 +107,38 @@ impl Framing {
                     out.extend_from_slice(&data[..n]);
                     pos += n;
                 }
-                State::Head => {
-                    self.held.extend_from_slice(data);
-                    // Wait for the rest of the header block.
-                    let Some((len, verdict)) = self.check_head() else { return };
+                // Most often a whole header block comes in one read: it is
+                // checked where it is, not gathered first.
+                State::Head if self.held.is_empty() => {
+                    let Some((len, verdict)) = self.check_head(data) else {
+                        // Wait for the rest of the header block.
+                        self.held.extend_from_slice(data);
+                        return;
+                    };
                     if verdict == Verdict::Refused {
                         self.refused += 1;
-                        self.held[0] = POISON;
+                        out.push(POISON);
+                        out.extend_from_slice(&data[1..len]);
+                    } else {
+                        out.extend_from_slice(&data[..len]);
+                    }
+                    pos += len;
+                }
+                State::Head => {
+                    self.held.extend_from_slice(data);
+                    let held = std::mem::take(&mut self.held);
+                    let Some((len, verdict)) = self.check_head(&held) else {
+                        self.held = held;
+                        return;
+                    };
+                    let mut held = held;
+                    if verdict == Verdict::Refused {
+                        self.refused += 1;
+                        held[0] = POISON;
                     }
                     // Release the block; what followed it goes on in the new state.
-                    let rest = self.held.split_off(len);
-                    out.append(&mut self.held);
+                    let rest = held.split_off(len);
+                    out.extend_from_slice(&held);
                     input = std::borrow::Cow::Owned(rest);
                     pos = 0;
                 }
@@ -136,27 +157,28 @@ impl Framing {
         }
     }
 
-    /// Looks at the held header block: `None` while incomplete; else its
-    /// length and verdict, with the state set for what follows it.
-    fn check_head(&mut self) -> Option<(usize, Verdict)> {
-        let held = &self.held;
+    /// Looks at a header block received so far (`held`): `None` while
+    /// incomplete; else its length and verdict, with the state set for
+    /// what follows it.
+    fn check_head(&mut self, held: &[u8]) -> Option<(usize, Verdict)> {
         if held.len() >= 3 && H2_PREFACE_START.starts_with(&held[..held.len().min(H2_PREFACE_START.len())]) {
             if held.len() >= H2_PREFACE_START.len() {
                 self.state = State::Passthrough;
-                return Some((self.held.len(), Verdict::Checked));
+                return Some((held.len(), Verdict::Checked));
             }
             return None;
         }
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut request = httparse::Request::new(&mut headers);
-        let len = match request.parse(held) {
+        // Not zeroed first (4 KiB per header block): httparse writes what it finds.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; 128];
+        let mut request = httparse::Request::new(&mut []);
+        let len = match request.parse_with_uninit_headers(held, &mut headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if held.len() <= self.max_head => return None,
             // Too long, too many headers, or malformed: hyper refuses it
             // (431 or 400) and closes the connection.
             Ok(httparse::Status::Partial) | Err(_) => {
                 self.state = State::Passthrough;
-                return Some((self.held.len(), Verdict::Checked));
+                return Some((held.len(), Verdict::Checked));
             }
         };
         let (mut lengths, mut encodings, mut chunked, mut length) = (0, 0, false, None);
