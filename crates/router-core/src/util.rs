@@ -18,12 +18,30 @@ pub fn serialize_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::E
 /// `t` as `humantime::format_rfc3339_millis` writes it
 /// (`2026-12-02T07:58:12.123Z`), straight into a buffer: audit and usage
 /// records carry three times each, and the formatting machinery cost about
-/// 300 instructions more a time (`docs/benchmarks.md`). Clamped to years 1970 to 9999 (where humantime
-/// would panic or fail).
+/// 300 instructions more a time (`docs/benchmarks.md`). Clamped to years
+/// 1970 to 9999 (where humantime would panic or fail).
 pub(crate) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     const LAST_MS_OF_9999: Duration = Duration::from_millis(253_402_300_799_999);
     let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).min(LAST_MS_OF_9999);
     let secs = since.as_secs();
+    // The times of one request, and of the requests around it, mostly fall
+    // in the same second: its date and time are kept per thread, and only
+    // the milliseconds written.
+    thread_local!(static LAST: std::cell::Cell<(u64, [u8; 24])> = const { std::cell::Cell::new((u64::MAX, [0; 24])) });
+    let (last_secs, mut out) = LAST.get();
+    if last_secs != secs {
+        out = date_time(secs);
+        LAST.set((secs, out));
+    }
+    let ms = since.subsec_millis();
+    out[20] = b'0' + (ms / 100) as u8;
+    out[21] = b'0' + (ms / 10 % 10) as u8;
+    out[22] = b'0' + (ms % 10) as u8;
+    out
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS.000Z`.
+fn date_time(secs: u64) -> [u8; 24] {
     // Days to a civil date (H. Hinnant's `civil_from_days`, for days >= 0).
     let days = secs / 86_400;
     let z = days + 719_468;
@@ -49,7 +67,6 @@ pub(crate) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     put(11, 2, rem / 3600);
     put(14, 2, rem % 3600 / 60);
     put(17, 2, rem % 60);
-    put(20, 3, u64::from(since.subsec_millis()));
     out
 }
 
@@ -133,6 +150,20 @@ mod tests {
         fn times_are_written_as_humantime_writes_them(ms in 0u64..253_402_300_800_000, nanos in 0u32..1_000_000) {
             let t = UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(u64::from(nanos));
             proptest::prop_assert_eq!(rfc3339(t), humantime::format_rfc3339_millis(t).to_string());
+        }
+    }
+
+    #[test]
+    fn times_in_the_same_second_reuse_its_date_and_write_their_own_milliseconds() {
+        let second = UNIX_EPOCH + Duration::from_secs(1_764_662_292);
+        for (t, text) in [
+            (second + Duration::from_millis(123), "2025-12-02T07:58:12.123Z"),
+            (second + Duration::from_millis(987), "2025-12-02T07:58:12.987Z"),
+            (second + Duration::from_millis(5), "2025-12-02T07:58:12.005Z"),
+            (second + Duration::from_millis(1_040), "2025-12-02T07:58:13.040Z"),
+            (second, "2025-12-02T07:58:12.000Z"),
+        ] {
+            assert_eq!(rfc3339(t), text);
         }
     }
 

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -370,13 +370,17 @@ pub fn respond(processed: Processed, shape: Shape) -> Response {
     response
 }
 
+/// Names made once, not looked up from text per answer.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_BACKEND_ID: HeaderName = HeaderName::from_static("x-backend-id");
+
 fn ids(response: &mut Response, request_id: &str, backend_id: &str) {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     if let Ok(v) = HeaderValue::from_str(backend_id) {
-        h.insert("x-backend-id", v);
+        h.insert(X_BACKEND_ID, v);
     }
 }
 

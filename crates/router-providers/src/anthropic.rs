@@ -39,16 +39,15 @@ impl Provider for Anthropic {
         Ok((HeaderName::from_static("x-api-key"), v))
     }
 
-    fn headers(&self, request: &UpstreamRequest<'_>, builder: http::request::Builder) -> http::request::Builder {
+    fn headers(&self, request: &UpstreamRequest<'_>, headers: &mut http::HeaderMap) {
         let version = request
             .headers
             .get("anthropic-version")
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static(DEFAULT_VERSION));
-        let builder = builder.header("anthropic-version", version);
-        match request.headers.get("anthropic-beta") {
-            Some(beta) => builder.header("anthropic-beta", beta.clone()),
-            None => builder,
+        headers.insert("anthropic-version", version);
+        if let Some(beta) = request.headers.get("anthropic-beta") {
+            headers.insert("anthropic-beta", beta.clone());
         }
     }
 
@@ -138,13 +137,15 @@ mod tests {
             body: &body,
             json: None,
         };
-        let built = Anthropic.headers(&req, http::Request::builder()).body(()).unwrap();
-        assert_eq!(built.headers()["anthropic-version"], DEFAULT_VERSION);
-        assert_eq!(built.headers()["anthropic-beta"], "prompt-caching-2024-07-31,tools-2024-05-16");
+        let mut built = http::HeaderMap::new();
+        Anthropic.headers(&req, &mut built);
+        assert_eq!(built["anthropic-version"], DEFAULT_VERSION);
+        assert_eq!(built["anthropic-beta"], "prompt-caching-2024-07-31,tools-2024-05-16");
         let mut h2 = h.clone();
         h2.insert("anthropic-version", "2024-01-01".parse().unwrap());
         let req = UpstreamRequest { headers: &h2, ..req };
-        let built = Anthropic.headers(&req, http::Request::builder()).body(()).unwrap();
-        assert_eq!(built.headers()["anthropic-version"], "2024-01-01");
+        let mut built = http::HeaderMap::new();
+        Anthropic.headers(&req, &mut built);
+        assert_eq!(built["anthropic-version"], "2024-01-01");
     }
 }

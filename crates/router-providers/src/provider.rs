@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::Full;
 
@@ -52,10 +52,9 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
-    /// Headers of this kind beyond the credential (`anthropic-version`).
-    fn headers(&self, _request: &UpstreamRequest<'_>, builder: http::request::Builder) -> http::request::Builder {
-        builder
-    }
+    /// Adds the headers of this kind beyond the credential
+    /// (`anthropic-version`).
+    fn headers(&self, _request: &UpstreamRequest<'_>, _headers: &mut HeaderMap) {}
 
     /// The credential header for `secret`: `Authorization: Bearer` unless the
     /// kind wants another.
@@ -242,11 +241,13 @@ impl Target {
     /// The health probe: `GET` the health path with the credential and the
     /// kind's headers (hosted providers answer only authenticated calls).
     pub fn health_request(&self) -> Result<Request<Full<Bytes>>, String> {
-        let mut builder = Request::get(self.health_uri.clone());
+        let mut probe_request = Request::new(Full::new(Bytes::new()));
+        *probe_request.uri_mut() = self.health_uri.clone();
+        let headers = probe_request.headers_mut();
         if let Some((name, value)) = &self.credential {
-            builder = builder.header(name, value.clone());
+            headers.insert(name, value.clone());
         }
-        let empty = http::HeaderMap::new();
+        let empty = HeaderMap::new();
         let probe = UpstreamRequest {
             headers: &empty,
             op: Operation::Native,
@@ -255,8 +256,8 @@ impl Target {
             body: &Bytes::new(),
             json: None,
         };
-        builder = self.kind.provider().headers(&probe, builder);
-        builder.body(Full::new(Bytes::new())).map_err(|e| e.to_string())
+        self.kind.provider().headers(&probe, headers);
+        Ok(probe_request)
     }
 
     /// The backend's own name for the client's `model`, if it maps it.
@@ -278,18 +279,24 @@ impl Target {
                 .uri(self, request.op, request.model)
                 .ok_or_else(|| format!("a {} backend cannot serve {}", self.kind, request.op.as_str()))?,
         };
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Built in place: a `request::Builder` moves the whole request
+        // through each call.
+        let mut out = Request::new(Full::new(provider.body(request, self)));
+        *out.method_mut() = Method::POST;
+        *out.uri_mut() = uri;
+        let h = out.headers_mut();
+        h.reserve(headers.len() + 3);
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in headers {
-            builder = builder.header(*name, *value);
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("{name}: {e}"))?;
+            let value = HeaderValue::from_str(value).map_err(|e| format!("{name}: {e}"))?;
+            h.append(name, value);
         }
         if let Some((name, value)) = &self.credential {
-            builder = builder.header(name, value.clone());
+            h.insert(name, value.clone());
         }
-        builder = provider.headers(request, builder);
-        builder.body(Full::new(provider.body(request, self))).map_err(|e| e.to_string())
+        provider.headers(request, h);
+        Ok(out)
     }
 }
 
