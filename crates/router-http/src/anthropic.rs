@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
@@ -27,15 +27,8 @@ use crate::{Shape, SharedState, credentials, read_body, respond};
 /// Client headers that go on to Anthropic backends.
 const FORWARDED: [&str; 2] = ["anthropic-version", "anthropic-beta"];
 
-pub async fn messages(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::Messages).await
-}
-
-pub async fn count_tokens(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::CountTokens).await
-}
-
-async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
+/// Messages and token counting.
+pub(crate) async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
     // The request taken apart, not its headers copied (as the `HeaderMap`
     // extractor would).
     let (parts, body) = request.into_parts();

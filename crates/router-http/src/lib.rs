@@ -43,6 +43,7 @@ use bytes::Bytes;
 use router_core::Core;
 use router_core::pipeline::stream::BreakEvent;
 use router_core::pipeline::{Outcome, Processed};
+use router_providers::Operation;
 use tower::ServiceExt;
 
 use self::error::{ApiError, rate_limit_headers};
@@ -78,66 +79,41 @@ impl HttpState {
 
 pub type SharedState = Arc<HttpState>;
 
-/// The inference doors' routes: `POST` to each path is served by
-/// [`App::serve`] straight from the connection, without axum's router and
-/// middleware (the profile put those layers at about 8,000 instructions a
-/// request, `docs/benchmarks.md`). The same routes are in the axum router,
-/// which answers the other methods (405) and every other path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Door {
-    Native,
-    Chat,
-    Completions,
-    Embeddings,
-    Responses,
-    Messages,
-    CountTokens,
+/// The path a client sends each operation to: the inference doors' routes.
+/// `POST` to each is served by [`App::serve`] straight from the connection,
+/// without axum's router and middleware (the profile put those layers at
+/// about 10,000 instructions a request, `docs/benchmarks.md`). The same
+/// routes are in the axum router, which answers the other methods (405) and
+/// every other path. The path is also the door's metrics label.
+fn door_path(op: Operation) -> &'static str {
+    match op {
+        Operation::Native => "/v1/inference",
+        Operation::Chat => "/v1/chat/completions",
+        Operation::Completions => "/v1/completions",
+        Operation::Embeddings => "/v1/embeddings",
+        Operation::Responses => "/v1/responses",
+        Operation::Messages => "/v1/messages",
+        Operation::CountTokens => "/v1/messages/count_tokens",
+    }
 }
 
-impl Door {
-    const ALL: [Door; 7] = [
-        Door::Native,
-        Door::Chat,
-        Door::Completions,
-        Door::Embeddings,
-        Door::Responses,
-        Door::Messages,
-        Door::CountTokens,
-    ];
-
-    /// The route, which is also its metrics label.
-    fn path(self) -> &'static str {
-        match self {
-            Door::Native => "/v1/inference",
-            Door::Chat => "/v1/chat/completions",
-            Door::Completions => "/v1/completions",
-            Door::Embeddings => "/v1/embeddings",
-            Door::Responses => "/v1/responses",
-            Door::Messages => "/v1/messages",
-            Door::CountTokens => "/v1/messages/count_tokens",
-        }
+/// The door a request is for: `POST` and exactly its path (as axum's router
+/// matches it).
+fn door_of(method: &Method, path: &str) -> Option<Operation> {
+    if method != Method::POST {
+        return None;
     }
+    Operation::ALL.into_iter().find(|op| door_path(*op) == path)
+}
 
-    /// The door a request is for: `POST` and exactly its path (as axum's
-    /// router matches it).
-    fn of(method: &Method, path: &str) -> Option<Door> {
-        if method != Method::POST {
-            return None;
+/// Serves `op` at its door.
+async fn door(op: Operation, state: SharedState, request: Request) -> Response {
+    match op {
+        Operation::Native => native::inference(State(state), request).await,
+        Operation::Chat | Operation::Completions | Operation::Embeddings | Operation::Responses => {
+            openai::handle(state, request, op).await
         }
-        Door::ALL.into_iter().find(|d| d.path() == path)
-    }
-
-    async fn serve(self, state: SharedState, request: Request) -> Response {
-        let state = State(state);
-        match self {
-            Door::Native => native::inference(state, request).await,
-            Door::Chat => openai::chat_completions(state, request).await,
-            Door::Completions => openai::completions(state, request).await,
-            Door::Embeddings => openai::embeddings(state, request).await,
-            Door::Responses => openai::responses(state, request).await,
-            Door::Messages => anthropic::messages(state, request).await,
-            Door::CountTokens => anthropic::count_tokens(state, request).await,
-        }
+        Operation::Messages | Operation::CountTokens => anthropic::handle(state, request, op).await,
     }
 }
 
@@ -156,10 +132,10 @@ impl App {
 
     /// One request from `peer`, counted by route and status.
     pub async fn serve(&self, mut request: hyper::Request<hyper::body::Incoming>, peer: SocketAddr) -> Response {
-        if let Some(door) = Door::of(request.method(), request.uri().path()) {
+        if let Some(op) = door_of(request.method(), request.uri().path()) {
             let started = Instant::now();
-            let response = door.serve(self.state.clone(), request.map(Body::new)).await;
-            count(&self.state, door.path(), &response, started);
+            let response = door(op, self.state.clone(), request.map(Body::new)).await;
+            count(&self.state, door_path(op), &response, started);
             return response;
         }
         request.extensions_mut().insert(ConnectInfo(peer));
@@ -190,10 +166,10 @@ fn router(state: SharedState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin));
 
     let mut doors = Router::new();
-    for door in Door::ALL {
+    for op in Operation::ALL {
         doors = doors.route(
-            door.path(),
-            post(move |State(state): State<SharedState>, request: Request| door.serve(state, request)),
+            door_path(op),
+            post(move |State(state): State<SharedState>, request: Request| door(op, state, request)),
         );
     }
     doors
@@ -390,17 +366,18 @@ mod tests {
 
     #[test]
     fn doors_are_matched_by_post_and_exact_path_only() {
-        for door in Door::ALL {
-            assert_eq!(Door::of(&Method::POST, door.path()), Some(door));
+        for op in Operation::ALL {
+            let path = door_path(op);
+            assert_eq!(door_of(&Method::POST, path), Some(op));
             for method in [Method::GET, Method::PUT, Method::HEAD, Method::OPTIONS] {
-                assert_eq!(Door::of(&method, door.path()), None, "{method} {}", door.path());
+                assert_eq!(door_of(&method, path), None, "{method} {path}");
             }
-            for near in [format!("{}/", door.path()), door.path().to_uppercase(), door.path()[1..].to_string()] {
-                assert_eq!(Door::of(&Method::POST, &near), None, "{near}");
+            for near in [format!("{path}/"), path.to_uppercase(), path[1..].to_string()] {
+                assert_eq!(door_of(&Method::POST, &near), None, "{near}");
             }
         }
-        let paths: std::collections::HashSet<_> = Door::ALL.iter().map(|d| d.path()).collect();
-        assert_eq!(paths.len(), Door::ALL.len(), "each door has its own path");
-        assert_eq!(Door::of(&Method::POST, "/v1/models"), None);
+        let paths: std::collections::HashSet<_> = Operation::ALL.into_iter().map(door_path).collect();
+        assert_eq!(paths.len(), Operation::ALL.len(), "each door has its own path");
+        assert_eq!(door_of(&Method::POST, "/v1/models"), None);
     }
 }

@@ -23,25 +23,9 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::{Shape, SharedState, credentials, read_body, respond};
 
-pub async fn chat_completions(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::Chat).await
-}
-
-pub async fn completions(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::Completions).await
-}
-
-pub async fn embeddings(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::Embeddings).await
-}
-
-/// `POST /v1/responses`: the Responses API, passed through to OpenAI and
-/// Azure backends.
-pub async fn responses(State(state): State<SharedState>, request: Request) -> Response {
-    handle(state, request, Operation::Responses).await
-}
-
-async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
+/// Chat, completions, embeddings and the Responses API (passed through to
+/// OpenAI and Azure backends).
+pub(crate) async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
     // The request taken apart, not its headers copied (as the `HeaderMap`
     // extractor would).
     let (parts, body) = request.into_parts();
