@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds side by side, alternating, in one run: for each directory holding
+# api-router and mock-backend (e.g. a copy of an older target/release), the
+# router minimal pinned as in the HTTP harness, then
+#   - max throughput: `oha -n 40000 -c 64`, with the router's context
+#     switches and CPU time per request over that run (from /proc: every
+#     thread's voluntary and involuntary switches, utime + stime);
+#   - c=1: `oha -z 3s -c 1`, p50 and p99;
+#   - p99 at 2,000 requests/s: `oha -z 4s -q 2000 --latency-correction`;
+#   - VmHWM after `oha -z 4s -c 1000`.
+# Every answer must be 2xx. Throughput and latency move between runs here;
+# compare the builds within one run.
+#
+# Usage: scripts/bench-builds.sh [ROUNDS] DIR ...
+#   e.g. cp target/release/{api-router,mock-backend} /tmp/old/; (change, build)
+#        scripts/bench-builds.sh 2 /tmp/old target/release
+source "$(dirname "$0")/bench-lib.sh"
+rounds=2
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then rounds=$1; shift; fi
+[ $# -gt 0 ] || { echo "usage: $0 [ROUNDS] DIR ..." >&2; exit 2; }
+
+switches() { cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}'; }
+cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
+n=40000
+echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
+echo "|---|---|---|---|---|---|---|---|"
+for round in $(seq 1 "$rounds"); do
+  for dir in "$@"; do
+    BIN=$dir
+    start_mock
+    start_router minimal
+    oha_run "$ROUTER_URL" -n 2000 -c 64 >/dev/null # warm up
+    s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID")
+    read -r _ _ _ rps bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 64)"
+    s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID")
+    read -r p50 p99 _ _ bad1 <<<"$(oha_run "$ROUTER_URL" -z 3s -c 1)"
+    read -r _ r99 _ _ bad3 <<<"$(oha_run "$ROUTER_URL" -z 4s -q 2000 --latency-correction)"
+    read -r _ _ _ _ bad2 <<<"$(oha_run "$ROUTER_URL" -z 4s -c 1000)"
+    hwm=$(rss_mb "$ROUTER_PID" VmHWM)
+    stop_router
+    kill "${pids[-2]}" 2>/dev/null || true
+    [ "$bad$bad1$bad2$bad3" = 0000 ] || { echo "$dir: non-2xx answers ($bad, $bad1, $bad2, $bad3)" >&2; exit 1; }
+    hz=$(getconf CLK_TCK)
+    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(python3 -c "print(f'{($t1 - $t0) * 1e6 / $hz / $n:.0f}')") | $p50 / $p99 | $r99 | $hwm |"
+  done
+done
