@@ -240,7 +240,7 @@ impl Target {
 
     /// The health probe: `GET` the health path with the credential and the
     /// kind's headers (hosted providers answer only authenticated calls).
-    pub fn health_request(&self) -> Result<Request<Full<Bytes>>, String> {
+    pub fn health_request(&self) -> Request<Full<Bytes>> {
         let mut probe_request = Request::new(Full::new(Bytes::new()));
         *probe_request.uri_mut() = self.health_uri.clone();
         let headers = probe_request.headers_mut();
@@ -257,7 +257,7 @@ impl Target {
             json: None,
         };
         self.kind.provider().headers(&probe, headers);
-        Ok(probe_request)
+        probe_request
     }
 
     /// The backend's own name for the client's `model`, if it maps it.

@@ -31,8 +31,7 @@ impl Probe for TransportProbe {
     fn check(&self, backend: Arc<Backend>) -> impl Future<Output = Result<(), String>> + Send {
         let timeout = self.timeout;
         async move {
-            let request = backend.target.health_request()?;
-            router_providers::transport::probe_with(&*backend.transport, request, timeout).await
+            router_providers::transport::probe_with(&*backend.transport, backend.target.health_request(), timeout).await
         }
     }
 }

@@ -126,12 +126,11 @@ impl Framing {
                 }
                 State::Head => {
                     self.held.extend_from_slice(data);
-                    let held = std::mem::take(&mut self.held);
+                    let mut held = std::mem::take(&mut self.held);
                     let Some((len, verdict)) = self.check_head(&held) else {
                         self.held = held;
                         return;
                     };
-                    let mut held = held;
                     if verdict == Verdict::Refused {
                         self.refused += 1;
                         held[0] = POISON;
