@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds side by side, alternating, in one run: for each directory holding
 # api-router and mock-backend (e.g. a copy of an older target/release), the
-# router minimal pinned as in the HTTP harness, then
+# router pinned as in the HTTP harness (MODE=minimal, the default, or
+# MODE=all with Redis, Kafka, etcd and audit), then
 #   - max throughput: `oha -n 40000 -c 64`, with the router's context
 #     switches and CPU time per request over that run (from /proc: every
 #     thread's voluntary and involuntary switches, utime + stime);
@@ -22,13 +23,16 @@ if [[ "${1:-}" =~ ^[0-9]+$ ]]; then rounds=$1; shift; fi
 switches() { cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
 n=40000
+MODE=${MODE:-minimal}
+[ "$MODE" = minimal ] || start_services
+echo "MODE=$MODE"
 echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
 echo "|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$rounds"); do
   for dir in "$@"; do
     BIN=$dir
     start_mock
-    start_router minimal
+    start_router "$MODE"
     oha_run "$ROUTER_URL" -n 2000 -c 64 >/dev/null # warm up
     s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID")
     read -r _ _ _ rps bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 64)"
