@@ -7,7 +7,7 @@
 
 use std::time::SystemTime;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use router_core::auth::{AdminAuthError, AuthError};
 use router_core::config_service::UpdateError;
@@ -308,11 +308,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. (Names
+/// as constants: on every answer with a rate limit, a name given as a `&str`
+/// was parsed and checked each time.)
 pub fn rate_limit_headers(h: &mut HeaderMap, info: &RateInfo) {
-    h.insert("ratelimit-limit", HeaderValue::from(info.limit));
-    h.insert("ratelimit-remaining", HeaderValue::from(info.remaining));
-    h.insert("ratelimit-reset", HeaderValue::from(info.reset_secs));
+    h.insert(RATELIMIT_LIMIT, HeaderValue::from(info.limit));
+    h.insert(RATELIMIT_REMAINING, HeaderValue::from(info.remaining));
+    h.insert(RATELIMIT_RESET, HeaderValue::from(info.reset_secs));
 }
 
 #[cfg(test)]

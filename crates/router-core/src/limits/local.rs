@@ -467,4 +467,44 @@ mod key_names {
         assert!(k.key_spend.starts_with("api-router:kspend:key_1:m"));
         assert!(all(&k).iter().all(|key| !key.contains('{')));
     }
+
+    /// Every name, written out (they are joined by hand).
+    #[test]
+    fn every_name_in_full() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_788_000); // 2026-11-27
+        let plan = plan_with_key();
+        let k = Keys::new("p:", "org-a", "req-1", &plan, now, Some("key_1"));
+        let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
+        let qp = plan.quota_period.key(now);
+        let kp = plan.key.unwrap().period.key(now);
+        assert_eq!(
+            all(&k),
+            [
+                "p:rl:org-a".to_string(),
+                format!("p:spend:org-a:{bp}"),
+                format!("p:qreq:org-a:{qp}"),
+                format!("p:qtok:org-a:{qp}"),
+                "p:res:org-a:req-1".into(),
+                "p:krl:key_1".into(),
+                format!("p:kspend:key_1:{kp}"),
+                format!("p:ktok:key_1:{kp}"),
+            ]
+        );
+        let t = Keys::tagged("p:", "org-a", "req-1", &plan, now, Some("key_1"));
+        assert_eq!(
+            all(&t),
+            [
+                "p:rl:{org-a}".to_string(),
+                format!("p:spend:{{org-a}}:{bp}"),
+                format!("p:qreq:{{org-a}}:{qp}"),
+                format!("p:qtok:{{org-a}}:{qp}"),
+                "p:res:{org-a}:req-1".into(),
+                "p:krl:{org-a}:key_1".into(),
+                format!("p:kspend:{{org-a}}:key_1:{kp}"),
+                format!("p:ktok:{{org-a}}:key_1:{kp}"),
+            ]
+        );
+        let none = Keys::new("p:", "org-a", "req-1", &plan, now, None);
+        assert_eq!((none.key_rate.as_str(), none.key_spend.as_str(), none.key_tokens.as_str()), ("", "", ""));
+    }
 }

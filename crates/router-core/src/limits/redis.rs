@@ -42,7 +42,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Client, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisFuture, Script, ServerErrorKind, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gcra::RateInfo;
@@ -374,8 +374,6 @@ impl RedisLimits {
         let held = Held::for_plan(plan);
         let (interval, burst) = plan.rate.unwrap_or((0, 0));
         let ttl = |p: Option<super::period::Period>| p.and_then(|p| p.ttl_secs(now)).unwrap_or(0);
-        let mut inv = self.admit.prepare_invoke();
-        inv.key(&keys.rate).key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
         // Without a managed key its three keys are never touched: the
         // organization's rate key stands in for them.
         let (kr, ks, kt) = if keys.key_rate.is_empty() {
@@ -383,9 +381,12 @@ impl RedisLimits {
         } else {
             (&keys.key_rate, &keys.key_spend, &keys.key_tokens)
         };
-        inv.key(kr).key(ks).key(kt);
+        let mut cmd = evalsha(
+            &self.admit,
+            &[&keys.rate, &keys.spend, &keys.requests, &keys.tokens, &keys.reservation, kr, ks, kt],
+        );
         let (kinterval, kburst) = plan.key.and_then(|k| k.rate).unwrap_or((0, 0));
-        inv.arg(interval)
+        cmd.arg(interval)
             .arg(burst)
             .arg(plan.budget.map(|(l, _)| l).unwrap_or(-1))
             .arg(held.cost)
@@ -402,7 +403,7 @@ impl RedisLimits {
             .arg(ttl(plan.key.map(|k| k.period)))
             .arg(held.key_tokens);
         let mut conn = self.conn();
-        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, call(&mut conn, &self.admit, &cmd)).await {
             Ok(Ok(r)) => {
                 self.answered();
                 r
@@ -479,18 +480,15 @@ impl RedisLimits {
     }
 
     pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
-        let mut inv = self.finish.prepare_invoke();
-        inv.key(&keys.spend).key(&keys.requests).key(&keys.tokens).key(&keys.reservation);
         let (ks, kt) =
             if keys.key_spend.is_empty() { (&keys.spend, &keys.spend) } else { (&keys.key_spend, &keys.key_tokens) };
-        inv.key(ks).key(kt);
+        let mut cmd = evalsha(&self.finish, &[&keys.spend, &keys.requests, &keys.tokens, &keys.reservation, ks, kt]);
         let (cost, tokens) = actual.unwrap_or((0, 0));
-        inv.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
+        cmd.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
         let mut conn = self.conn();
         // Off the request path: allow more time than an admission.
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), inv.invoke_async::<i64>(&mut conn))
-            .await
-        {
+        let bound = self.timeout.max(Duration::from_millis(500));
+        match tokio::time::timeout(bound, call::<i64>(&mut conn, &self.finish, &cmd)).await {
             Ok(Ok(_)) => {
                 self.answered();
                 Ok(())
@@ -553,6 +551,29 @@ impl RedisLimits {
                 _ = tokio::time::sleep(PING_EVERY) => {}
             }
         }
+    }
+}
+
+/// `EVALSHA` of `script` with `keys`, arguments to follow, all written into
+/// the one command buffer. (A `ScriptInvocation` holds each key and argument
+/// in a vector of its own and copies them into the command: about 8,000
+/// instructions an admission.)
+fn evalsha(script: &Script, keys: &[&String]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// One call of `script` as [`evalsha`] wrote it; a Redis that does not have
+/// the script (restarted, flushed) gets it loaded and the call made again,
+/// as `ScriptInvocation::invoke_async` does.
+async fn call<T: FromRedisValue>(conn: &mut Conn, script: &Script, cmd: &Cmd) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
     }
 }
 
