@@ -30,8 +30,15 @@ measure() { # name url
     RESULT[$name,$rate]=$(oha_run "$url" -z "${SECS}s" -q "$rate" --latency-correction)
     echo "$name @ $rate/s: ${RESULT[$name,$rate]}"
   done
+  local s0 l0 s1 l1
+  s0=$(core_ticks $SERVER_CORE) l0=$(core_ticks $LOAD_CORE)
   RESULT[$name,max]=$(oha_run "$url" -z "${SECS}s" -c 64)
-  echo "$name max: ${RESULT[$name,max]}"
+  s1=$(core_ticks $SERVER_CORE) l1=$(core_ticks $LOAD_CORE)
+  # Which core bounds the closed loop: the server's, or the one the load,
+  # the mock and the services share.
+  RESULT[$name,busy]="$(busy_pct $s0 $s1)% / $(busy_pct $l0 $l1)%"
+  RESULT[$name,busy_server]=$(busy_pct $s0 $s1)
+  echo "$name max: ${RESULT[$name,max]} (cores busy, server / load: ${RESULT[$name,busy]})"
   RESULT[$name,c1]=$(oha_run "$url" -z "${SECS}s" -c 1)
   echo "$name c1: ${RESULT[$name,c1]}"
 }
@@ -109,7 +116,12 @@ section() {
   echo "|---|---|---|---|---|"
   local row_over="| p99 overhead at 2,000 rps, ms |" row_max="| max throughput, rps (× nginx) |"
   local row_rss="| peak RSS at 1,000 connections, MB |" row_ipr="| instructions per request |"
-  local row_c1="| c=1 p50 overhead over direct, ms |"
+  local row_c1="| c=1 p50 overhead over direct, ms |" row_busy="| cores busy in the max run, server / load |"
+  # Requests a second per busy second of the server's core: what one core
+  # would serve were the load core not the limit (assumes it scales).
+  per_core() { python3 -c "print(f'{$1 * 100 / max($2, 1):.0f}')"; }
+  local nginx_core; nginx_core=$(per_core "$nginx_max" "${RESULT[nginx,busy_server]}")
+  local row_core="| max throughput per busy second of the server core (× nginx) |"
   for mode in minimal all; do
     read -r _ p99 _ _ _ <<<"${RESULT[router_$mode,2000]}"
     read -r _ _ _ max _ <<<"${RESULT[router_$mode,max]}"
@@ -117,11 +129,16 @@ section() {
     read -r c1 _ _ _ _ <<<"${RESULT[router_$mode,c1]}"
     row_c1+=" $(ms_diff "$c1" "$dc1") |"
     row_max+=" $max ($(ratio "$max" "$nginx_max")×) |"
+    row_busy+=" ${RESULT[router_$mode,busy]} |"
+    local core; core=$(per_core "$max" "${RESULT[router_$mode,busy_server]}")
+    row_core+=" $core ($(ratio "$core" "$nginx_core")×) |"
     row_rss+=" ${RSS[$mode]} |"
     row_ipr+=" ${IPR[$mode]:-not measured (quick)} |"
   done
   echo "$row_over $nginx_over | ≤ nginx + 0.100 ($(python3 -c "print(f'{$nginx_over + 0.1:.3f}')")); < 0.500 |"
   echo "$row_max $nginx_max | ≥ 1.0×; ≥ 0.7× |"
+  echo "$row_busy ${RESULT[nginx,busy]} | the server's near 100%, or the figure is the load core's |"
+  echo "$row_core $nginx_core | ≥ 1.0×; ≥ 0.7× |"
   echo "$row_c1 $nginx_c1 | ≤ nginx's |"
   echo "$row_rss | < 64 |"
   echo "$row_ipr | a regression shows here |"

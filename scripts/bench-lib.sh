@@ -143,4 +143,8 @@ instructions() { # mode
   done
   echo $(((totals[0] - totals[1]) / n))
 }
+# Core N's busy and total ticks so far ("busy total", from /proc/stat; idle
+# and iowait are not busy), and the percent busy between two readings.
+core_ticks() { awk -v c="cpu$1" '$1 == c {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
+busy_pct() { python3 -c "print(f'{100 * ($3 - $1) / max($4 - $2, 1):.0f}')"; }
 rss_mb() { awk -v k="$2" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
