@@ -323,8 +323,8 @@ impl Keys {
     ) -> Self {
         let bp = plan.budget.map(|(_, p)| p).unwrap_or(Period::Total).key(now);
         let qp = plan.quota_period.key(now);
-        // Built on every admission: joined by hand, `format!` took ~1,500
-        // instructions a name (10,900 a request for the eight).
+        // Built on every admission: joined by hand, as `format!` took ~1,500
+        // instructions a name (10,900 a request with the period keys).
         let (l, r) = if tagged { ("{", "}") } else { ("", "") };
         let (key_rate, key_spend, key_tokens) = match (key_id, plan.key) {
             (Some(id), Some(k)) => {
