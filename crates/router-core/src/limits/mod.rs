@@ -329,9 +329,13 @@ impl Keys {
         let (key_rate, key_spend, key_tokens) = match (key_id, plan.key) {
             (Some(id), Some(k)) => {
                 let kp = k.period.key(now);
-                let scope: &[&str] = if tagged { &["{", org, "}:"] } else { &[] };
-                let key = |kind: &str, rest: &[&str]| join(&[&[prefix, kind], scope, &[id], rest].concat());
-                (key("krl:", &[]), key("kspend:", &[":", &kp]), key("ktok:", &[":", &kp]))
+                // A key's names carry its organization only as the tag.
+                let (l, o, r) = if tagged { ("{", org, "}:") } else { ("", "", "") };
+                (
+                    join(&[prefix, "krl:", l, o, r, id]),
+                    join(&[prefix, "kspend:", l, o, r, id, ":", &kp]),
+                    join(&[prefix, "ktok:", l, o, r, id, ":", &kp]),
+                )
             }
             _ => Default::default(),
         };
