@@ -44,6 +44,7 @@ use router_core::Core;
 use router_core::pipeline::stream::BreakEvent;
 use router_core::pipeline::{Outcome, Processed};
 use router_providers::Operation;
+use router_providers::transport::Gather;
 use tower::ServiceExt;
 
 use self::error::{ApiError, rate_limit_headers};
@@ -222,23 +223,18 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize, timeout: D
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let read = async {
-        let mut frames: Vec<Bytes> = Vec::new();
-        let mut total = 0;
+        let mut gathered = Gather::default();
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|e| Some(ApiError::InvalidRequest(format!("could not read the request body: {e}"))))?;
             if let Ok(data) = frame.into_data() {
-                total += data.len();
-                if total > limit {
+                if gathered.len() + data.len() > limit {
                     return Err(None);
                 }
-                frames.push(data);
+                gathered.push(data);
             }
         }
-        Ok(match frames.len() {
-            1 => frames.pop().unwrap_or_default(),
-            _ => Bytes::from(frames.concat()),
-        })
+        Ok(gathered.into_bytes())
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(Ok(bytes)) => Ok(bytes),

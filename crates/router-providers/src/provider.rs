@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::Full;
 
@@ -187,6 +187,10 @@ pub struct Target {
     pub api_version: Option<String>,
     uris: [Option<Uri>; Operation::ALL.len()],
     pub health_uri: Uri,
+    /// The `Host` header of a plain `http://` backend, made once (the
+    /// transport would otherwise make it per request); `https://` requests
+    /// get theirs from hyper-util's client (HTTP/1.1) or as `:authority` (h2).
+    host: Option<HeaderValue>,
 }
 
 impl fmt::Debug for Target {
@@ -219,7 +223,10 @@ impl Target {
         let provider = kind.provider();
         let uris = Operation::ALL.map(|op| provider.path(op).map(|p| join(&endpoint, p)));
         let health_uri = join(&endpoint, provider.health_path());
-        Self { kind, endpoint, models, credential, api_version: None, uris, health_uri }
+        let host = (health_uri.scheme() == Some(&http::uri::Scheme::HTTP))
+            .then(|| health_uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
+            .flatten();
+        Self { kind, endpoint, models, credential, api_version: None, uris, health_uri, host }
     }
 
     /// Per-backend settings: an API version (Azure) and a health path other
@@ -270,7 +277,7 @@ impl Target {
     pub fn request(
         &self,
         request: &UpstreamRequest<'_>,
-        headers: &[(&'static str, &str)],
+        headers: &[(HeaderName, &str)],
     ) -> Result<Request<Full<Bytes>>, String> {
         let provider = self.kind.provider();
         let uri = match self.uri(request.op) {
@@ -285,12 +292,14 @@ impl Target {
         *out.method_mut() = Method::POST;
         *out.uri_mut() = uri;
         let h = out.headers_mut();
-        h.reserve(headers.len() + 3);
+        h.reserve(headers.len() + 4);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(host) = &self.host {
+            h.insert(HOST, host.clone());
+        }
         for (name, value) in headers {
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("{name}: {e}"))?;
             let value = HeaderValue::from_str(value).map_err(|e| format!("{name}: {e}"))?;
-            h.append(name, value);
+            h.append(name.clone(), value);
         }
         if let Some((name, value)) = &self.credential {
             h.insert(name, value.clone());
@@ -314,6 +323,35 @@ mod tests {
         assert_eq!((k, url), (Kind::default(), "http://127.0.0.1:8001"));
         assert!(Kind::split_endpoint("bogus+http://x").is_err());
         assert_eq!(Kind::default().name(), "native");
+    }
+
+    #[test]
+    fn upstream_requests_carry_the_ids_and_a_host_only_for_plain_http() {
+        let body = Bytes::from_static(b"{}");
+        let empty = HeaderMap::new();
+        let upstream = UpstreamRequest {
+            headers: &empty,
+            op: Operation::Native,
+            model: "m",
+            stream: false,
+            body: &body,
+            json: None,
+        };
+        let ids =
+            [(HeaderName::from_static("x-request-id"), "req-1"), (HeaderName::from_static("x-organization-id"), "org")];
+        let plain = Target::new(Kind::default(), "http://127.0.0.1:8001", BTreeMap::new(), None);
+        let r = plain.request(&upstream, &ids).unwrap();
+        assert_eq!(r.headers()[HOST], "127.0.0.1:8001");
+        assert_eq!(r.headers()["x-request-id"], "req-1");
+        assert_eq!(r.headers()["x-organization-id"], "org");
+        // A second request shares the Host value made once.
+        assert_eq!(plain.request(&upstream, &ids).unwrap().headers()[HOST], "127.0.0.1:8001");
+        // hyper-util's client (HTTP/1.1) or `:authority` (h2) names the host of a TLS backend.
+        let tls = Target::new(Kind::default(), "https://api.example.com", BTreeMap::new(), None);
+        assert!(tls.request(&upstream, &ids).unwrap().headers().get(HOST).is_none());
+        // A value that cannot be a header is an error, not a panic.
+        let bad = [(HeaderName::from_static("x-request-id"), "a\nb")];
+        assert!(plain.request(&upstream, &bad).unwrap_err().contains("x-request-id"));
     }
 
     #[test]

@@ -33,6 +33,7 @@
 
 pub mod stream;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -41,7 +42,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use router_providers::provider::UpstreamRequest;
 use router_providers::translate::{Translation, Untranslatable};
 use router_providers::transport::{self, Answer, AttemptError, BackendResponse};
@@ -258,6 +259,11 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
     Processed { request_id, rate, outcome }
 }
 
+/// The headers every upstream request carries, named once (a name made
+/// from text per request is an allocation).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_ORGANIZATION_ID: HeaderName = HeaderName::from_static("x-organization-id");
+
 /// What one successful attempt produced, and how.
 struct Served {
     answer: Answer,
@@ -435,7 +441,7 @@ fn record_decision(
     request: &InferenceRequest,
     backend_id: Option<Arc<str>>,
     t: DecisionType,
-    reason: String,
+    reason: impl Into<Cow<'static, str>>,
     status: Option<u16>,
     error: Option<String>,
     latency_ms: f64,
@@ -448,7 +454,7 @@ fn record_decision(
         model: request.model.clone(),
         backend_id,
         decision_type: t,
-        reason,
+        reason: reason.into(),
         status,
         error,
         latency_ms,
@@ -489,7 +495,7 @@ async fn dispatch(
         return Err(cooling.unwrap_or(RequestError::NoHealthyBackend));
     }
 
-    let headers = [("x-request-id", &*request.request_id), ("x-organization-id", &*request.organization_id)];
+    let headers = [(X_REQUEST_ID, &*request.request_id), (X_ORGANIZATION_ID, &*request.organization_id)];
     let mut translated: Vec<Translated> = Vec::new();
     let mut untranslatable: Option<Untranslatable> = None;
     let mut previous: Option<(Arc<str>, AttemptError)> = None;
@@ -500,10 +506,10 @@ async fn dispatch(
             _ if first == DecisionType::FallbackModel && tried == 0 => first,
             _ => DecisionType::Failover,
         };
-        let reason = match (&previous, *weight) {
-            (Some((prev, err)), _) => format!("failover from {prev}: {err}"),
-            (None, 0) => "standby: no weighted backend is routable".to_string(),
-            (None, _) => "weighted pick".to_string(),
+        let reason: Cow<'static, str> = match (&previous, *weight) {
+            (Some((prev, err)), _) => format!("failover from {prev}: {err}").into(),
+            (None, 0) => "standby: no weighted backend is routable".into(),
+            (None, _) => "weighted pick".into(),
         };
         // The request in this backend's shape: as it came, or translated.
         let translation = Translation::between(request.op, backend.kind()).flatten();
@@ -653,7 +659,7 @@ async fn attempt(
     core: &Core,
     backend: &Backend,
     upstream: &UpstreamRequest<'_>,
-    headers: &[(&'static str, &str)],
+    headers: &[(HeaderName, &str)],
 ) -> Result<Answer, AttemptError> {
     let request = backend.target.request(upstream, headers).map_err(AttemptError::Io)?;
     if upstream.stream {

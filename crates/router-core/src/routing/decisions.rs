@@ -3,6 +3,7 @@
 //! request that found no routable backend). The oldest entries fall off, the
 //! routine ones only to make room for routine ones.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -44,7 +45,9 @@ pub struct RoutingDecision {
     pub model: Arc<str>,
     pub backend_id: Option<Arc<str>>,
     pub decision_type: DecisionType,
-    pub reason: String,
+    /// Text made per decision only when it says something particular (a
+    /// failover's cause); the routine ones are constants.
+    pub reason: Cow<'static, str>,
     /// The backend's status, if it answered.
     pub status: Option<u16>,
     pub error: Option<String>,
@@ -128,7 +131,7 @@ mod tests {
             model: Arc::from("m"),
             backend_id: Some(Arc::from(backend)),
             decision_type: t,
-            reason: String::new(),
+            reason: Cow::Borrowed(""),
             status: Some(200),
             error: None,
             latency_ms: 1.0,

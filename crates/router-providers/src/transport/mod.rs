@@ -578,19 +578,58 @@ async fn collect(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AttemptError::TooLarge { limit });
     }
-    let body = http_body_util::Limited::new(body, limit).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            AttemptError::TooLarge { limit }
-        } else {
-            AttemptError::classify(&*e, false)
+    let mut body = body;
+    let mut gathered = Gather::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| AttemptError::classify(&*e, false))?;
+        if let Ok(data) = frame.into_data() {
+            if gathered.len() + data.len() > limit {
+                return Err(AttemptError::TooLarge { limit });
+            }
+            gathered.push(data);
         }
-    })?;
+    }
     Ok(BackendResponse {
         status: parts.status,
         content_type: parts.headers.get(CONTENT_TYPE).cloned(),
         content_encoding: parts.headers.get(CONTENT_ENCODING).cloned(),
-        body: body.to_bytes(),
+        body: gathered.into_bytes(),
     })
+}
+
+/// A body's frames as one buffer. The usual body is one frame, kept as it
+/// came (no copy, no allocation); only a second frame starts a buffer.
+#[derive(Default)]
+pub struct Gather {
+    first: Bytes,
+    more: Option<bytes::BytesMut>,
+}
+
+impl Gather {
+    pub fn push(&mut self, data: Bytes) {
+        match &mut self.more {
+            Some(more) => more.extend_from_slice(&data),
+            None if self.first.is_empty() => self.first = data,
+            None => {
+                let mut more = bytes::BytesMut::with_capacity(self.first.len() + data.len());
+                more.extend_from_slice(&self.first);
+                more.extend_from_slice(&data);
+                self.more = Some(more);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.more.as_ref().map_or(self.first.len(), |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.more.map_or(self.first, bytes::BytesMut::freeze)
+    }
 }
 
 /// The innermost cause, which is what an operator needs ("Connection refused").
@@ -738,6 +777,50 @@ mod tests {
             AttemptError::Throttled { status: StatusCode::TOO_MANY_REQUESTS, retry_after: Duration::from_millis(6500) };
         assert_eq!((t.error_type(), t.counts_against_health()), ("status_429", false));
         assert_eq!(t.to_string(), "backend answered 429, retry after 7 s");
+    }
+
+    #[test]
+    fn gather_keeps_one_frame_as_it_came_and_joins_more() {
+        let one = Bytes::from_static(b"{\"a\":1}");
+        let mut g = Gather::default();
+        assert!(g.is_empty());
+        g.push(one.clone());
+        let kept = g.into_bytes();
+        assert_eq!(kept, one);
+        assert_eq!(kept.as_ptr(), one.as_ptr(), "a single frame is not copied");
+
+        let mut g = Gather::default();
+        for part in [&b"ab"[..], b"", b"cd", b"e"] {
+            g.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(g.len(), 5);
+        assert_eq!(g.into_bytes(), Bytes::from_static(b"abcde"));
+    }
+
+    /// A body that gives its frames one by one (as a chunked answer does).
+    struct Frames(std::collections::VecDeque<&'static [u8]>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|f| Ok(Frame::data(Bytes::from_static(f)))))
+        }
+    }
+
+    /// An answer in several frames, with no `Content-Length`.
+    fn chunked_answer(frames: &[&'static [u8]]) -> (http::response::Parts, ResponseBody) {
+        let body = ResponseBody::Boxed(Frames(frames.iter().copied().collect()).boxed_unsync());
+        (Response::new(()).into_parts().0, body)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_joined_within_the_limit_and_refused_past_it() {
+        let (parts, body) = chunked_answer(&[b"0123", b"4567"]);
+        assert_eq!(collect(parts, body, 8).await.unwrap().body, Bytes::from_static(b"01234567"));
+        let (parts, body) = chunked_answer(&[b"0123", b"4567", b"8"]);
+        assert_eq!(collect(parts, body, 8).await.unwrap_err(), AttemptError::TooLarge { limit: 8 });
     }
 
     #[tokio::test]
