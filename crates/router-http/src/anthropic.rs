@@ -31,11 +31,14 @@ const FORWARDED: [&str; 2] = ["anthropic-version", "anthropic-beta"];
 pub(crate) async fn handle(state: SharedState, request: Request, op: Operation) -> Response {
     // The request taken apart, not its headers copied (as the `HeaderMap`
     // extractor would).
-    let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let request = match accept(&state, &headers, body, op).await {
-        Ok(r) => r,
-        Err(e) => return e.anthropic(None),
+    // The head is dropped once read: its values share the connection's read
+    // buffer, which would otherwise be held for the whole upstream call.
+    let request = {
+        let (parts, body) = request.into_parts();
+        match accept(&state, &parts.headers, body, op).await {
+            Ok(r) => r,
+            Err(e) => return e.anthropic(None),
+        }
     };
     let span =
         tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);

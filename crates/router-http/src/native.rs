@@ -23,10 +23,14 @@ use crate::{Shape, SharedState, credentials, read_body, respond};
 pub async fn inference(State(state): State<SharedState>, request: Request) -> Response {
     // The request taken apart, not its headers copied (as the `HeaderMap`
     // extractor would).
-    let (parts, body) = request.into_parts();
-    let request = match accept(&state, &parts.headers, body).await {
-        Ok(r) => r,
-        Err(e) => return e.native(None),
+    // The head is dropped once read: its values share the connection's read
+    // buffer, which would otherwise be held for the whole upstream call.
+    let request = {
+        let (parts, body) = request.into_parts();
+        match accept(&state, &parts.headers, body).await {
+            Ok(r) => r,
+            Err(e) => return e.native(None),
+        }
     };
     let span =
         tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);

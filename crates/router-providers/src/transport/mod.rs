@@ -591,14 +591,27 @@ async fn collect(
     }
     Ok(BackendResponse {
         status: parts.status,
-        content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-        content_encoding: parts.headers.get(CONTENT_ENCODING).cloned(),
+        content_type: parts.headers.get(CONTENT_TYPE).map(owned),
+        content_encoding: parts.headers.get(CONTENT_ENCODING).map(owned),
         body: gathered.into_bytes(),
     })
 }
 
-/// A body's frames as one buffer. The usual body is one frame, kept as it
-/// came (no copy, no allocation); only a second frame starts a buffer.
+/// A header value of an answer that does not hold the connection's read
+/// buffer (see [`Gather`]): the usual ones are constants, others copied.
+fn owned(value: &HeaderValue) -> HeaderValue {
+    const COMMON: [&str; 3] = ["application/json", "gzip", "br"];
+    match COMMON.iter().find(|c| value.as_bytes() == c.as_bytes()) {
+        Some(c) => HeaderValue::from_static(c),
+        None => HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone()),
+    }
+}
+
+/// A body's frames as one buffer of its own. The usual body is one frame,
+/// a slice of the connection's read buffer (8 KiB): it is copied out, so that
+/// the read buffer is freed now rather than held for as long as the body is
+/// (the whole upstream call for a request, the write back for an answer),
+/// which at 1,000 requests in flight is 8 MB on each side.
 #[derive(Default)]
 pub struct Gather {
     first: Bytes,
@@ -628,7 +641,11 @@ impl Gather {
     }
 
     pub fn into_bytes(self) -> Bytes {
-        self.more.map_or(self.first, bytes::BytesMut::freeze)
+        match self.more {
+            Some(more) => more.freeze(),
+            None if self.first.is_empty() => Bytes::new(),
+            None => Bytes::copy_from_slice(&self.first),
+        }
     }
 }
 
@@ -780,14 +797,14 @@ mod tests {
     }
 
     #[test]
-    fn gather_keeps_one_frame_as_it_came_and_joins_more() {
+    fn gather_copies_one_frame_out_and_joins_more() {
         let one = Bytes::from_static(b"{\"a\":1}");
         let mut g = Gather::default();
         assert!(g.is_empty());
         g.push(one.clone());
         let kept = g.into_bytes();
         assert_eq!(kept, one);
-        assert_eq!(kept.as_ptr(), one.as_ptr(), "a single frame is not copied");
+        assert_ne!(kept.as_ptr(), one.as_ptr(), "the connection's buffer is not held");
 
         let mut g = Gather::default();
         for part in [&b"ab"[..], b"", b"cd", b"e"] {
