@@ -1,5 +1,6 @@
 //! Hostile clients against the real router over raw sockets: slow headers and
-//! bodies, connection floods and file-descriptor exhaustion, idle keep-alive,
+//! bodies, a stalled HTTP/2 preface, connection floods and file-descriptor
+//! exhaustion, idle keep-alive,
 //! header bombs, request smuggling, invalid UTF-8, deep JSON, out-of-range
 //! numbers, bodies that end early, oversized bodies sent whole, and admin
 //! token guessing. Each gets a clear 4xx or a closed connection, nothing is
@@ -183,6 +184,48 @@ async fn with_256_file_descriptors_silent_connections_cannot_starve_the_router()
         .await
     );
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_stalling_inside_the_http2_preface_is_closed_at_the_header_timeout() {
+    let m1 = Mock::start("backend-1", &[]);
+    let router = hasty(&m1).start();
+    let mut s = TcpStream::connect(router.addr).await.unwrap();
+    // The preface's first half: HTTP/2 or not is still undecided.
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let t0 = Instant::now();
+    let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(reply.closed, "still open after 5 s");
+    assert!(t0.elapsed() < Duration::from_secs(3), "closed after {:?}, header timeout 1 s", t0.elapsed());
+    assert!(closed(&router.metrics().await, "header_timeout") >= 1.0);
+    assert!(ok(&router, "after-stalled-preface").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plaintext_http2_with_prior_knowledge_is_served_beside_http1() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let m1 = Mock::start("backend-1", &[]);
+    let router = hasty(&m1).start();
+    let tcp = TcpStream::connect(router.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let body = json!({"model": "gpt-4o", "request_id": format!("h2c-{i}")}).to_string();
+        let request = hyper::Request::post(format!("http://{}/v1/inference", router.addr))
+            .header("x-api-key", KEY_A)
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        assert_eq!((response.status().as_u16(), response.version()), (200, hyper::Version::HTTP_2));
+        assert_eq!(response.headers()["x-request-id"], format!("h2c-{i}").as_str());
+        let answer: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert!(answer.is_object(), "{answer}");
+    }
+    assert!(ok(&router, "http1-beside-h2c").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,6 +15,9 @@
 //!   framed two ways (smuggling): 400 and closed ([`framing`]).
 //! - TLS, when configured ([`tls`]): the handshake within the header
 //!   timeout; the certificate reloaded when its files change.
+//! - HTTP/1.1, or HTTP/2 when the client's first bytes are its preface
+//!   (prior knowledge, or after TLS), found by reading ahead within the
+//!   header timeout; hyper then serves the connection in that version.
 //! - Each request is served with the peer's address ([`App::serve`]).
 //!
 //! The body's read timeout and size limit are the doors' (`read_body`).
@@ -32,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use router_core::metrics::Metrics;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -93,7 +96,8 @@ struct ConnState {
 /// Everything the connections share.
 struct Shared {
     app: App,
-    builder: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
     settings: ServerSettings,
     metrics: Metrics,
     tls: Option<tls::ServerTls>,
@@ -113,24 +117,21 @@ pub async fn serve(
         Some(files) => Some(tls::ServerTls::load(files.clone()).map_err(ServeError::Tls)?),
         None => None,
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut h1 = http1::Builder::new();
     // hyper refuses a larger header block with 431 (its buffer has a floor
     // of 8 KiB). Header and idle timeouts are the watchdog's, not hyper's.
-    builder
-        .http1()
-        .keep_alive(true)
+    h1.keep_alive(true)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .max_headers(settings.max_headers)
         .header_read_timeout(None);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let shared = Arc::new(Shared { app, builder, settings, metrics, tls });
+    let shared = Arc::new(Shared { app, h1, h2, settings, metrics, tls });
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(tls) = &shared.tls {
         tokio::spawn(tls.clone().watch(cancel.clone()));
@@ -214,14 +215,33 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &shared.settings;
-    let io = Guarded::new(io, state.clone(), settings.max_header_bytes, shared.metrics.clone());
+    let mut io = Guarded::new(io, state.clone(), settings.max_header_bytes, shared.metrics.clone());
+    // HTTP/1.1 or HTTP/2, from the first bytes, within the header timeout
+    // (the watchdog below starts after); a shutdown meanwhile closes it.
+    let h2 = tokio::select! {
+        found = tokio::time::timeout(settings.header_read_timeout, io.speaks_h2()) => match found {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.http_connections_closed.with_label_values(&["header_timeout"]).inc();
+                return;
+            }
+        },
+        _ = stop.changed() => return,
+    };
     let app = shared.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.app.serve(request, peer).await) }
     });
-    let conn = shared.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let mut conn = if h2 {
+        Conn::H2(Box::pin(shared.h2.serve_connection(TokioIo::new(io), service)))
+    } else {
+        Conn::H1(Box::pin(shared.h1.serve_connection(TokioIo::new(io), service).with_upgrades()))
+    };
     let tick = (settings.header_read_timeout.min(settings.idle_timeout) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(tick);
@@ -231,7 +251,7 @@ where
     let idle_ms = settings.idle_timeout.as_millis() as u64;
     loop {
         tokio::select! {
-            result = conn.as_mut() => {
+            result = &mut conn => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
                 }
@@ -239,7 +259,7 @@ where
             }
             changed = stop.changed(), if shutting_down_since.is_none() => {
                 if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                     shutting_down_since = Some(mono_ms());
                 }
             }
@@ -254,7 +274,7 @@ where
                 match shutting_down_since {
                     None if quiet > idle_ms => {
                         shared.metrics.http_connections_closed.with_label_values(&["idle"]).inc();
-                        conn.as_mut().graceful_shutdown();
+                        conn.graceful_shutdown();
                         shutting_down_since = Some(now);
                     }
                     // A client that stopped reading its answer.
@@ -262,6 +282,55 @@ where
                     _ => {}
                 }
             }
+        }
+    }
+}
+
+/// One client connection as hyper serves it (boxed: one allocation per
+/// connection, and the pair can be polled without unsafe pinning).
+enum Conn<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+{
+    H1(Pin<Box<http1::UpgradeableConnection<I, S>>>),
+    H2(Pin<Box<http2::Connection<I, S, TokioExecutor>>>),
+}
+
+impl<I, S, B> Conn<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Conn::H1(c) => c.as_mut().graceful_shutdown(),
+            Conn::H2(c) => c.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
+impl<I, S, B> Future for Conn<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Conn::H1(c) => c.as_mut().poll(cx),
+            Conn::H2(c) => c.as_mut().poll(cx),
         }
     }
 }
@@ -288,6 +357,72 @@ impl<T> Guarded<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> Guarded<T> {
+    /// Checked bytes waiting for hyper.
+    fn pending(&self) -> &[u8] {
+        &self.ready[self.ready_at..]
+    }
+
+    /// One read from the client, checked into `ready` (or the end noted).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // On the stack, and not zeroed: a buffer held per connection was
+        // 16 KiB of every connection's memory (and a 16 KiB memset per
+        // connection).
+        let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH_BYTES];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut read))?;
+        let data = read.filled();
+        if data.is_empty() {
+            self.eof = true;
+            self.framing.flush(&mut self.ready);
+            return Poll::Ready(Ok(()));
+        }
+        let now = mono_ms();
+        self.state.last_io_ms.store(now, Ordering::Relaxed);
+        let refused = self.framing.refused;
+        self.framing.push(data, &mut self.ready);
+        if self.framing.refused > refused {
+            self.metrics.http_requests_refused.with_label_values(&["ambiguous_framing"]).inc();
+        }
+        if self.framing.reading_head() {
+            // A new header block: its timer starts (a connection's first
+            // block is timed from the connection's start).
+            let _ = self.state.head_started_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        } else {
+            self.state.head_started_ms.store(0, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether the client speaks HTTP/2 (its first bytes are the connection
+    /// preface), read ahead without consuming: hyper then reads them as
+    /// usual. (hyper-util's `auto` server finds out the same way but gives
+    /// the first 24 bytes back as a read of their own, which made hyper grow
+    /// every connection's read buffer from 8 to 16 KiB.)
+    async fn speaks_h2(&mut self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| {
+            loop {
+                let seen = self.pending();
+                let n = seen.len().min(H2_PREFACE.len());
+                if seen[..n] != H2_PREFACE[..n] {
+                    return Poll::Ready(Ok(false));
+                }
+                if n == H2_PREFACE.len() {
+                    return Poll::Ready(Ok(true));
+                }
+                if self.eof {
+                    return Poll::Ready(Ok(false));
+                }
+                ready!(self.poll_fill(cx))?;
+            }
+        })
+        .await
+    }
+}
+
+/// What an HTTP/2 client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -305,33 +440,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            // On the stack, and not zeroed: a buffer held per connection
-            // was 16 KiB of every connection's memory (and a 16 KiB memset
-            // per connection).
-            let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH_BYTES];
-            let mut read = ReadBuf::uninit(&mut scratch);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            let data = read.filled();
-            let n = data.len();
-            if n == 0 {
-                this.eof = true;
-                this.framing.flush(&mut this.ready);
-                continue;
-            }
-            let now = mono_ms();
-            this.state.last_io_ms.store(now, Ordering::Relaxed);
-            let refused = this.framing.refused;
-            this.framing.push(data, &mut this.ready);
-            if this.framing.refused > refused {
-                this.metrics.http_requests_refused.with_label_values(&["ambiguous_framing"]).inc();
-            }
-            if this.framing.reading_head() {
-                // A new header block: its timer starts (a connection's first
-                // block is timed from the connection's start).
-                let _ = this.state.head_started_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-            } else {
-                this.state.head_started_ms.store(0, Ordering::Relaxed);
-            }
+            ready!(this.poll_fill(cx))?;
         }
     }
 }
