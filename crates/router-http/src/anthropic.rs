@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
 use router_core::InferenceRequest;
@@ -97,8 +97,10 @@ pub fn parse(
     let request_id = crate::request_id_header(headers)?;
     let mut forwarded = HeaderMap::new();
     for name in FORWARDED {
-        if let Some(value) = headers.get(name) {
-            forwarded.insert(name, value.clone());
+        // Copied: the client's values share the connection's read buffer,
+        // which the request would otherwise hold for its whole upstream call.
+        if let Some(value) = headers.get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+            forwarded.insert(name, value);
         }
     }
     Ok(InferenceRequest {
