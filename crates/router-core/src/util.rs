@@ -78,6 +78,28 @@ pub fn serialize_opt_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result
 }
 
 /// Milliseconds since the Unix epoch.
+/// Polls `futures` concurrently in the calling task until all are done;
+/// their outputs in order. (For a few dozen at once: each wake polls every
+/// one still pending.)
+pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -144,6 +166,26 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn join_all_runs_the_futures_together_and_keeps_their_order() {
+        use std::future::Future;
+        use std::pin::Pin;
+        // The first waits for what the second sends: one after the other,
+        // they would never finish.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let futures: Vec<Pin<Box<dyn Future<Output = u32>>>> = vec![
+            Box::pin(async move { rx.await.unwrap() + 1 }),
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                tx.send(41).unwrap();
+                7
+            }),
+        ];
+        let out = tokio::time::timeout(Duration::from_secs(5), join_all(futures)).await.unwrap();
+        assert_eq!(out, vec![42, 7]);
+        assert!(join_all(Vec::<std::future::Ready<u8>>::new()).await.is_empty());
+    }
 
     proptest::proptest! {
         #[test]

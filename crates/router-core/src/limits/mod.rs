@@ -457,6 +457,8 @@ fn key_plan(k: &KeyEntry) -> KeyPlan {
 
 /// The most settlements waiting for a store that is down.
 const SETTLE_QUEUE: usize = 100_000;
+/// Settlements the settler applies concurrently at most.
+const SETTLE_AT_ONCE: usize = 64;
 
 pub struct Limits {
     settings: LimitSettings,
@@ -775,41 +777,34 @@ impl Limits {
         }
     }
 
-    /// The settler: applies settlements in order, retrying each with backoff
-    /// until it lands. On cancel it drains what is queued, trying each once.
+    /// The settler: applies what is queued, up to [`SETTLE_AT_ONCE`]
+    /// settlements concurrently (pipelined on the one Redis connection),
+    /// retrying each with backoff until it lands. One at a time it kept up
+    /// with about one round trip's worth a second: under sustained load the
+    /// queue grew by thousands a second (138 MB at 1,000 connections) and
+    /// budgets stayed reserved rather than settled for as long. Settlements
+    /// of different reservations commute (counter increments), so their
+    /// order does not matter. On cancel it drains what is queued, trying
+    /// each once.
     pub async fn run_settler(self: Arc<Self>, cancel: CancellationToken) {
         let Some(mut rx) = self.settle_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        // A settlement still being retried when cancelled gets its one last
+        // Settlements still being retried when cancelled get their one last
         // try with the rest of the queue.
-        let mut carried = None;
+        let mut carried = Vec::new();
+        let mut batch = Vec::with_capacity(SETTLE_AT_ONCE);
         loop {
-            let s = tokio::select! {
+            let received = tokio::select! {
                 biased;
-                s = rx.recv() => match s { Some(s) => s, None => return },
+                n = rx.recv_many(&mut batch, SETTLE_AT_ONCE) => n,
                 _ = cancel.cancelled() => break,
             };
-            let mut backoff = crate::util::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-            let unapplied = loop {
-                match self.apply(&s).await {
-                    Ok(()) => {
-                        self.metrics.settlements.with_label_values(&["applied"]).inc();
-                        break false;
-                    }
-                    Err(e) => {
-                        self.metrics.settlements.with_label_values(&["retried"]).inc();
-                        tracing::warn!(error = %e, request_id = %s.reservation.request_id, "settlement failed; will retry");
-                        tokio::select! {
-                            _ = cancel.cancelled() => break true,
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        }
-                    }
-                }
-            };
-            if unapplied {
-                carried = Some(s);
+            if received == 0 {
+                return;
             }
+            let applying = batch.drain(..).map(|s| self.settle_until_applied(s, &cancel)).collect();
+            carried.extend(crate::util::join_all(applying).await.into_iter().flatten());
             if cancel.is_cancelled() {
                 break;
             }
@@ -824,6 +819,28 @@ impl Limits {
         if lost > 0 {
             self.metrics.settlements.with_label_values(&["dropped"]).inc_by(lost);
             tracing::error!(count = lost, "settlements could not be applied before shutdown");
+        }
+    }
+
+    /// Applies one settlement, retrying with backoff; gives it back if
+    /// cancelled before it landed.
+    async fn settle_until_applied(&self, s: Settlement, cancel: &CancellationToken) -> Option<Settlement> {
+        let mut backoff = crate::util::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            match self.apply(&s).await {
+                Ok(()) => {
+                    self.metrics.settlements.with_label_values(&["applied"]).inc();
+                    return None;
+                }
+                Err(e) => {
+                    self.metrics.settlements.with_label_values(&["retried"]).inc();
+                    tracing::warn!(error = %e, request_id = %s.reservation.request_id, "settlement failed; will retry");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Some(s),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
         }
     }
 
