@@ -217,7 +217,7 @@ where
     let settings = &shared.settings;
     let mut io = Guarded::new(io, state.clone(), settings.max_header_bytes, shared.metrics.clone());
     // HTTP/1.1 or HTTP/2, from the first bytes, within the header timeout
-    // (the watchdog below starts after); a shutdown meanwhile closes it.
+    // (the watchdog, [`watch`], starts after); a shutdown meanwhile closes it.
     let h2 = tokio::select! {
         found = tokio::time::timeout(settings.header_read_timeout, io.speaks_h2()) => match found {
             Ok(Ok(h2)) => h2,
@@ -237,11 +237,31 @@ where
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(app.app.serve(request, peer).await) }
     });
-    let mut conn = if h2 {
-        Conn::H2(Box::pin(shared.h2.serve_connection(TokioIo::new(io), service)))
+    let io = TokioIo::new(io);
+    if h2 {
+        let conn = shared.h2.serve_connection(io, service);
+        watch(conn, |c| c.graceful_shutdown(), peer, shared, stop, &state).await;
     } else {
-        Conn::H1(Box::pin(shared.h1.serve_connection(TokioIo::new(io), service).with_upgrades()))
-    };
+        let conn = shared.h1.serve_connection(io, service).with_upgrades();
+        watch(conn, |c| c.graceful_shutdown(), peer, shared, stop, &state).await;
+    }
+}
+
+/// Serves `conn` (hyper's HTTP/1.1 or HTTP/2 connection) until it ends,
+/// under the watchdog: the header and idle timeouts, and a graceful
+/// shutdown (`shutdown`) when the server stops.
+async fn watch<C>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    peer: SocketAddr,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+    state: &ConnState,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let settings = &shared.settings;
+    tokio::pin!(conn);
     let tick = (settings.header_read_timeout.min(settings.idle_timeout) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(tick);
@@ -251,7 +271,7 @@ where
     let idle_ms = settings.idle_timeout.as_millis() as u64;
     loop {
         tokio::select! {
-            result = &mut conn => {
+            result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
                 }
@@ -259,7 +279,7 @@ where
             }
             changed = stop.changed(), if shutting_down_since.is_none() => {
                 if changed.is_ok() {
-                    conn.graceful_shutdown();
+                    shutdown(conn.as_mut());
                     shutting_down_since = Some(mono_ms());
                 }
             }
@@ -274,7 +294,7 @@ where
                 match shutting_down_since {
                     None if quiet > idle_ms => {
                         shared.metrics.http_connections_closed.with_label_values(&["idle"]).inc();
-                        conn.graceful_shutdown();
+                        shutdown(conn.as_mut());
                         shutting_down_since = Some(now);
                     }
                     // A client that stopped reading its answer.
@@ -282,55 +302,6 @@ where
                     _ => {}
                 }
             }
-        }
-    }
-}
-
-/// One client connection as hyper serves it (boxed: one allocation per
-/// connection, and the pair can be polled without unsafe pinning).
-enum Conn<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming>,
-{
-    H1(Pin<Box<http1::UpgradeableConnection<I, S>>>),
-    H2(Pin<Box<http2::Connection<I, S, TokioExecutor>>>),
-}
-
-impl<I, S, B> Conn<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(&mut self) {
-        match self {
-            Conn::H1(c) => c.as_mut().graceful_shutdown(),
-            Conn::H2(c) => c.as_mut().graceful_shutdown(),
-        }
-    }
-}
-
-impl<I, S, B> Future for Conn<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Output = hyper::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Conn::H1(c) => c.as_mut().poll(cx),
-            Conn::H2(c) => c.as_mut().poll(cx),
         }
     }
 }
