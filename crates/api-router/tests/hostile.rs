@@ -156,7 +156,26 @@ async fn with_256_file_descriptors_silent_connections_cannot_starve_the_router()
     let m1 = Mock::start("backend-1", &[]);
     let router =
         hasty(&m1).env("HTTP_HEADER_READ_TIMEOUT_MS", "2000").wrapped(&["prlimit", "--nofile=256:256"]).start();
-    assert!(ok(&router, "before").await);
+    // A connection opened before the flood, held by this test (not left to
+    // a client pool's timing, which could open a new one past the cap).
+    let tcp = TcpStream::connect(router.addr).await.unwrap();
+    let (mut open, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut infer_on_open = async |id: String| {
+        open.ready().await.unwrap();
+        let body = json!({"model": "gpt-4o", "request_id": id}).to_string();
+        let request = hyper::Request::post("/v1/inference")
+            .header("host", "router")
+            .header("x-api-key", KEY_A)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = open.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        status
+    };
+    assert_eq!(infer_on_open("before".into()).await, 200);
     let mut silent = Vec::new();
     for _ in 0..300 {
         match TcpStream::connect(router.addr).await {
@@ -166,7 +185,7 @@ async fn with_256_file_descriptors_silent_connections_cannot_starve_the_router()
     }
     // The open connection is still served; the refusals are logged.
     for i in 0..5 {
-        assert!(ok(&router, &format!("starved-{i}")).await);
+        assert_eq!(infer_on_open(format!("starved-{i}")).await, 200);
     }
     assert!(router.proc.lines().iter().any(|l| l.contains("client connection limit reached")));
     // Once the silent ones time out, new clients get in.
