@@ -77,7 +77,6 @@ pub fn serialize_opt_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result
     }
 }
 
-/// Milliseconds since the Unix epoch.
 /// Polls `futures` concurrently in the calling task until all are done;
 /// their outputs in order. (For a few dozen at once: each wake polls every
 /// one still pending.)
@@ -100,6 +99,7 @@ pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
     outputs.into_iter().flatten().collect()
 }
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -16,8 +16,10 @@
 //! upgrade, a header block hyper will refuse anyway) is passed on unchecked
 //! from then on; hyper refuses the malformed cases itself.
 
-/// HTTP/2's connection preface starts with this (a method no HTTP/1 request has).
-const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+/// What an HTTP/2 client sends first.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface's request line (a method no HTTP/1 request has).
+const H2_PREFACE_START: &[u8] = H2_PREFACE.split_at(14).0;
 
 /// The byte that replaces a refused request's first byte: not a token
 /// character, so no method can contain it.

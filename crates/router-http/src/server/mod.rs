@@ -43,7 +43,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
-use self::framing::Framing;
+use self::framing::{Framing, H2_PREFACE};
 use crate::App;
 
 /// The server's limits.
@@ -390,9 +390,6 @@ impl<T: AsyncRead + Unpin> Guarded<T> {
         .await
     }
 }
-
-/// What an HTTP/2 client sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
