@@ -37,6 +37,7 @@ use crate::readiness::{BackendRegistry, Component, Optional};
 use crate::routing::decisions::DecisionLog;
 use crate::usage::publisher::Publisher;
 use crate::usage::{self, UsageSettings, UsageSink};
+use crate::util::watch_task;
 
 /// Everything the core needs, resolved and validated by the binary.
 #[derive(Debug, Clone)]
@@ -247,15 +248,20 @@ impl Core {
         let cancel = CancellationToken::new();
         let background = TaskTracker::new();
         let probe = Arc::new(TransportProbe { timeout: settings.health_check_timeout });
-        background.spawn(monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone()));
-        background.spawn(audit.clone().run(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
-        background.spawn(limits.clone().run_settler(cancel.clone()));
+        let monitor =
+            background.spawn(monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone()));
+        watch_task("health-monitor", monitor, || {});
+        let audit_work = background.spawn(audit.clone().run(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
+        watch_task("audit-retention", audit_work, || {});
+        watch_task("budget-settler", background.spawn(limits.clone().run_settler(cancel.clone())), || {});
         if let Some(r) = &remote {
             r.clone().run(&background, cancel.clone());
         }
         if let Some((publisher, shared)) = &publisher {
             background.spawn(publisher.clone().run_health(cancel.clone()));
-            background.spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone()));
+            let drainer = background.spawn(publisher.clone().run_drainer(shared.clone(), cancel.clone()));
+            let publisher = publisher.clone();
+            watch_task("usage-drainer", drainer, move || publisher.drainer_stopped());
         }
         background.spawn(limits.ledger().clone().run_saver(cancel.clone()));
         background.spawn(run_last_used_writer(core.writer.clone(), cancel.clone()));

@@ -99,6 +99,20 @@ pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
     outputs.into_iter().flatten().collect()
 }
 
+/// Watches a spawned task: if it panics, logs an error naming it and runs
+/// `on_panic` (say, marking its component unhealthy). A panicked task is
+/// otherwise gone without a word, and what it served stops.
+pub fn watch_task(name: &'static str, task: tokio::task::JoinHandle<()>, on_panic: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            tracing::error!(task = name, "background task panicked and stopped; see the panic message above");
+            on_panic();
+        }
+    });
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -242,5 +256,37 @@ mod tests {
         assert!(!valid_id(""));
         assert!(!valid_id("a b"));
         assert!(!valid_id(&"x".repeat(129)));
+    }
+
+    #[tokio::test]
+    async fn a_watched_task_that_panics_runs_its_handler_and_one_that_ends_does_not() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (panicked, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let flag = panicked.clone();
+        watch_task("test-panics", tokio::spawn(async { panic!("on purpose") }), move || {
+            flag.store(true, Ordering::SeqCst)
+        });
+        let flag = ended.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        watch_task(
+            "test-ends",
+            tokio::spawn(async move {
+                let _ = done_tx.send(());
+            }),
+            move || flag.store(true, Ordering::SeqCst),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !panicked.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(panicked.load(Ordering::SeqCst), "the handler of a panicked task ran");
+        done_rx.await.unwrap();
+        // The watcher of the task that ended has seen its end by the time
+        // its own task is awaited; yield until the runtime is idle.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!ended.load(Ordering::SeqCst), "a task that ends normally is not reported");
     }
 }

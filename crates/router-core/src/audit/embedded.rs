@@ -111,7 +111,9 @@ impl Embedded {
             let _ = forward.blocking_send(Msg::Records(records));
         });
         let healthy = Arc::new(AtomicBool::new(true));
-        tokio::spawn(writer(rx, jobs, metrics, window, wal, healthy.clone()));
+        let unhealthy = healthy.clone();
+        let task = tokio::spawn(writer(rx, jobs, metrics, window, wal, healthy.clone()));
+        crate::util::watch_task("audit-writer", task, move || unhealthy.store(false, Ordering::Relaxed));
         Ok((Self { log, tx, healthy }, on_written))
     }
 
@@ -338,7 +340,10 @@ async fn writer(
                     metrics.audit_records.with_label_values(&["error"]).inc_by(n);
                     tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
                 }
-                None => tracing::error!(records = n, "the audit commit thread stopped"),
+                None => {
+                    healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(records = n, "the audit commit thread stopped");
+                }
             }
         }
         for ack in acks.drain(..) {

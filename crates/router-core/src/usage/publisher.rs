@@ -44,6 +44,8 @@ pub struct Publisher {
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Set by the admin retry: skip the current backoff.
     retry_now: tokio::sync::Notify,
+    /// The drainer panicked: nothing leaves the buffer until a restart.
+    stopped: AtomicBool,
 }
 
 impl Publisher {
@@ -67,11 +69,19 @@ impl Publisher {
             healthy: AtomicBool::new(false),
             last_error: Mutex::new(None),
             retry_now: tokio::sync::Notify::new(),
+            stopped: AtomicBool::new(false),
         })
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// The drainer panicked: the publisher reports unhealthy from now on
+    /// (readiness shows it), with the reason for the admin status.
+    pub fn drainer_stopped(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.set_error("the usage drainer stopped (panicked): records wait in the buffer until a restart".into());
     }
 
     fn producer(&self) -> Arc<FutureProducer> {

@@ -411,9 +411,11 @@ impl Wal {
             .map_err(io::Error::other)?;
         self.persisted_watermark = self.watermark;
         let wm = self.watermark;
-        let active = self.segments.len().saturating_sub(1);
+        // The last segment is the active one: it stays even when every
+        // record in it is delivered (it takes the next appends). The bound
+        // is read again after each removal.
         let mut i = 0;
-        while i < active {
+        while i + 1 < self.segments.len() {
             if self.segments[i].last_seq().is_some_and(|l| l < wm) {
                 let seg = self.segments.remove(i);
                 std::fs::remove_file(&seg.path)?;
