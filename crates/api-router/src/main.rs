@@ -7,6 +7,7 @@ use api_router::app;
 use api_router::settings::{self, LogFormat, Settings};
 
 fn main() -> ExitCode {
+    fix_mmap_threshold();
     let nofile = settings::raise_nofile_limit();
     let settings = match Settings::from_env() {
         Ok(s) => s,
@@ -33,6 +34,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc's malloc serves blocks of 128 KiB and more from mmap, but raises
+/// that threshold to the size of every such block freed (up to 32 MiB), and
+/// from then on blocks of that size come from its arenas and stay resident
+/// after they are freed. The write-ahead logs' and the audit log's
+/// per-segment indexes (about 2 MiB each at 64 MiB a segment) did that at
+/// their first rotation: the soak's RSS stepped up by ~4 MB and kept it
+/// (`docs/benchmarks.md`, "Soak"). A fixed threshold keeps such blocks in
+/// mmap, returned when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets one of the allocator's parameters, and this
+    // runs first in `main`, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_mmap_threshold() {}
 
 /// Installs the global `tracing` subscriber: JSON lines (default) or text, to
 /// stdout, filtered by `RUST_LOG` (default `info`).
