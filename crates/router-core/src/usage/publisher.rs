@@ -306,3 +306,23 @@ impl Healthy for Publisher {
         Publisher::is_healthy(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_drainer_keeps_the_publisher_unhealthy_whatever_the_broker_says() {
+        // No broker is needed: creating the producer does not connect.
+        let p = Publisher::new("127.0.0.1:1", "t", "test").unwrap_or_else(|e| panic!("{e}"));
+        p.healthy.store(true, Ordering::Relaxed);
+        assert!(p.is_healthy());
+        p.drainer_stopped();
+        assert!(!p.is_healthy(), "readiness shows the stopped drainer");
+        let (reason, _) = p.last_error().unwrap_or_else(|| panic!("no reason kept"));
+        assert!(reason.contains("drainer stopped"), "{reason}");
+        // The health check answering again does not hide it.
+        p.healthy.store(true, Ordering::Relaxed);
+        assert!(!p.is_healthy());
+    }
+}
