@@ -248,11 +248,10 @@ impl Core {
         let cancel = CancellationToken::new();
         let background = TaskTracker::new();
         let probe = Arc::new(TransportProbe { timeout: settings.health_check_timeout });
-        let monitor =
-            background.spawn(monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone()));
-        watch_task("health-monitor", monitor, || {});
-        let audit_work = background.spawn(audit.clone().run(settings.audit_retention, RETENTION_EVERY, cancel.clone()));
-        watch_task("audit-retention", audit_work, || {});
+        let monitor = monitor::run(config.clone(), probe, settings.health_check_interval, cancel.clone());
+        watch_task("health-monitor", background.spawn(monitor), || {});
+        let retention = audit.clone().run(settings.audit_retention, RETENTION_EVERY, cancel.clone());
+        watch_task("audit-retention", background.spawn(retention), || {});
         watch_task("budget-settler", background.spawn(limits.clone().run_settler(cancel.clone())), || {});
         if let Some(r) = &remote {
             r.clone().run(&background, cancel.clone());

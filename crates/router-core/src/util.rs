@@ -101,8 +101,13 @@ pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
 
 /// Watches a spawned task: if it panics, logs an error naming it and runs
 /// `on_panic` (say, marking its component unhealthy). A panicked task is
-/// otherwise gone without a word, and what it served stops.
-pub fn watch_task(name: &'static str, task: tokio::task::JoinHandle<()>, on_panic: impl FnOnce() + Send + 'static) {
+/// otherwise gone without a word, and what it served stops. The returned
+/// handle ends when the task does (callers need not keep it).
+pub fn watch_task(
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+    on_panic: impl FnOnce() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = task.await
             && e.is_panic()
@@ -110,7 +115,7 @@ pub fn watch_task(name: &'static str, task: tokio::task::JoinHandle<()>, on_pani
             tracing::error!(task = name, "background task panicked and stopped; see the panic message above");
             on_panic();
         }
-    });
+    })
 }
 
 /// Milliseconds since the Unix epoch.
@@ -264,29 +269,14 @@ mod tests {
         use std::sync::atomic::{AtomicBool, Ordering};
         let (panicked, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let flag = panicked.clone();
-        watch_task("test-panics", tokio::spawn(async { panic!("on purpose") }), move || {
+        let watcher = watch_task("test-panics", tokio::spawn(async { panic!("on purpose") }), move || {
             flag.store(true, Ordering::SeqCst)
         });
-        let flag = ended.clone();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        watch_task(
-            "test-ends",
-            tokio::spawn(async move {
-                let _ = done_tx.send(());
-            }),
-            move || flag.store(true, Ordering::SeqCst),
-        );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !panicked.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        watcher.await.unwrap();
         assert!(panicked.load(Ordering::SeqCst), "the handler of a panicked task ran");
-        done_rx.await.unwrap();
-        // The watcher of the task that ended has seen its end by the time
-        // its own task is awaited; yield until the runtime is idle.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        let flag = ended.clone();
+        let watcher = watch_task("test-ends", tokio::spawn(async {}), move || flag.store(true, Ordering::SeqCst));
+        watcher.await.unwrap();
         assert!(!ended.load(Ordering::SeqCst), "a task that ends normally is not reported");
     }
 }
