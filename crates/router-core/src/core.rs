@@ -8,7 +8,7 @@
 //! Shutdown ([`Running::shutdown`]), once the door has stopped taking
 //! requests and let in-flight ones finish:
 //! 1. wait for tracked side effects (work that outlives its client);
-//! 2. flush the audit writer;
+//! 2. flush the audit store (its commit thread);
 //! 3. cancel the background tasks: the settler applies what is queued, the
 //!    drainer flushes the producer and writes the buffer cursor;
 //! 4. save the budget ledger once more.
@@ -51,7 +51,7 @@ pub struct CoreSettings {
     /// The largest backend answer read whole (`BACKEND_MAX_RESPONSE_BYTES`).
     pub max_response_bytes: usize,
     pub audit_retention: Duration,
-    /// How long the audit writer gathers records before one commit.
+    /// How long the audit commit thread gathers records before one commit.
     pub audit_commit_interval: Duration,
     /// `AUDIT_DATABASE_URL`: PostgreSQL as the audit store, shared by every
     /// replica; `None`: the embedded store.

@@ -2,16 +2,16 @@
 //! with an index ([`super::log`]) under `DATA_DIR/audit/log/`, fed from the
 //! audit journal.
 //!
-//! One writer task gathers journaled records for a commit window
+//! One commit thread gathers journaled records for a commit window
 //! (`AUDIT_COMMIT_INTERVAL_MS`, or `MAX_BATCH` records) into a single append
 //! (one write and one sync per segment), and only then are they
-//! acknowledged in the journal. Appends run on one dedicated thread at a
-//! lower CPU priority (nice 10) while it keeps up: where the router shares a
-//! core, the sync yields to the request path instead of delaying it. When a
-//! full batch or more is waiting, it runs at normal priority, so a
-//! saturated router cannot starve it. A lookup, and shutdown, send a flush
-//! marker through the same channel: everything journaled before it is
-//! written first, so a lookup always sees the requests answered before it.
+//! acknowledged in the journal. It runs at a lower CPU priority (nice 10)
+//! while it keeps up: where the router shares a core, the sync yields to the
+//! request path instead of delaying it. When it takes a full batch at once,
+//! it runs at normal priority, so a saturated router cannot starve it. A
+//! lookup, and shutdown, send a flush marker through the same channel:
+//! everything journaled before it is written first, so a lookup always sees
+//! the requests answered before it.
 //! At start-up, journaled records not yet acknowledged are written first
 //! (writing a record again is harmless: a lookup finds the same record).
 //!
@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc::{SyncSender, TrySendError};
+
+use tokio::sync::oneshot;
 
 use super::log::{Log, NewRecord};
 use super::{AuditError, JournalKeys, Meta, OnWritten, storage, unix_ms};
@@ -57,16 +59,17 @@ enum Msg {
 #[derive(Clone)]
 pub(super) struct Embedded {
     log: Arc<Mutex<Log>>,
-    tx: mpsc::Sender<Msg>,
+    tx: SyncSender<Msg>,
+    /// The commit thread, woken by a flush.
+    committer: std::thread::Thread,
     /// False after a commit failed, until one succeeds.
     healthy: Arc<AtomicBool>,
 }
 
 impl Embedded {
     /// Opens (or creates) `dir/log`, writes what the journal holds from
-    /// before a restart, and starts the commit thread and the writer
-    /// task (on the current Tokio runtime). Returns the store and what the
-    /// journal writer hands its records to.
+    /// before a restart, and starts the commit thread. Returns the store and
+    /// what the journal writer hands its records to.
     pub(super) fn open(
         dir: &Path,
         metrics: Metrics,
@@ -87,13 +90,16 @@ impl Embedded {
             metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
             tracing::info!(records = replayed, "audit records journaled before the restart committed");
         }
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let (jobs, jobs_rx) = std::sync::mpsc::channel::<CommitJob>();
+        let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_CAPACITY);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let commit = Commit { metrics, window, wal, healthy: healthy.clone() };
         let commit_log = log.clone();
-        std::thread::Builder::new()
+        let committer = std::thread::Builder::new()
             .name("audit-commit".into())
-            .spawn(move || committer(commit_log, jobs_rx))
-            .map_err(storage)?;
+            .spawn(move || committer(commit_log, rx, commit))
+            .map_err(storage)?
+            .thread()
+            .clone();
         let forward = tx.clone();
         let on_written: OnWritten = Box::new(move |_, written: Vec<Written<Meta>>| {
             let records = written
@@ -106,15 +112,15 @@ impl Embedded {
                     json: w.payload,
                 })
                 .collect();
-            // Waits for room when the log is far behind: the requests
-            // wait with it, and nothing is dropped.
-            let _ = forward.blocking_send(Msg::Records(records));
+            // Waits for room only when the commit thread is
+            // `CHANNEL_CAPACITY` batches behind: the requests wait with it,
+            // and nothing is dropped. (The commit thread needs nothing from
+            // the runtime this may hold up, so it always makes room.) If the
+            // thread has stopped, the records stay in the journal and are
+            // committed after a restart.
+            let _ = forward.send(Msg::Records(records));
         });
-        let healthy = Arc::new(AtomicBool::new(true));
-        let unhealthy = healthy.clone();
-        let task = tokio::spawn(writer(rx, jobs, metrics, window, wal, healthy.clone()));
-        crate::util::watch_task("audit-writer", task, move || unhealthy.store(false, Ordering::Relaxed));
-        Ok((Self { log, tx, healthy }, on_written))
+        Ok((Self { log, tx, committer, healthy }, on_written))
     }
 
     pub(super) fn is_healthy(&self) -> bool {
@@ -124,7 +130,17 @@ impl Embedded {
     /// Waits until everything journaled so far is committed.
     pub(super) async fn flush(&self) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+        let sent = match self.tx.try_send(Msg::Flush(ack)) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            // Far behind: wait for room off the runtime.
+            Err(TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(msg).is_ok()).await.unwrap_or(false)
+            }
+        };
+        if sent {
+            self.committer.unpark();
             let _ = done.await;
         }
     }
@@ -240,25 +256,60 @@ fn replay(log: &Mutex<Log>, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
     Ok(replayed)
 }
 
-/// A batch for the commit thread, whether records are piling up behind it,
-/// and where to report how it went.
-struct CommitJob {
-    batch: Vec<Journaled>,
-    behind: bool,
-    done: oneshot::Sender<(Vec<Journaled>, Result<(), AuditError>)>,
-}
-
 /// The commit thread's nice value while it keeps up: a commit then yields to
-/// the request path on a shared core. While records pile up (a full batch or
-/// more waiting) it commits at normal priority, so that a saturated router
+/// the request path on a shared core. While records pile up (a full batch
+/// taken at once) it commits at normal priority, so that a saturated router
 /// cannot starve it and grow the queue without bound.
 const NICE_WHEN_KEEPING_UP: i32 = 10;
 
-/// The commit thread: one append per batch. Ends when the writer task is gone.
-fn committer(log: Arc<Mutex<Log>>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
+/// Marks the store unhealthy if the commit thread stops by panicking.
+struct PanicGuard(Arc<AtomicBool>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::Relaxed);
+            tracing::error!("the audit commit thread panicked and stopped; records stay in the journal");
+        }
+    }
+}
+
+/// The commit thread: gathers journaled records for up to `window` after
+/// the first (less when a flush is asked for or `MAX_BATCH` is reached),
+/// writes them in one append, then acknowledges them in the journal and
+/// answers the flushes. It sleeps through the window instead of waking for
+/// every batch the journal hands on (a flush wakes it). Ends when every
+/// sender is gone.
+fn committer(log: Arc<Mutex<Log>>, rx: std::sync::mpsc::Receiver<Msg>, c: Commit) {
+    let _guard = PanicGuard(c.healthy.clone());
     let mut nice = 0;
-    while let Ok(job) = jobs.recv() {
-        let want = if job.behind { 0 } else { NICE_WHEN_KEEPING_UP };
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut cursor_written = Instant::now();
+    let mut batch: Vec<Journaled> = Vec::new();
+    let take = |msg: Msg, batch: &mut Vec<Journaled>, acks: &mut Vec<oneshot::Sender<()>>| match msg {
+        Msg::Records(r) => batch.extend(r),
+        Msg::Flush(ack) => acks.push(ack),
+    };
+    while let Ok(first) = rx.recv() {
+        take(first, &mut batch, &mut acks);
+        let deadline = Instant::now() + c.window;
+        let mut open = true;
+        while open && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(msg) => take(msg, &mut batch, &mut acks),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => open = false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if !acks.is_empty() || now >= deadline {
+                        break;
+                    }
+                    // Woken early by a flush (`Embedded::flush` unparks).
+                    std::thread::park_timeout(deadline - now);
+                }
+            }
+        }
+        let behind = batch.len() >= MAX_BATCH;
+        let want = if behind { 0 } else { NICE_WHEN_KEEPING_UP };
         if want != nice {
             // On Linux a thread id names just this thread to setpriority(2).
             match rustix::process::setpriority_process(Some(rustix::thread::gettid()), want) {
@@ -268,86 +319,56 @@ fn committer(log: Arc<Mutex<Log>>, jobs: std::sync::mpsc::Receiver<CommitJob>) {
                 }
             }
         }
-        let result = write_batch(&log, &job.batch);
-        let _ = job.done.send((job.batch, result));
-    }
-}
-
-/// The writer: gathers journaled records for up to `window` after the first
-/// (less when a flush is asked for or `MAX_BATCH` is reached), has the
-/// commit thread write them in one transaction, then acknowledges them in
-/// the journal. Ends when every sender is gone.
-async fn writer(
-    mut rx: mpsc::Receiver<Msg>,
-    jobs: std::sync::mpsc::Sender<CommitJob>,
-    metrics: Metrics,
-    window: Duration,
-    wal: Arc<Mutex<Wal>>,
-    healthy: Arc<AtomicBool>,
-) {
-    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut cursor_written = Instant::now();
-    while let Some(first) = rx.recv().await {
-        let mut batch: Vec<Journaled> = Vec::new();
-        let deadline = tokio::time::sleep(window);
-        tokio::pin!(deadline);
-        let mut next = Some(first);
-        loop {
-            match next.take() {
-                Some(Msg::Records(r)) => batch.extend(r),
-                Some(Msg::Flush(ack)) => acks.push(ack),
-                None => {}
-            }
-            if batch.len() >= MAX_BATCH || !acks.is_empty() {
-                break;
-            }
-            next = tokio::select! {
-                biased;
-                msg = rx.recv() => match msg {
-                    Some(msg) => Some(msg),
-                    None => break,
-                },
-                _ = &mut deadline => break,
-            };
-        }
         if !batch.is_empty() {
-            let n = batch.len() as u64;
-            let (done, result) = oneshot::channel();
-            let behind = batch.len() >= MAX_BATCH || rx.len() >= MAX_BATCH;
-            let outcome = match jobs.send(CommitJob { batch, behind, done }) {
-                Ok(()) => result.await.ok(),
-                Err(_) => None,
-            };
-            match outcome {
-                Some((batch, Ok(()))) => {
-                    healthy.store(true, Ordering::Relaxed);
-                    metrics.audit_records.with_label_values(&["written"]).inc_by(n);
-                    let mut w = wal.lock().unwrap_or_else(|p| p.into_inner());
-                    for r in &batch {
-                        w.ack(r.seq);
-                    }
-                    metrics.audit_pending.set(w.pending() as i64);
-                    if !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY {
-                        if let Err(e) = w.persist_cursor() {
-                            tracing::warn!(error = %e, "cannot write the audit journal's watermark");
-                        }
-                        cursor_written = Instant::now();
-                    }
-                }
-                // The records stay in the journal: committed after a restart.
-                Some((_, Err(e))) => {
-                    healthy.store(false, Ordering::Relaxed);
-                    metrics.audit_records.with_label_values(&["error"]).inc_by(n);
-                    tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
-                }
-                None => {
-                    healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(records = n, "the audit commit thread stopped");
-                }
+            let persist = !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY;
+            c.commit(&log, &batch, persist);
+            if persist {
+                cursor_written = Instant::now();
             }
+            batch.clear();
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
+        }
+        if !open {
+            break;
+        }
+    }
+}
+
+/// What the commit thread reports to and acknowledges in.
+struct Commit {
+    metrics: Metrics,
+    window: Duration,
+    wal: Arc<Mutex<Wal>>,
+    /// False after a commit failed, until one succeeds.
+    healthy: Arc<AtomicBool>,
+}
+
+impl Commit {
+    /// Writes `batch` to the log; on success acknowledges it in the journal
+    /// (and, with `persist`, writes the journal's watermark down). On
+    /// failure the records stay in the journal: committed after a restart.
+    fn commit(&self, log: &Mutex<Log>, batch: &[Journaled], persist: bool) {
+        let n = batch.len() as u64;
+        match write_batch(log, batch) {
+            Ok(()) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                self.metrics.audit_records.with_label_values(&["written"]).inc_by(n);
+                let mut w = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+                for r in batch {
+                    w.ack(r.seq);
+                }
+                self.metrics.audit_pending.set(w.pending() as i64);
+                if persist && let Err(e) = w.persist_cursor() {
+                    tracing::warn!(error = %e, "cannot write the audit journal's watermark");
+                }
+            }
+            Err(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                self.metrics.audit_records.with_label_values(&["error"]).inc_by(n);
+                tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
+            }
         }
     }
 }
@@ -363,4 +384,27 @@ fn write_batch(log: &Mutex<Log>, batch: &[Journaled]) -> Result<(), AuditError> 
         })
         .collect();
     lock(log).append(&records, unix_ms(SystemTime::now())).map_err(storage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_thread_that_panics_leaves_the_store_unhealthy() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let guard = PanicGuard(healthy.clone());
+        let ended = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("a commit went wrong");
+        })
+        .join();
+        assert!(ended.is_err());
+        assert!(!healthy.load(Ordering::Relaxed), "a stopped commit thread is reported");
+
+        let healthy = Arc::new(AtomicBool::new(true));
+        let guard = PanicGuard(healthy.clone());
+        std::thread::spawn(move || drop(guard)).join().unwrap();
+        assert!(healthy.load(Ordering::Relaxed), "ending normally (shutdown) is not a failure");
+    }
 }

@@ -290,10 +290,11 @@ impl Component for AuditStore {
         "audit_store"
     }
     fn status(&self) -> ComponentStatus {
-        let healthy = match &self.store {
-            Store::Embedded(s) => s.is_healthy(),
-            Store::Postgres(s) => s.is_healthy(),
-        };
+        let healthy = self.journal.is_running()
+            && match &self.store {
+                Store::Embedded(s) => s.is_healthy(),
+                Store::Postgres(s) => s.is_healthy(),
+            };
         if healthy { ComponentStatus::Healthy } else { ComponentStatus::Unhealthy }
     }
 }

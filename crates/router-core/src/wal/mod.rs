@@ -2,8 +2,8 @@
 //! made them is answered, and deleted only once their consumer confirms
 //! them. The usage buffer (`DATA_DIR/usage-buffer`, delivered to Kafka) and
 //! the audit journal (`DATA_DIR/audit/journal`, committed to the audit
-//! database) are both one. [`Writer`] is the group-commit thread in front
-//! of one: concurrent requests share one `write`.
+//! database) are both one. [`Writer`] is the group commit in front of one:
+//! concurrent requests share one `write`.
 //!
 //! # On-disk format
 //!
@@ -499,10 +499,17 @@ struct Append<X> {
     done: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
-/// The group-commit writer in front of a [`Wal`]: a thread that appends
-/// whatever has queued in one `write` (and, with `sync_each`, one fsync),
-/// answers each caller with its record's sequence number, then hands the
-/// batch on. Cheap to clone.
+/// The group-commit writer in front of a [`Wal`]: it appends whatever has
+/// queued in one `write` (and, with `sync_each`, one fsync), hands the batch
+/// on, then answers each caller with its record's sequence number. Cheap to
+/// clone.
+///
+/// Without `sync_each` it is a task on the Tokio runtime: a `write` to the
+/// page cache takes microseconds, and a task needs no thread switch on
+/// either side (a thread here cost 0.3-0.6 context switches a request and
+/// ~40 µs at one connection; `docs/benchmarks.md`, "The journals on the
+/// runtime"). With `sync_each` it is a thread of its own, so that an fsync
+/// never holds up a runtime worker.
 pub struct Writer<X> {
     tx: tokio::sync::mpsc::Sender<Append<X>>,
 }
@@ -513,81 +520,135 @@ impl<X> Clone for Writer<X> {
     }
 }
 
+/// The most records in one group commit.
+const MAX_BATCH: usize = 4096;
+
+/// What a [`Writer`] does with each batch, wherever it runs.
+struct GroupCommit<X, W, F> {
+    wal: std::sync::Arc<std::sync::Mutex<Wal>>,
+    sync_each: bool,
+    timer: prometheus::Histogram,
+    written: W,
+    failed: F,
+    batch: Vec<Append<X>>,
+}
+
+impl<X, W: FnMut(u64, Vec<Written<X>>), F: Fn(&io::Error, usize)> GroupCommit<X, W, F> {
+    /// Takes what else has queued behind the batch's first record.
+    fn gather(&mut self, rx: &mut tokio::sync::mpsc::Receiver<Append<X>>) {
+        while self.batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(a) => self.batch.push(a),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Writes the batch, hands it on, answers its callers.
+    fn commit(&mut self) {
+        let started = std::time::Instant::now();
+        let result = {
+            let mut w = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+            let records: Vec<(&[u8], &[u8])> =
+                self.batch.iter().map(|a| (a.key.as_bytes(), a.payload.as_slice())).collect();
+            let r = w.append(&records).and_then(|first| {
+                if self.sync_each {
+                    w.sync()?;
+                }
+                Ok(first)
+            });
+            r.map(|first| (first, w.pending()))
+        };
+        self.timer.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((first, pending)) => {
+                let mut out = Vec::with_capacity(self.batch.len());
+                let mut dones = Vec::with_capacity(self.batch.len());
+                for (i, a) in self.batch.drain(..).enumerate() {
+                    let seq = first + i as u64;
+                    dones.push((a.done, seq));
+                    out.push(Written { seq, key: a.key, payload: a.payload, extra: a.extra });
+                }
+                // Handed on before the callers hear of it: whatever a
+                // caller does next comes after it.
+                (self.written)(pending, out);
+                for (done, seq) in dones {
+                    let _ = done.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                (self.failed)(&e, self.batch.len());
+                for a in self.batch.drain(..) {
+                    let _ = a.done.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn final_sync(&self) {
+        if let Err(e) = self.wal.lock().unwrap_or_else(|p| p.into_inner()).sync() {
+            tracing::error!(error = %e, "final fsync of a write-ahead log failed");
+        }
+    }
+}
+
 impl<X: Send + 'static> Writer<X> {
-    /// Starts the thread `name`. After each batch is in the file, `written`
-    /// gets it with the log's pending count (outside the log's lock);
-    /// `failed` gets a write error and how many records it refused.
+    /// Starts the writer `name` (without `sync_each`, as a task on the
+    /// current Tokio runtime, so it must be called within one). After each
+    /// batch is in the file, `written` gets it with the log's pending count
+    /// (outside the log's lock); `failed` gets a write error and how many
+    /// records it refused. Both may run on a runtime worker: they must not
+    /// wait long.
     pub fn spawn(
-        name: &str,
+        name: &'static str,
         wal: std::sync::Arc<std::sync::Mutex<Wal>>,
         sync_each: bool,
         timer: prometheus::Histogram,
-        mut written: impl FnMut(u64, Vec<Written<X>>) + Send + 'static,
+        written: impl FnMut(u64, Vec<Written<X>>) + Send + 'static,
         failed: impl Fn(&io::Error, usize) + Send + 'static,
     ) -> io::Result<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Append<X>>(65_536);
-        std::thread::Builder::new().name(name.into()).spawn(move || {
-            let lock = || wal.lock().unwrap_or_else(|p| p.into_inner());
-            let mut batch: Vec<Append<X>> = Vec::with_capacity(1024);
-            while let Some(first) = rx.blocking_recv() {
-                batch.push(first);
-                // Where the sender shares this thread's core, the wake-up
-                // preempts it: without this yield every record was written
-                // alone, at 1.7 context switches a request. Yielding once lets
-                // the request path run on and queue more records for this
-                // batch (0.2-0.5 a request, a quarter less CPU a request;
-                // `docs/benchmarks.md`, "Context switches"). With the core
-                // to itself, the yield returns at once.
-                std::thread::yield_now();
-                while batch.len() < 4096 {
-                    match rx.try_recv() {
-                        Ok(a) => batch.push(a),
-                        Err(_) => break,
-                    }
+        let mut group = GroupCommit { wal, sync_each, timer, written, failed, batch: Vec::with_capacity(1024) };
+        if sync_each {
+            std::thread::Builder::new().name(name.into()).spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    group.batch.push(first);
+                    // Where the sender shares this thread's core, the
+                    // wake-up preempts it: without this yield every record
+                    // was written alone, at 1.7 context switches a request.
+                    // Yielding once lets the request path run on and queue
+                    // more records for this batch (`docs/benchmarks.md`,
+                    // "Context switches"). With the core to itself, the
+                    // yield returns at once.
+                    std::thread::yield_now();
+                    group.gather(&mut rx);
+                    group.commit();
                 }
-                let started = std::time::Instant::now();
-                let result = {
-                    let mut w = lock();
-                    let records: Vec<(&[u8], &[u8])> =
-                        batch.iter().map(|a| (a.key.as_bytes(), a.payload.as_slice())).collect();
-                    let r = w.append(&records).and_then(|first| {
-                        if sync_each {
-                            w.sync()?;
-                        }
-                        Ok(first)
-                    });
-                    r.map(|first| (first, w.pending()))
-                };
-                timer.observe(started.elapsed().as_secs_f64());
-                match result {
-                    Ok((first, pending)) => {
-                        let mut out = Vec::with_capacity(batch.len());
-                        let mut dones = Vec::with_capacity(batch.len());
-                        for (i, a) in batch.drain(..).enumerate() {
-                            let seq = first + i as u64;
-                            dones.push((a.done, seq));
-                            out.push(Written { seq, key: a.key, payload: a.payload, extra: a.extra });
-                        }
-                        // Handed on before the callers hear of it: whatever a
-                        // caller does next comes after it.
-                        written(pending, out);
-                        for (done, seq) in dones {
-                            let _ = done.send(Ok(seq));
-                        }
-                    }
-                    Err(e) => {
-                        failed(&e, batch.len());
-                        for a in batch.drain(..) {
-                            let _ = a.done.send(Err(e.to_string()));
-                        }
-                    }
+                group.final_sync();
+            })?;
+        } else {
+            let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+            let task = runtime.spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    group.batch.push(first);
+                    // Woken by a request on this worker, the task would run
+                    // right after it (Tokio's LIFO slot) and write one record
+                    // a batch. Yielding once lets every task that is ready run
+                    // first and queue its record for this batch.
+                    tokio::task::yield_now().await;
+                    group.gather(&mut rx);
+                    group.commit();
                 }
-            }
-            if let Err(e) = lock().sync() {
-                tracing::error!(error = %e, "final fsync of a write-ahead log failed");
-            }
-        })?;
+                group.final_sync();
+            });
+            crate::util::watch_task(name, task, || {});
+        }
         Ok(Self { tx })
+    }
+
+    /// False once the writer has stopped (it panicked): every append fails.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     /// Appends a record; returns its sequence number once it is in the file.

@@ -400,6 +400,60 @@ proptest! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_answers_and_hands_on_each_record_with_its_number() {
+    writer_numbers_and_hands_on(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_on_the_runtime_answers_and_hands_on_each_record_with_its_number() {
+    writer_numbers_and_hands_on(false).await;
+}
+
+#[tokio::test]
+async fn a_writer_that_panicked_refuses_appends_and_says_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path()).unwrap();
+    let wal = std::sync::Arc::new(std::sync::Mutex::new(wal));
+    let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+    let writer =
+        Writer::spawn("wal-test", wal, false, timer, |_, _: Vec<Written<()>>| panic!("hand-off failed"), |_, _| {})
+            .unwrap();
+    assert!(writer.is_running());
+    let first = writer.append(std::sync::Arc::from("a"), b"a".to_vec(), ()).await;
+    assert!(first.is_err(), "the record whose hand-off panicked is not confirmed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while writer.is_running() {
+        assert!(std::time::Instant::now() < deadline, "a stopped writer is reported");
+        tokio::task::yield_now().await;
+    }
+    let next = writer.append(std::sync::Arc::from("b"), b"b".to_vec(), ()).await;
+    assert_eq!(next, Err("the log's writer has stopped".to_string()));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_writer_on_a_single_threaded_runtime_shares_a_batch_between_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path()).unwrap();
+    let wal = std::sync::Arc::new(std::sync::Mutex::new(wal));
+    let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+    let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = batches.clone();
+    let writer = Writer::spawn(
+        "wal-test",
+        wal,
+        false,
+        timer,
+        move |_, written: Vec<Written<String>>| sink.lock().unwrap().push(written.len()),
+        |_, _| {},
+    )
+    .unwrap();
+    let answers = futures_join(&writer, 50).await;
+    assert_eq!(answers.len(), 50);
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 50, "every record handed on once");
+    assert!(batches.len() < 50, "records that queue together share a write: {batches:?}");
+}
+
+async fn writer_numbers_and_hands_on(sync_each: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = Wal::open(dir.path()).unwrap();
     let wal = std::sync::Arc::new(std::sync::Mutex::new(wal));
@@ -409,7 +463,7 @@ async fn the_writer_answers_and_hands_on_each_record_with_its_number() {
     let writer = Writer::spawn(
         "wal-test",
         wal.clone(),
-        true,
+        sync_each,
         timer,
         move |_, written: Vec<Written<String>>| {
             sink.lock().unwrap().extend(written.into_iter().map(|w| (w.seq, w.extra)));
