@@ -355,12 +355,15 @@ impl Commit {
             Ok(()) => {
                 self.healthy.store(true, Ordering::Relaxed);
                 self.metrics.audit_records.with_label_values(&["written"]).inc_by(n);
-                let mut w = self.wal.lock().unwrap_or_else(|p| p.into_inner());
-                for r in batch {
-                    w.ack(r.seq);
+                {
+                    let mut w = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+                    for r in batch {
+                        w.ack(r.seq);
+                    }
+                    self.metrics.audit_pending.set(w.pending() as i64);
                 }
-                self.metrics.audit_pending.set(w.pending() as i64);
-                if persist && let Err(e) = w.persist_cursor() {
+                // Outside the journal's lock: the request path appends to it.
+                if persist && let Err(e) = crate::wal::persist_cursor(&self.wal) {
                     tracing::warn!(error = %e, "cannot write the audit journal's watermark");
                 }
             }

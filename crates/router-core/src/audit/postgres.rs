@@ -184,15 +184,15 @@ impl PgAudit {
         let target = self.journal_end();
         let mut rx = self.drained.subscribe();
         let _ = rx.wait_for(|d| *d >= target).await;
-        self.persist_cursor();
+        self.persist_cursor().await;
     }
 
     fn journal_end(&self) -> u64 {
         self.wal.lock().unwrap_or_else(|p| p.into_inner()).next_seq()
     }
 
-    fn persist_cursor(&self) {
-        if let Err(e) = self.wal.lock().unwrap_or_else(|p| p.into_inner()).persist_cursor() {
+    async fn persist_cursor(&self) {
+        if let Err(e) = crate::wal::persist_cursor_async(&self.wal).await {
             tracing::warn!(error = %e, "cannot write the audit journal's watermark");
         }
     }
@@ -306,7 +306,7 @@ impl PgAudit {
         let mut checked = Instant::now();
         while !cancel.is_cancelled() {
             if cursor_written.elapsed() >= CURSOR_EVERY {
-                self.persist_cursor();
+                self.persist_cursor().await;
                 cursor_written = Instant::now();
             }
             let c = match client.as_mut().filter(|c| !c.is_closed()) {
@@ -410,7 +410,7 @@ impl PgAudit {
                 }
             }
         }
-        self.persist_cursor();
+        self.persist_cursor().await;
     }
 
     /// A failed round: unhealthy, logged, and a wait before the next.

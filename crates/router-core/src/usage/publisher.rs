@@ -183,7 +183,7 @@ impl Publisher {
                 progress = Instant::now();
             }
             if last_persist.elapsed() >= CURSOR_EVERY {
-                persist(&shared);
+                persist(&shared).await;
                 last_persist = Instant::now();
             }
             if !self.is_healthy() {
@@ -278,7 +278,7 @@ impl Publisher {
         }
         let producer = self.producer();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(2)))).await;
-        persist(&shared);
+        persist(&shared).await;
         tracing::info!("Kafka publisher closed");
     }
 
@@ -295,8 +295,8 @@ impl Publisher {
     }
 }
 
-fn persist(shared: &Shared) {
-    if let Err(e) = shared.lock().persist_cursor() {
+async fn persist(shared: &Shared) {
+    if let Err(e) = crate::wal::persist_cursor_async(&shared.buffer).await {
         tracing::error!(error = %e, "cannot write the usage buffer cursor");
     }
 }

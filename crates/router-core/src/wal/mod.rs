@@ -103,6 +103,8 @@ pub struct Wal {
     next_seq: u64,
     watermark: u64,
     persisted_watermark: u64,
+    /// Segments out of the log whose deletion waits for a watermark write.
+    unlink: Vec<PathBuf>,
     acked: BTreeSet<u64>,
     /// (seq, append time in unix ms) of records below `next_seq` and at or
     /// above the watermark, oldest first.
@@ -197,6 +199,7 @@ impl Wal {
             next_seq: watermark,
             watermark,
             persisted_watermark: watermark,
+            unlink: Vec::new(),
             acked: BTreeSet::new(),
             times: VecDeque::new(),
             segment_bytes: SEGMENT_BYTES,
@@ -402,28 +405,53 @@ impl Wal {
         }
     }
 
-    /// Writes the watermark if it moved, then deletes segments wholly below it.
+    /// Writes the watermark if it moved, then deletes segments wholly below
+    /// it, all under the caller's hold of the log. Where others wait on the
+    /// log (the request path appends to it), use [`persist_cursor`], which
+    /// does the file work outside the lock.
     pub fn persist_cursor(&mut self) -> io::Result<()> {
-        if self.watermark == self.persisted_watermark {
-            return Ok(());
+        match self.take_cursor() {
+            Some(write) => write.run().map_err(|(e, write)| {
+                self.cursor_failed(write);
+                e
+            }),
+            None => Ok(()),
         }
-        crate::util::write_atomically(&self.dir.join("cursor"), self.watermark.to_string().as_bytes())
-            .map_err(io::Error::other)?;
+    }
+
+    /// The watermark to write down, if it moved, with the segments wholly
+    /// below it, which leave the log now (every record in them is
+    /// delivered, so nothing reads them again) and are deleted by
+    /// [`CursorWrite::run`] once the watermark is on disk.
+    pub fn take_cursor(&mut self) -> Option<CursorWrite> {
+        if self.watermark == self.persisted_watermark && self.unlink.is_empty() {
+            return None;
+        }
+        let previous = self.persisted_watermark;
         self.persisted_watermark = self.watermark;
         let wm = self.watermark;
+        let mut freed = std::mem::take(&mut self.unlink);
         // The last segment is the active one: it stays even when every
         // record in it is delivered (it takes the next appends). The bound
         // is read again after each removal.
         let mut i = 0;
         while i + 1 < self.segments.len() {
             if self.segments[i].last_seq().is_some_and(|l| l < wm) {
-                let seg = self.segments.remove(i);
-                std::fs::remove_file(&seg.path)?;
+                freed.push(self.segments.remove(i).path);
             } else {
                 i += 1;
             }
         }
-        Ok(())
+        Some(CursorWrite { path: self.dir.join("cursor"), watermark: wm, previous, freed })
+    }
+
+    /// A [`CursorWrite`] that failed: the watermark counts as not written,
+    /// and its segments are deleted after the next one that succeeds.
+    pub fn cursor_failed(&mut self, write: CursorWrite) {
+        if self.persisted_watermark == write.watermark {
+            self.persisted_watermark = write.previous;
+        }
+        self.unlink.extend(write.freed);
     }
 
     /// Records appended and not yet delivered.
@@ -443,6 +471,53 @@ impl Wal {
     pub fn oldest_ms(&self) -> Option<u64> {
         self.times.front().map(|(_, t)| *t)
     }
+}
+
+/// A watermark to write down and the segments it frees, taken from a
+/// [`Wal`] under its lock ([`Wal::take_cursor`]) and run outside it.
+pub struct CursorWrite {
+    path: PathBuf,
+    watermark: u64,
+    previous: u64,
+    freed: Vec<PathBuf>,
+}
+
+impl CursorWrite {
+    /// Writes the watermark (atomically, synced), then deletes the freed
+    /// segments. On failure, give it back with [`Wal::cursor_failed`].
+    pub fn run(self) -> Result<(), (io::Error, Self)> {
+        if let Err(e) = crate::util::write_atomically(&self.path, self.watermark.to_string().as_bytes()) {
+            return Err((io::Error::other(e), self));
+        }
+        for (i, path) in self.freed.iter().enumerate() {
+            if let Err(e) = std::fs::remove_file(path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                let rest = Self { freed: self.freed[i..].to_vec(), ..self };
+                return Err((e, rest));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Wal::persist_cursor`] with the file work (two fsyncs, a rename, a
+/// segment's unlink: milliseconds) outside the log's lock, so that appends
+/// on the request path never wait for it. For a thread of its own.
+pub fn persist_cursor(wal: &std::sync::Mutex<Wal>) -> io::Result<()> {
+    let lock = || wal.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(write) = lock().take_cursor() else { return Ok(()) };
+    write.run().map_err(|(e, write)| {
+        lock().cursor_failed(write);
+        e
+    })
+}
+
+/// [`persist_cursor`] from async code: the file work on Tokio's blocking
+/// pool, so that it holds up neither the log nor a runtime worker.
+pub async fn persist_cursor_async(wal: &std::sync::Arc<std::sync::Mutex<Wal>>) -> io::Result<()> {
+    let wal = wal.clone();
+    tokio::task::spawn_blocking(move || persist_cursor(&wal)).await.map_err(io::Error::other)?
 }
 
 /// Every intact entry, and the damaged ranges skipped (count, bytes).

@@ -74,6 +74,57 @@ fn only_segments_wholly_below_the_persisted_watermark_are_deleted() {
 }
 
 #[test]
+fn the_cursor_is_written_outside_the_lock_and_segments_go_only_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    b.segment_bytes = 1; // every append starts a segment
+    for batch in [["0", "1"], ["2", "3"], ["4", "5"]] {
+        append_ids(&mut b, &batch.map(String::from));
+    }
+    for seq in 0..4 {
+        b.ack(seq);
+    }
+    let wal = std::sync::Mutex::new(b);
+    // Taken under the lock; nothing on disk changes until it runs.
+    let write = wal.lock().unwrap().take_cursor().expect("the watermark moved");
+    assert_eq!(segment_files(dir.path()).len(), 3, "no segment goes before the watermark is written");
+    assert!(wal.lock().unwrap().take_cursor().is_none(), "nothing more to write meanwhile");
+    // The log takes appends while the write is pending.
+    append_ids(&mut wal.lock().unwrap(), &["6".to_string()]);
+    write.run().map_err(|(e, _)| e).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join("cursor")).unwrap(), "4");
+    assert_eq!(segment_files(dir.path()).len(), 2, "[0, 1] and [2, 3] are delivered and gone");
+    assert!(crate::wal::persist_cursor(&wal).is_ok());
+}
+
+#[test]
+fn a_failed_cursor_write_keeps_the_segments_until_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _) = Wal::open(dir.path()).unwrap();
+    b.segment_bytes = 1;
+    for batch in [["0", "1"], ["2", "3"]] {
+        append_ids(&mut b, &batch.map(String::from));
+    }
+    b.ack(0);
+    b.ack(1);
+    let wal = std::sync::Mutex::new(b);
+    // The cursor's temporary file cannot be created: a directory is in its way.
+    std::fs::create_dir(dir.path().join("cursor.tmp")).unwrap();
+    assert!(crate::wal::persist_cursor(&wal).is_err());
+    assert_eq!(segment_files(dir.path()).len(), 2, "a segment is not deleted before the watermark is on disk");
+    assert!(!dir.path().join("cursor").exists());
+    // Once the write can succeed, the next persist writes it and deletes the segment.
+    std::fs::remove_dir(dir.path().join("cursor.tmp")).unwrap();
+    crate::wal::persist_cursor(&wal).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join("cursor")).unwrap(), "2");
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    drop(wal);
+    let (b, rec) = Wal::open(dir.path()).unwrap();
+    assert_eq!(rec.pending, 2);
+    assert_eq!(readable(&b).iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+}
+
+#[test]
 fn the_active_segment_is_kept_when_everything_in_it_is_delivered_too() {
     // An older segment and the active one, every record in both delivered:
     // the older one goes, the active one stays and takes the next records.
