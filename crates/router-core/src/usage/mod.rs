@@ -241,6 +241,11 @@ impl UsageSink {
         Ok((Self { inner: Some((shared.clone(), writer)) }, shared))
     }
 
+    /// Whether the buffer's writer still runs (`None` when disabled).
+    pub fn writer(&self) -> Option<crate::wal::WriterWatch<()>> {
+        self.inner.as_ref().map(|(_, w)| w.watch())
+    }
+
     pub fn enabled(&self) -> bool {
         self.inner.is_some()
     }

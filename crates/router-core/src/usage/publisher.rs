@@ -46,6 +46,9 @@ pub struct Publisher {
     retry_now: tokio::sync::Notify,
     /// The drainer panicked: nothing leaves the buffer until a restart.
     stopped: AtomicBool,
+    /// The buffer's writer: when it has stopped, every request that needs
+    /// a usage record is refused, so the publisher reports unhealthy too.
+    writer: std::sync::OnceLock<crate::wal::WriterWatch<()>>,
 }
 
 impl Publisher {
@@ -70,11 +73,19 @@ impl Publisher {
             last_error: Mutex::new(None),
             retry_now: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
+            writer: std::sync::OnceLock::new(),
         })
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.stopped.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed)
+            && !self.stopped.load(Ordering::Relaxed)
+            && self.writer.get().is_none_or(|w| w.is_running())
+    }
+
+    /// Reports unhealthy from when the buffer's `writer` stops.
+    pub fn watch_writer(&self, writer: crate::wal::WriterWatch<()>) {
+        let _ = self.writer.set(writer);
     }
 
     /// The drainer panicked: the publisher reports unhealthy from now on
@@ -310,6 +321,32 @@ impl Healthy for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_buffer_writer_makes_the_publisher_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = crate::wal::Wal::open(dir.path()).unwrap();
+        let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+        let writer = crate::wal::Writer::spawn(
+            "usage-test",
+            Arc::new(std::sync::Mutex::new(wal)),
+            false,
+            timer,
+            |_, _: Vec<crate::wal::Written<()>>| panic!("hand-off failed"),
+            |_, _| {},
+        )
+        .unwrap();
+        let p = Publisher::new("127.0.0.1:1", "t", "test").unwrap_or_else(|e| panic!("{e}"));
+        p.healthy.store(true, Ordering::Relaxed);
+        p.watch_writer(writer.watch());
+        assert!(p.is_healthy(), "a running writer changes nothing");
+        assert!(writer.append(Arc::from("a"), b"a".to_vec(), ()).await.is_err());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.is_healthy() {
+            assert!(std::time::Instant::now() < deadline, "readiness shows the stopped writer");
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[test]
     fn a_stopped_drainer_keeps_the_publisher_unhealthy_whatever_the_broker_says() {

@@ -595,6 +595,16 @@ impl<X> Clone for Writer<X> {
     }
 }
 
+/// See [`Writer::watch`].
+pub struct WriterWatch<X>(tokio::sync::mpsc::WeakSender<Append<X>>);
+
+impl<X> WriterWatch<X> {
+    /// False once the writer has stopped, or every `Writer` is gone.
+    pub fn is_running(&self) -> bool {
+        self.0.upgrade().is_some_and(|tx| !tx.is_closed())
+    }
+}
+
 /// The most records in one group commit.
 const MAX_BATCH: usize = 4096;
 
@@ -724,6 +734,12 @@ impl<X: Send + 'static> Writer<X> {
     /// False once the writer has stopped (it panicked): every append fails.
     pub fn is_running(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// A handle that tells whether the writer still runs, without keeping
+    /// it running (the writer ends when its last `Writer` is dropped).
+    pub fn watch(&self) -> WriterWatch<X> {
+        WriterWatch(self.tx.downgrade())
     }
 
     /// Appends a record; returns its sequence number once it is in the file.
