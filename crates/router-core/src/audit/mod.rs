@@ -290,7 +290,7 @@ impl Component for AuditStore {
         "audit_store"
     }
     fn status(&self) -> ComponentStatus {
-        let healthy = self.journal.is_running()
+        let healthy = self.journal.watch().is_running()
             && match &self.store {
                 Store::Embedded(s) => s.is_healthy(),
                 Store::Postgres(s) => s.is_healthy(),

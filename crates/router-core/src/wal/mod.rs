@@ -731,13 +731,9 @@ impl<X: Send + 'static> Writer<X> {
         Ok(Self { tx })
     }
 
-    /// False once the writer has stopped (it panicked): every append fails.
-    pub fn is_running(&self) -> bool {
-        !self.tx.is_closed()
-    }
-
-    /// A handle that tells whether the writer still runs, without keeping
-    /// it running (the writer ends when its last `Writer` is dropped).
+    /// A handle that tells whether the writer still runs (a writer that
+    /// panicked has stopped, and every append fails), without keeping it
+    /// running (the writer ends when its last `Writer` is dropped).
     pub fn watch(&self) -> WriterWatch<X> {
         WriterWatch(self.tx.downgrade())
     }

@@ -468,11 +468,12 @@ async fn a_writer_that_panicked_refuses_appends_and_says_it_stopped() {
     let writer =
         Writer::spawn("wal-test", wal, false, timer, |_, _: Vec<Written<()>>| panic!("hand-off failed"), |_, _| {})
             .unwrap();
-    assert!(writer.is_running());
+    let watch = writer.watch();
+    assert!(watch.is_running());
     let first = writer.append(std::sync::Arc::from("a"), b"a".to_vec(), ()).await;
     assert!(first.is_err(), "the record whose hand-off panicked is not confirmed");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while writer.is_running() {
+    while watch.is_running() {
         assert!(std::time::Instant::now() < deadline, "a stopped writer is reported");
         tokio::task::yield_now().await;
     }
