@@ -195,17 +195,31 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, s
     });
     match &shared.tls {
         None => drive(stream, peer, shared, stop, state).await,
-        Some(tls) => {
-            match tokio::time::timeout(shared.settings.header_read_timeout, tls.acceptor().accept(stream)).await {
-                Ok(Ok(stream)) => drive(stream, peer, shared, stop, state).await,
-                Ok(Err(e)) => {
-                    shared.metrics.http_connections_closed.with_label_values(&["tls_handshake"]).inc();
-                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.metrics.http_connections_closed.with_label_values(&["header_timeout"]).inc();
-                }
-            }
+        // Boxed, as an HTTP/2 connection is (in `drive`): inline, a TLS
+        // session's state and HTTP/2's sized every connection's task for
+        // them (10.3 KB a task; 3.2 KB with both boxed), a plain HTTP/1.1
+        // one held by each of 1,000 clients included.
+        Some(tls) => Box::pin(tls_connection(tls, stream, peer, shared, stop, state)).await,
+    }
+}
+
+/// The TLS handshake, within the header timeout, then HTTP.
+async fn tls_connection(
+    tls: &tls::ServerTls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    state: Arc<ConnState>,
+) {
+    match tokio::time::timeout(shared.settings.header_read_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => drive(stream, peer, shared, stop, state).await,
+        Ok(Err(e)) => {
+            shared.metrics.http_connections_closed.with_label_values(&["tls_handshake"]).inc();
+            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.http_connections_closed.with_label_values(&["header_timeout"]).inc();
         }
     }
 }
@@ -239,8 +253,10 @@ where
     });
     let io = TokioIo::new(io);
     if h2 {
-        let conn = shared.h2.serve_connection(io, service);
-        watch(conn, |c| c.graceful_shutdown(), peer, shared, stop, &state).await;
+        // Boxed, so that HTTP/1.1 connections' tasks are not sized for it
+        // (see `connection`).
+        let conn = Box::pin(shared.h2.serve_connection(io, service));
+        watch(conn, |c| c.get_mut().as_mut().graceful_shutdown(), peer, shared, stop, &state).await;
     } else {
         let conn = shared.h1.serve_connection(io, service).with_upgrades();
         watch(conn, |c| c.graceful_shutdown(), peer, shared, stop, &state).await;
