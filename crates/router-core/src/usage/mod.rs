@@ -241,7 +241,8 @@ impl UsageSink {
         Ok((Self { inner: Some((shared.clone(), writer)) }, shared))
     }
 
-    /// Whether the buffer's writer still runs (`None` when disabled).
+    /// A handle telling whether the buffer's writer still runs (`None`
+    /// when the buffer is disabled).
     pub fn writer(&self) -> Option<crate::wal::WriterWatch<()>> {
         self.inner.as_ref().map(|(_, w)| w.watch())
     }

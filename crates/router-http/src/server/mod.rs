@@ -197,8 +197,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, s
         None => drive(stream, peer, shared, stop, state).await,
         // Boxed, as an HTTP/2 connection is (in `drive`): inline, a TLS
         // session's state and HTTP/2's sized every connection's task for
-        // them (10.3 KB a task; 3.2 KB with both boxed), a plain HTTP/1.1
-        // one held by each of 1,000 clients included.
+        // them, a plain HTTP/1.1 one's included (10.3 KB a task; 2.4 KB
+        // with both boxed, `docs/benchmarks.md`).
         Some(tls) => Box::pin(tls_connection(tls, stream, peer, shared, stop, state)).await,
     }
 }
