@@ -38,6 +38,7 @@ use crate::limits::{OrgLimits, Price};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::readiness::Healthy;
 use crate::routing::policy::{Policy, PolicyBackend};
+use crate::util::DigestMap;
 
 /// Why a change to the routing state was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,9 +286,9 @@ pub struct Snapshot {
     pub backend_list: Vec<Arc<Backend>>,
     policies: HashMap<String, HashMap<String, Arc<RoutePolicy>>>,
     default_policy: Option<Arc<RoutePolicy>>,
-    api_keys: HashMap<[u8; 32], Arc<str>>,
+    api_keys: DigestMap<Arc<str>>,
     /// Managed keys by the hash of each working key (a rotating key has two).
-    managed: HashMap<[u8; 32], ManagedKey>,
+    managed: DigestMap<ManagedKey>,
     managed_by_id: HashMap<String, Arc<KeyEntry>>,
 }
 
@@ -398,7 +399,7 @@ impl Snapshot {
             })
         });
         let api_keys = state.api_keys.iter().map(|(hash, org)| (*hash, Arc::from(org.as_str()))).collect();
-        let mut managed = HashMap::new();
+        let mut managed = DigestMap::default();
         let mut managed_by_id = HashMap::new();
         for (id, record) in &state.keys {
             let entry = Arc::new(KeyEntry {

@@ -287,6 +287,9 @@ async fn watch<C>(
     let idle_ms = settings.idle_timeout.as_millis() as u64;
     loop {
         tokio::select! {
+            // The connection first, every time: it is what wakes the task
+            // (no random start, which cost a draw on every wake-up).
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
