@@ -42,6 +42,7 @@ pub struct Inner {
     pub quota_denials: IntCounterVec,
     pub limits_degraded: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub redis_admit_seconds: Histogram,
     pub budget_service_failures: IntCounterVec,
     pub settlements: IntCounterVec,
     pub buffer_size: prometheus::IntGauge,
@@ -214,6 +215,17 @@ impl Metrics {
         );
         let redis_errors =
             counter(&r, "api_router_redis_errors_total", "Failed or timed-out Redis calls, by operation.", &["op"]);
+        let redis_admit_seconds = reg(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "api_router_redis_admit_seconds",
+                    "Time for Redis to answer an admission (the limits script's round trip, on the request path); \
+                     calls that failed or timed out are in api_router_redis_errors_total.",
+                )
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+            ),
+        );
         let budget_service_failures = counter(
             &r,
             "api_router_budget_service_failures_total",
@@ -433,6 +445,7 @@ impl Metrics {
             quota_denials,
             limits_degraded,
             redis_errors,
+            redis_admit_seconds,
             budget_service_failures,
             settlements,
             buffer_size,

@@ -165,6 +165,21 @@ async fn the_default_rate_applies_and_an_override_replaces_it() {
 }
 
 #[tokio::test]
+async fn each_admission_redis_answers_is_timed_and_one_it_does_not_is_counted_as_an_error() {
+    let mut f = fixture(Store::Redis, rate(1000.0, 1000), FailureMode::Open).await;
+    for id in ["r1", "r2", "r3"] {
+        admit(&f.limits, id, OrgLimits::default(), None).await.unwrap();
+    }
+    let timed = &f.metrics.redis_admit_seconds;
+    assert_eq!(timed.get_sample_count(), 3);
+    assert!(timed.get_sample_sum() > 0.0 && timed.get_sample_sum() < 3.0 * 0.5, "{}", timed.get_sample_sum());
+    f.redis.as_mut().unwrap().kill();
+    admit(&f.limits, "r4", OrgLimits::default(), None).await.unwrap();
+    assert_eq!(timed.get_sample_count(), 3, "a failed call is not timed");
+    assert_eq!(errors(&f.metrics, "admit") + errors(&f.metrics, "admit_timeout"), 1);
+}
+
+#[tokio::test]
 async fn retry_after_rounds_up_to_whole_seconds() {
     for store in STORES {
         let f = fixture(store, None, FailureMode::Local).await;

@@ -36,7 +36,7 @@
 //! reservations after `RESERVATION_TTL`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
@@ -403,8 +403,10 @@ impl RedisLimits {
             .arg(ttl(plan.key.map(|k| k.period)))
             .arg(held.key_tokens);
         let mut conn = self.conn();
+        let started = Instant::now();
         let reply: Vec<i64> = match tokio::time::timeout(self.timeout, call(&mut conn, &self.admit, &cmd)).await {
             Ok(Ok(r)) => {
+                self.metrics.redis_admit_seconds.observe(started.elapsed().as_secs_f64());
                 self.answered();
                 r
             }
