@@ -22,10 +22,9 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvError, Sender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-
-use std::sync::mpsc::{SyncSender, TrySendError};
 
 use tokio::sync::oneshot;
 
@@ -36,6 +35,7 @@ use crate::wal::{Wal, Written};
 
 /// The most records written in one append.
 const MAX_BATCH: usize = 4096;
+/// Batches queued for the commit thread at most (see [`Queue`]).
 const CHANNEL_CAPACITY: usize = 65_536;
 
 /// How often the journal's watermark is written down (a record committed but
@@ -59,7 +59,7 @@ enum Msg {
 #[derive(Clone)]
 pub(super) struct Embedded {
     log: Arc<Mutex<Log>>,
-    tx: SyncSender<Msg>,
+    tx: Queue,
     /// The commit thread, woken by a flush.
     committer: std::thread::Thread,
     /// False after a commit failed, until one succeeds.
@@ -90,7 +90,7 @@ impl Embedded {
             metrics.audit_records.with_label_values(&["written"]).inc_by(replayed);
             tracing::info!(records = replayed, "audit records journaled before the restart committed");
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_CAPACITY);
+        let (tx, rx) = queue(CHANNEL_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let commit = Commit { metrics, window, wal, healthy: healthy.clone() };
         let commit_log = log.clone();
@@ -132,9 +132,9 @@ impl Embedded {
         let (ack, done) = oneshot::channel();
         let sent = match self.tx.try_send(Msg::Flush(ack)) {
             Ok(()) => true,
-            Err(TrySendError::Disconnected(_)) => false,
+            Err(Full::Gone(_)) => false,
             // Far behind: wait for room off the runtime.
-            Err(TrySendError::Full(msg)) => {
+            Err(Full::Full(msg)) => {
                 let tx = self.tx.clone();
                 tokio::task::spawn_blocking(move || tx.send(msg).is_ok()).await.unwrap_or(false)
             }
@@ -176,8 +176,107 @@ impl Embedded {
     }
 }
 
-fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
-    log.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The commit thread's queue, bounded to `capacity` messages: std's list
+/// channel, which allocates as it fills, with the bound kept by a count.
+/// (`sync_channel`'s array allocates and writes every slot up front: 2.1 MB
+/// of every router's memory for 65,536 slots, used only when the commit
+/// thread is far behind: `docs/benchmarks.md`.)
+fn queue(capacity: usize) -> (Queue, Inbox) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let room = Arc::new(Room { queued: Mutex::new(Some(0)), freed: Condvar::new(), capacity });
+    (Queue { tx, room: room.clone() }, Inbox { rx, room })
+}
+
+#[derive(Clone)]
+struct Queue {
+    tx: Sender<Msg>,
+    room: Arc<Room>,
+}
+
+struct Inbox {
+    rx: Receiver<Msg>,
+    room: Arc<Room>,
+}
+
+struct Room {
+    /// Messages sent and not yet received; `None` once the receiver is gone.
+    queued: Mutex<Option<usize>>,
+    /// Signalled when a full queue gets room, or the receiver goes.
+    freed: Condvar,
+    capacity: usize,
+}
+
+/// Why a message was not queued (it is given back).
+enum Full<T> {
+    Full(T),
+    Gone(T),
+}
+
+impl Queue {
+    /// Queues `msg`, waiting while the queue is full; gives it back if the
+    /// receiver is gone.
+    fn send(&self, msg: Msg) -> Result<(), Msg> {
+        let mut queued = lock(&self.room.queued);
+        while queued.is_some_and(|n| n >= self.room.capacity) {
+            queued = self.room.freed.wait(queued).unwrap_or_else(|p| p.into_inner());
+        }
+        Self::push(&self.tx, &mut queued, msg)
+    }
+
+    /// Queues `msg` unless the queue is full or the receiver gone.
+    fn try_send(&self, msg: Msg) -> Result<(), Full<Msg>> {
+        let mut queued = lock(&self.room.queued);
+        match *queued {
+            Some(n) if n >= self.room.capacity => Err(Full::Full(msg)),
+            _ => Self::push(&self.tx, &mut queued, msg).map_err(Full::Gone),
+        }
+    }
+
+    /// Sends under the count's lock, so that the count never runs behind.
+    fn push(tx: &Sender<Msg>, queued: &mut Option<usize>, msg: Msg) -> Result<(), Msg> {
+        let Some(n) = queued else { return Err(msg) };
+        tx.send(msg).map_err(|e| e.0)?;
+        *n += 1;
+        Ok(())
+    }
+}
+
+impl Inbox {
+    fn recv(&self) -> Result<Msg, RecvError> {
+        let msg = self.rx.recv()?;
+        self.took();
+        Ok(msg)
+    }
+
+    fn try_recv(&self) -> Result<Msg, TryRecvError> {
+        let msg = self.rx.try_recv()?;
+        self.took();
+        Ok(msg)
+    }
+
+    /// One message out: a sender waiting on a full queue may go on (only
+    /// then is the condition variable signalled: a signal is a system call).
+    fn took(&self) {
+        let mut queued = lock(&self.room.queued);
+        if let Some(n) = queued.as_mut() {
+            if *n == self.room.capacity {
+                self.room.freed.notify_one();
+            }
+            *n -= 1;
+        }
+    }
+}
+
+impl Drop for Inbox {
+    /// Senders waiting for room give up.
+    fn drop(&mut self) {
+        *lock(&self.room.queued) = None;
+        self.room.freed.notify_all();
+    }
 }
 
 /// Copies the records of a store from before the log (a redb database at
@@ -280,7 +379,7 @@ impl Drop for PanicGuard {
 /// answers the flushes. It sleeps through the window instead of waking for
 /// every batch the journal hands on (a flush wakes it). Ends when every
 /// sender is gone.
-fn committer(log: Arc<Mutex<Log>>, rx: std::sync::mpsc::Receiver<Msg>, c: Commit) {
+fn committer(log: Arc<Mutex<Log>>, rx: Inbox, c: Commit) {
     let _guard = PanicGuard(c.healthy.clone());
     let mut nice = 0;
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
@@ -297,8 +396,8 @@ fn committer(log: Arc<Mutex<Log>>, rx: std::sync::mpsc::Receiver<Msg>, c: Commit
         while open && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(msg) => take(msg, &mut batch, &mut acks),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => open = false,
-                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                Err(TryRecvError::Disconnected) => open = false,
+                Err(TryRecvError::Empty) => {
                     let now = Instant::now();
                     if !acks.is_empty() || now >= deadline {
                         break;
@@ -409,5 +508,56 @@ mod tests {
         let guard = PanicGuard(healthy.clone());
         std::thread::spawn(move || drop(guard)).join().unwrap();
         assert!(healthy.load(Ordering::Relaxed), "ending normally (shutdown) is not a failure");
+    }
+
+    fn batch(seq: u64) -> Msg {
+        let record = Journaled {
+            seq,
+            request_id: Arc::from("r"),
+            organization_id: Arc::from("o"),
+            finished_ms: 0,
+            json: Vec::new(),
+        };
+        Msg::Records(vec![record])
+    }
+
+    fn seq(msg: &Msg) -> u64 {
+        match msg {
+            Msg::Records(r) => r[0].seq,
+            Msg::Flush(_) => panic!("a flush"),
+        }
+    }
+
+    /// Runs `send` on a thread; returns what it gave back, once it returns.
+    fn sending(q: &Queue, msg: Msg) -> std::sync::mpsc::Receiver<Result<(), Msg>> {
+        let (q, (done, result)) = (q.clone(), std::sync::mpsc::channel());
+        std::thread::spawn(move || done.send(q.send(msg)).unwrap());
+        result
+    }
+
+    #[test]
+    fn a_full_queue_refuses_a_try_and_holds_a_sender_until_a_message_is_taken() {
+        let (q, inbox) = queue(2);
+        assert!(q.try_send(batch(1)).is_ok() && q.send(batch(2)).is_ok());
+        assert!(matches!(q.try_send(batch(3)), Err(Full::Full(m)) if seq(&m) == 3));
+        let waiting = sending(&q, batch(4));
+        // Still waiting a while later (it only returns once there is room).
+        assert!(waiting.recv_timeout(Duration::from_millis(200)).is_err());
+        assert_eq!(seq(&inbox.recv().unwrap()), 1);
+        assert!(waiting.recv_timeout(Duration::from_secs(10)).unwrap().is_ok(), "room was made");
+        assert_eq!((seq(&inbox.try_recv().unwrap()), seq(&inbox.try_recv().unwrap())), (2, 4));
+        assert!(matches!(inbox.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[test]
+    fn senders_get_their_message_back_once_the_receiver_is_gone_even_while_waiting() {
+        let (q, inbox) = queue(1);
+        q.send(batch(1)).ok().unwrap();
+        let waiting = sending(&q, batch(2));
+        assert!(waiting.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(inbox);
+        let given_back = waiting.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(given_back.err().as_ref().map(seq), Some(2));
+        assert!(matches!(q.try_send(batch(3)), Err(Full::Gone(m)) if seq(&m) == 3));
     }
 }
