@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use api_router::app;
-use api_router::settings::{self, LogFormat, Settings};
+use api_router::settings::{self, Settings};
+use api_router::{app, logging};
 
 fn main() -> ExitCode {
     fix_mmap_threshold();
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(settings.log_format);
+    logging::init(settings.log_format);
     tracing::debug!(nofile, max_connections = settings.server.max_connections, "open-file limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -55,15 +55,3 @@ fn fix_mmap_threshold() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn fix_mmap_threshold() {}
-
-/// Installs the global `tracing` subscriber: JSON lines (default) or text, to
-/// stdout, filtered by `RUST_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
-        LogFormat::Text => builder.init(),
-    }
-}

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,8 +189,15 @@ async fn every_backend_down_gives_a_json_502_or_503() {
     for _ in 0..2 {
         router.infer(KEY_A, json!({"model": "m"})).await.assert_error(502, "backend_unavailable");
     }
-    let r = router.infer(KEY_A, json!({"model": "m"})).await;
+    let r = router.infer(KEY_A, json!({"model": "m", "request_id": "all-down-4"})).await;
     r.assert_error(503, "no_healthy_backend");
+    // The warning names the request it belongs to (the request span's fields).
+    let line = router
+        .proc
+        .wait_for_line(Duration::from_secs(10), |l| log_message(l).as_deref() == Some("no healthy backend"))
+        .expect("a \"no healthy backend\" warning");
+    let span = &serde_json::from_str::<Value>(&line).unwrap()["span"];
+    assert_eq!((span["request_id"].as_str(), span["organization_id"].as_str()), (Some("all-down-4"), Some("org-a")));
     let d = router.decisions("decision_type=NO_HEALTHY_BACKEND").await;
     assert_eq!(d.len(), 1);
     let ready = send(hyper::Method::GET, &router.url("/v1/status/readyz"), &[], "").await;

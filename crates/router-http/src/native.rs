@@ -33,7 +33,7 @@ pub async fn inference(State(state): State<SharedState>, request: Request) -> Re
         }
     };
     let span =
-        tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+        tracing::info_span!("request", request_id = &*request.request_id, organization_id = &*request.organization_id);
     respond(router_core::process(&state.core, request).instrument(span).await, Shape::Native)
 }
 

@@ -38,7 +38,7 @@ pub(crate) async fn handle(state: SharedState, request: Request, op: Operation) 
         }
     };
     let span =
-        tracing::info_span!("request", request_id = %request.request_id, organization_id = %request.organization_id);
+        tracing::info_span!("request", request_id = &*request.request_id, organization_id = &*request.organization_id);
     let shape = if op == Operation::Responses { Shape::Responses } else { Shape::OpenAi };
     respond(router_core::process(&state.core, request).instrument(span).await, shape)
 }
