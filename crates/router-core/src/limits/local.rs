@@ -231,6 +231,14 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_only_admission_counts_under_the_same_name_as_a_full_one() {
+        let full = Keys::new("", "org-9", "r1", &plan(None, 0, None), SystemTime::now(), None);
+        let rate_only = Keys::rate_only("org-9");
+        assert_eq!(rate_only.rate, full.rate);
+        assert_eq!((rate_only.spend.as_str(), rate_only.reservation.as_str()), ("", ""));
+    }
+
+    #[test]
     fn a_budget_admits_up_to_its_limit_exactly_releases_and_settles() {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::open(dir.path()).unwrap();
