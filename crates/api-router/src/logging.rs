@@ -5,7 +5,7 @@ use std::fmt::{self, Write};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{Format, Json, Writer};
 use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 
 use crate::settings::LogFormat;
@@ -17,15 +17,15 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .fmt_fields(JsonSpanFields)
-            .init(),
+        LogFormat::Json => builder.event_format(json_lines()).fmt_fields(JsonSpanFields).init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// One JSON object a line: the event's fields at the top level, the span
+/// it is in (its fields by [`JsonSpanFields`]) under `span`.
+fn json_lines() -> Format<Json> {
+    tracing_subscriber::fmt::format().json().flatten_event(true).with_current_span(true).with_span_list(false)
 }
 
 /// A span's fields as one JSON object, written straight into the span's
@@ -179,10 +179,7 @@ mod tests {
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .event_format(json_lines())
             .fmt_fields(JsonSpanFields)
             .finish();
         tracing::subscriber::with_default(subscriber, log);

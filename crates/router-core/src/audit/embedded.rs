@@ -258,13 +258,16 @@ impl Inbox {
         Ok(msg)
     }
 
-    /// One message out: a sender waiting on a full queue may go on (only
-    /// then is the condition variable signalled: a signal is a system call).
+    /// One message out: senders waiting on a full queue may go on. Only
+    /// then is the condition variable signalled (a signal is a system
+    /// call), and all of them are woken: with one, a second waiter would
+    /// sleep on while the queue drained below full without passing through
+    /// it again.
     fn took(&self) {
         let mut queued = lock(&self.room.queued);
         if let Some(n) = queued.as_mut() {
             if *n == self.room.capacity {
-                self.room.freed.notify_one();
+                self.room.freed.notify_all();
             }
             *n -= 1;
         }
@@ -547,6 +550,23 @@ mod tests {
         assert!(waiting.recv_timeout(Duration::from_secs(10)).unwrap().is_ok(), "room was made");
         assert_eq!((seq(&inbox.try_recv().unwrap()), seq(&inbox.try_recv().unwrap())), (2, 4));
         assert!(matches!(inbox.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[test]
+    fn every_sender_waiting_on_a_full_queue_goes_on_once_it_drains() {
+        let (q, inbox) = queue(2);
+        q.send(batch(1)).ok().unwrap();
+        q.send(batch(2)).ok().unwrap();
+        let waiting = [sending(&q, batch(3)), sending(&q, batch(4))];
+        assert!(waiting.iter().all(|w| w.recv_timeout(Duration::from_millis(200)).is_err()));
+        // Both taken at once: the queue drains below full in one go.
+        assert_eq!((seq(&inbox.recv().unwrap()), seq(&inbox.recv().unwrap())), (1, 2));
+        for w in &waiting {
+            assert!(w.recv_timeout(Duration::from_secs(10)).unwrap().is_ok(), "a sender was left waiting");
+        }
+        let mut rest = [seq(&inbox.recv().unwrap()), seq(&inbox.recv().unwrap())];
+        rest.sort_unstable();
+        assert_eq!(rest, [3, 4]);
     }
 
     #[test]
