@@ -16,7 +16,7 @@
 //! new producer id). Records it had in flight may then be delivered twice,
 //! with the same key: consumers drop the duplicate, nothing is lost.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,6 +41,11 @@ pub struct Publisher {
     producer: arc_swap::ArcSwap<FutureProducer>,
     topic: String,
     healthy: AtomicBool,
+    /// When the broker last answered (a metadata check or a delivery), in
+    /// nanoseconds after `born`: a check that fails after starting before
+    /// that answer is stale and does not mark the broker away.
+    answered: AtomicU64,
+    born: Instant,
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Set by the admin retry: skip the current backoff.
     retry_now: tokio::sync::Notify,
@@ -70,6 +75,8 @@ impl Publisher {
             producer: arc_swap::ArcSwap::from_pointee(producer),
             topic: topic.to_string(),
             healthy: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            born: Instant::now(),
             last_error: Mutex::new(None),
             retry_now: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
@@ -128,8 +135,23 @@ impl Publisher {
         self.retry_now.notify_one();
     }
 
-    /// Whether the broker answers with the topic's metadata.
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The broker answered: it is reachable.
+    fn mark_reachable(&self) {
+        self.answered.fetch_max(self.now_ns(), Ordering::Relaxed);
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(topic = %self.topic, "Kafka reachable: publishing usage records");
+        }
+    }
+
+    /// Whether the broker answers with the topic's metadata. A failure that
+    /// began before the broker last answered (the health loop and the
+    /// drainer both check, and deliveries count) changes nothing.
     pub async fn check(self: &Arc<Self>) -> Result<(), String> {
+        let started = self.now_ns();
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
             let md = me
@@ -145,16 +167,15 @@ impl Publisher {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let was = self.healthy.swap(result.is_ok(), Ordering::Relaxed);
         match &result {
-            Ok(()) if !was => tracing::info!(topic = %self.topic, "Kafka reachable: publishing usage records"),
+            Ok(()) => self.mark_reachable(),
+            Err(_) if self.answered.load(Ordering::Relaxed) > started => {}
             Err(e) => {
-                if was {
+                if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, topic = %self.topic, "Kafka unreachable: usage records wait in the buffer store");
                 }
                 self.set_error(e.clone());
             }
-            _ => {}
         }
         result
     }
@@ -271,6 +292,7 @@ impl Publisher {
             metrics.usage_published.with_label_values(&["success"]).inc_by(delivered.len() as u64);
             if !delivered.is_empty() {
                 progress = Instant::now();
+                self.mark_reachable();
             }
             match first_failed {
                 None => {
@@ -346,6 +368,23 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "readiness shows the stopped writer");
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_check_that_began_before_the_broker_answered_is_stale() {
+        // Nothing listens on port 1: every metadata check fails (after 1 s).
+        let p = Arc::new(Publisher::new("127.0.0.1:1", "t", "test").unwrap_or_else(|e| panic!("{e}")));
+        let (stale, ()) = tokio::join!(p.check(), async {
+            // The check has started (join polls it first); a delivery lands.
+            tokio::task::yield_now().await;
+            p.mark_reachable();
+        });
+        assert!(stale.is_err());
+        assert!(p.is_healthy(), "a check older than the delivery does not mark the broker away");
+        assert!(p.last_error().is_none(), "{:?}", p.last_error());
+        assert!(p.check().await.is_err());
+        assert!(!p.is_healthy(), "a check begun after the last answer does");
+        assert!(p.last_error().is_some());
     }
 
     #[test]
