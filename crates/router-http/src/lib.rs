@@ -41,6 +41,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use router_core::Core;
+use router_core::metrics::RouteSeries;
 use router_core::pipeline::stream::BreakEvent;
 use router_core::pipeline::{Outcome, Processed};
 use router_providers::Operation;
@@ -124,11 +125,14 @@ async fn door(op: Operation, state: SharedState, request: Request) -> Response {
 pub struct App {
     state: SharedState,
     router: Router,
+    /// Each door's HTTP series, in [`Operation::ALL`]'s order.
+    doors: Arc<[RouteSeries]>,
 }
 
 impl App {
     pub fn new(state: SharedState) -> Self {
-        Self { router: router(state.clone()), state }
+        let doors = Operation::ALL.map(|op| state.core.metrics.route_series(door_path(op)));
+        Self { router: router(state.clone()), state, doors: Arc::new(doors) }
     }
 
     /// One request from `peer`, counted by route and status.
@@ -136,7 +140,8 @@ impl App {
         if let Some(op) = door_of(request.method(), request.uri().path()) {
             let started = Instant::now();
             let response = door(op, self.state.clone(), request.map(Body::new)).await;
-            count(&self.state, door_path(op), &response, started);
+            // `Operation::ALL` lists the operations in their declared order.
+            self.doors[op as usize].count(response.status(), started.elapsed());
             return response;
         }
         request.extensions_mut().insert(ConnectInfo(peer));
@@ -359,6 +364,13 @@ fn ids(response: &mut Response, request_id: &str, backend_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operations_are_listed_in_their_declared_order() {
+        for (i, op) in Operation::ALL.into_iter().enumerate() {
+            assert_eq!(op as usize, i, "{op:?}: `App::doors` is indexed by it");
+        }
+    }
 
     #[test]
     fn doors_are_matched_by_post_and_exact_path_only() {

@@ -345,11 +345,11 @@ impl Finish {
             core.limits.finish(reservation, success.then_some(usage));
         }
         if let Some(u) = usage {
-            let tokens = &core.metrics.tokens;
-            tokens.with_label_values(&["prompt"]).inc_by(u.prompt_tokens);
-            tokens.with_label_values(&["completion"]).inc_by(u.completion_tokens);
-            tokens.with_label_values(&["cache_read"]).inc_by(u.cache_read_tokens);
-            tokens.with_label_values(&["cache_write"]).inc_by(u.cache_write_tokens);
+            let tokens = &core.metrics.tokens_by_type;
+            tokens.prompt.inc_by(u.prompt_tokens);
+            tokens.completion.inc_by(u.completion_tokens);
+            tokens.cache_read.inc_by(u.cache_read_tokens);
+            tokens.cache_write.inc_by(u.cache_write_tokens);
         }
         // Step 6: the usage record ahead, then the audit record.
         let attempts = std::mem::take(&mut self.attempts);
