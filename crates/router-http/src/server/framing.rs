@@ -37,6 +37,13 @@ enum State {
     Passthrough,
 }
 
+impl State {
+    /// After a checked header block whose body is `length` bytes long.
+    fn after_head(length: u64) -> State {
+        if length > 0 { State::Body(length) } else { State::Head }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// Reading a chunk-size line (in `line`).
@@ -170,7 +177,7 @@ impl Framing {
             return None;
         }
         if let Some((len, length)) = quick_head(held) {
-            self.state = if length > 0 { State::Body(length) } else { State::Head };
+            self.state = State::after_head(length);
             return Some((len, Verdict::Checked));
         }
         self.parse_head(held)
@@ -219,10 +226,7 @@ impl Framing {
             // Not chunked last, or a bad length: hyper answers 400.
             State::Passthrough
         } else {
-            match length {
-                Some(n) if n > 0 => State::Body(n),
-                _ => State::Head,
-            }
+            State::after_head(length.unwrap_or(0))
         };
         Some((len, Verdict::Checked))
     }
@@ -240,8 +244,7 @@ impl Framing {
         }
         let mut full = Framing::new(usize::MAX);
         let verdict = full.parse_head(held);
-        let state = if length > 0 { State::Body(length) } else { State::Head };
-        verdict == Some((len, Verdict::Checked)) && full.state == state
+        verdict == Some((len, Verdict::Checked)) && full.state == State::after_head(length)
     }
 
     /// Follows a chunked body through `data`; returns how many bytes of it
