@@ -66,7 +66,16 @@ async fn startup_logs_status_endpoints_and_metrics() {
     let near = send(Method::POST, &router.url("/v1/inference/"), &[("x-api-key", KEY_A)], "{}").await;
     assert_eq!(near.status, 404);
     assert_eq!(near.json()["error"]["code"], "not_found", "{:?}", near.body);
+    // The door's own refusal: counted under its route with its status.
+    let denied = router.infer("not-a-key", json!({"model": "gpt-4o"})).await;
+    assert_eq!(denied.status, 401);
     let text = router.metrics().await;
+    assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "401")]), 1.0);
+    assert_eq!(
+        metric(&text, "api_router_http_request_duration_seconds_count", &[("route", "/v1/inference")]),
+        4.0,
+        "two answered, one refused by the door, one 405"
+    );
     assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "405")]), 1.0);
     assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "unmatched"), ("status", "404")]), 1.0);
     assert_eq!(metric(&text, "api_router_http_requests_total", &[("route", "/v1/inference"), ("status", "200")]), 2.0);
