@@ -456,12 +456,12 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         register(&r, prometheus::process_collector::ProcessCollector::for_self());
         // Series with a fixed set of labels exist from the start, at 0, so
-        // that queries and alerts see them before the first event.
-        let fixed: [(&IntCounterVec, &[&str]); 6] = [
+        // that queries and alerts see them before the first event (the
+        // tokens counter's, through `tokens_by_type` below).
+        let fixed: [(&IntCounterVec, &[&str]); 5] = [
             (&usage_published, &["success", "error", "dropped", "write_error"]),
             (&settlements, &["applied", "retried", "dropped"]),
             (&audit_records, &["written", "dropped", "error"]),
-            (&tokens, &["prompt", "completion", "cache_read", "cache_write"]),
             (&config_rejected, &["json", "invalid", "unknown_backend", "schema", "empty", "tls"]),
             (&budget_service_failures, &["open", "closed"]),
         ];

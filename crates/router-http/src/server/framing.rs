@@ -203,7 +203,7 @@ impl Framing {
         for h in request.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
-                length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                length = content_length(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 encodings += 1;
                 chunked = h.value.rsplit(|b| *b == b',').next().is_some_and(|last| {
@@ -329,16 +329,22 @@ fn quick_head(held: &[u8]) -> Option<(usize, u64)> {
         }
         // A name is what comes before the first colon, with no space.
         let named = |name: &[u8]| line.get(name.len()) == Some(&b':') && line[..name.len()].eq_ignore_ascii_case(name);
-        if named(b"content-length") {
+        const CONTENT_LENGTH: &[u8] = b"content-length";
+        if named(CONTENT_LENGTH) {
             if length.is_some() {
                 return None;
             }
-            length = Some(std::str::from_utf8(&line[15..]).ok()?.trim().parse::<u64>().ok()?);
+            length = Some(content_length(&line[CONTENT_LENGTH.len() + 1..])?);
         } else if named(b"transfer-encoding") || named(b"upgrade") {
             return None;
         }
     }
     None
+}
+
+/// A `Content-Length` value (what follows the colon), as both checks read it.
+fn content_length(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse::<u64>().ok()
 }
 
 #[cfg(test)]
