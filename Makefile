@@ -1,5 +1,5 @@
 # The front door: build, run, test, bench, lint.
-.PHONY: run test lint fmt fuzz mutants bench bench-http bench-quick bench-soak bench-keys bench-audit reliability build clean stack stack-down
+.PHONY: run test lint fmt fuzz mutants build-pgo bench bench-http bench-quick bench-soak bench-keys bench-audit reliability build clean stack stack-down
 
 # Build and start the router on embedded defaults with two mock backends.
 run:
@@ -19,6 +19,12 @@ fmt:
 # Every benchmark, about 10 minutes: writes docs/benchmarks.md and the plot.
 bench:
 	bash scripts/bench.sh
+
+# A profile-guided release build, trained on the harness's load (about 20
+# minutes): target/pgo/<host triple>/release. BENCH_BIN=<that dir> make
+# bench-http measures it.
+build-pgo:
+	bash scripts/build-pgo.sh
 
 # Only the HTTP harness: router (minimal, all features) vs direct vs nginx under oha.
 bench-http:

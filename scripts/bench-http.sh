@@ -90,6 +90,7 @@ section() {
   echo
   echo "- Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)."
   echo "- Pinning: $PINNING."
+  echo "- Build: $([ -n "${BENCH_BIN:-}" ] && echo "\`$BENCH_BIN\` (BENCH_BIN; \`make build-pgo\` writes the profile-guided one to target/pgo)" || echo "this tree's release profile")."
   echo "- Load: \`oha -z ${SECS}s -q RATE --latency-correction\` (open loop), \`oha -z ${SECS}s -c 64\` (closed loop: max), \`oha -z ${SECS}s -c 1\` (closed loop, one connection: c1), \`oha -z ${SECS}s -c 1000\` (then the router's VmHWM)."
   echo "- Every run's status codes are checked: any non-2xx answer or connection error marks it FAILED."
   echo "- Instructions: \`valgrind --tool=callgrind\`, 2,000 requests over 4 connections, minus an idle run of the same length."

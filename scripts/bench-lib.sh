@@ -1,5 +1,6 @@
 # Shared by the HTTP benchmarks (bench-http.sh, bench-soak.sh); sourced, not run.
-# Installs oha, nginx and the services if absent, builds the release binaries,
+# Installs oha, nginx and the services if absent, builds the release binaries
+# (unless BENCH_BIN names a build),
 # and starts what a run needs on free ports under a temp dir, stopped on exit.
 #
 # Pinning: the server under test (the router or nginx) on core 0; oha, the
@@ -15,8 +16,15 @@ if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
   cargo install tansu --version 0.6.0 --features dynostore,libsql --locked
 fi
 TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
-cargo build --release --bins
-BIN=${CARGO_TARGET_DIR:-target}/release
+# BENCH_BIN: a directory holding another build's api-router and mock-backend
+# (e.g. the profile-guided one, `make build-pgo`), measured instead of this
+# tree's release build.
+if [ -n "${BENCH_BIN:-}" ]; then
+  BIN=$BENCH_BIN
+else
+  cargo build --release --bins
+  BIN=${CARGO_TARGET_DIR:-target}/release
+fi
 
 TMP=$(mktemp -d)
 pids=()
