@@ -16,5 +16,8 @@ for dir in "${dirs[@]}"; do
   BIN=$dir
   start_mock
   echo "$dir: $(instructions "$MODE") instructions per request (router $MODE)"
+  # The next build's mock takes the same port: wait until this one is gone
+  # (otherwise the new one cannot bind, and the run stopped silently).
   kill "${pids[-1]}" 2>/dev/null || true
+  wait "${pids[-1]}" 2>/dev/null || true
 done

@@ -640,6 +640,88 @@ async fn a_silent_connection_is_replaced_so_redis_is_healthy_again_once_it_answe
     health.await.unwrap();
 }
 
+/// The keys in database `db` of the Redis on `port`, asked as `user`.
+fn keys_in(port: u16, user: &str, password: &str, db: u32) -> Vec<String> {
+    let db = db.to_string();
+    let auth = ["--user", user, "--pass", password, "--no-auth-warning", "-n", db.as_str()];
+    let args: Vec<&str> = auth.iter().copied().chain(["KEYS", "*"]).collect();
+    let out = test_support::redis::RedisCluster::cli(port, &args).unwrap();
+    out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn the_user_password_and_database_in_redis_url_are_used() {
+    let server = RedisServer::start();
+    let cli = |args: &[&str]| test_support::redis::RedisCluster::cli(server.port, args).unwrap();
+    assert_eq!(cli(&["ACL", "SETUSER", "router", "on", ">s3cret", "~*", "+@all"]).trim(), "OK");
+    assert_eq!(cli(&["CONFIG", "SET", "requirepass", "other"]).trim(), "OK");
+    let url = format!("redis://router:s3cret@127.0.0.1:{}/2", server.port);
+    let redis = RedisLimits::new(&RedisTarget::Single(url), Duration::from_millis(500), Metrics::new()).unwrap();
+    redis.connect().await.unwrap();
+    let (plan, keys) = budget_plan("in-db-2");
+    assert!(matches!(redis.admit(&keys, &plan, SystemTime::now()).await, Ok(Decision::Allowed { .. })));
+    let in_2 = keys_in(server.port, "router", "s3cret", 2);
+    assert!(in_2.contains(&keys.spend) && in_2.contains(&keys.reservation), "{in_2:?}");
+    assert_eq!(keys_in(server.port, "router", "s3cret", 0), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_wrong_password_fails_every_call_without_saying_the_password() {
+    let server = RedisServer::start();
+    test_support::redis::RedisCluster::cli(server.port, &["CONFIG", "SET", "requirepass", "right"]).unwrap();
+    let metrics = Metrics::new();
+    let url = format!("redis://:wrong-pass@127.0.0.1:{}", server.port);
+    let redis = RedisLimits::new(&RedisTarget::Single(url), Duration::from_millis(500), metrics.clone()).unwrap();
+    let e = redis.connect().await.unwrap_err();
+    assert!(e.contains("WRONGPASS") && !e.contains("wrong-pass"), "{e}");
+    assert!(!redis.is_healthy());
+    // A new connection is tried, and refused the same way.
+    let e = redis.ping(Duration::from_millis(500)).await.unwrap_err();
+    assert!(e.contains("WRONGPASS"), "{e}");
+}
+
+#[tokio::test]
+async fn redis_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("redis.sock");
+    let server = RedisServer::start_with_unix_socket(&socket);
+    let url = format!("unix://{}", socket.display());
+    let redis = RedisLimits::new(&RedisTarget::Single(url), Duration::from_millis(500), Metrics::new()).unwrap();
+    redis.connect().await.unwrap();
+    let (plan, keys) = budget_plan("over-unix");
+    assert!(matches!(redis.admit(&keys, &plan, SystemTime::now()).await, Ok(Decision::Allowed { .. })));
+    assert_eq!(calls(server.port, "evalsha"), 1, "the admission reached the server on the socket");
+}
+
+#[tokio::test]
+async fn many_admissions_at_once_share_the_connection_and_each_gets_its_own_answer() {
+    let server = RedisServer::start();
+    let target = RedisTarget::Single(server.url());
+    let redis = Arc::new(RedisLimits::new(&target, Duration::from_millis(2000), Metrics::new()).unwrap());
+    redis.connect().await.unwrap();
+    // 400 admissions in flight at once, each for an organization of its
+    // own whose burst is i + 1: the first admission leaves i remaining, so
+    // an answer handed to the wrong caller shows.
+    let now = SystemTime::now();
+    let admissions: Vec<_> = (0..400u32)
+        .map(|i| {
+            let redis = redis.clone();
+            tokio::spawn(async move {
+                let plan = Plan { rate: Some((1_000_000, i + 1)), budget: None, ..budget_plan("x").0 };
+                let keys = Keys::new("test:", &format!("org-{i}"), &format!("r{i}"), &plan, now, None);
+                (i, redis.admit(&keys, &plan, now).await.unwrap())
+            })
+        })
+        .collect();
+    for a in admissions {
+        match a.await.unwrap() {
+            (i, Decision::Allowed { rate: Some(info) }) => assert_eq!((info.limit, info.remaining), (i + 1, i)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(calls(server.port, "evalsha"), 400);
+}
+
 #[tokio::test]
 async fn cost_prices_cached_tokens_and_falls_back_to_the_flat_cost() {
     let f = fixture(Store::Local, None, FailureMode::Local).await;

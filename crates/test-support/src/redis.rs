@@ -9,12 +9,23 @@ use crate::process::{Proc, free_port, start_on_fresh_ports};
 pub struct RedisServer {
     pub port: u16,
     proc: Option<Proc>,
+    /// Also listening on this Unix socket.
+    unix_socket: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Listening on `unix_socket` too.
+    pub fn start_with_unix_socket(unix_socket: &std::path::Path) -> RedisServer {
+        Self::start_with(Some(unix_socket.to_path_buf()))
+    }
+
+    fn start_with(unix_socket: Option<std::path::PathBuf>) -> RedisServer {
         start_on_fresh_ports("redis-server", || {
-            let mut r = RedisServer { port: free_port(), proc: None };
+            let mut r = RedisServer { port: free_port(), proc: None, unix_socket: unix_socket.clone() };
             r.try_spawn().map(|()| r)
         })
     }
@@ -31,6 +42,9 @@ impl RedisServer {
     fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(path) = &self.unix_socket {
+            cmd.arg("--unixsocket").arg(path);
+        }
         let proc = Proc::spawn(cmd);
         proc.wait_ready(Duration::from_secs(5), "Ready to accept connections", "Address already in use")?;
         self.proc = Some(proc);

@@ -28,6 +28,7 @@ pub mod gcra;
 pub mod local;
 pub mod period;
 pub mod redis;
+pub mod resp;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,10 +1,11 @@
 //! Limits in Redis: one Lua script per admission (rate limit, budget and quota
 //! checked and reserved together, in one round trip) and one per settlement.
 //!
-//! The connection is redis-rs's `ConnectionManager` (one Redis, `REDIS_URL`)
-//! or its cluster connection (`REDIS_CLUSTER_URLS`): async, multiplexed, and
-//! reconnecting by itself; the cluster connection follows `MOVED` and `ASK`
-//! redirections and refreshes its slot map when a master fails over.
+//! The connection is the limits' own for one Redis (`REDIS_URL`,
+//! [`super::resp`]: multiplexed, replaced when it fails) or redis-rs's
+//! cluster connection (`REDIS_CLUSTER_URLS`): async, multiplexed, and
+//! reconnecting by itself; it follows `MOVED` and `ASK` redirections and
+//! refreshes its slot map when a master fails over.
 //!
 //! On Redis Cluster one script may only touch keys of one hash slot, so every
 //! key of an organization carries the hash tag `{org}` (its keys, its API
@@ -38,14 +39,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisFuture, Script, ServerErrorKind, Value};
+use redis::{Client, Cmd, ErrorKind, FromRedisValue, ServerErrorKind, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gcra::RateInfo;
+use super::resp::{self, Arg};
 use super::{Decision, Held, Keys, Plan};
 use crate::metrics::Metrics;
 use crate::readiness::Healthy;
@@ -202,42 +203,99 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 enum Source {
-    Single(Client),
+    /// One Redis: the limits' own connection ([`super::resp`]); redis-rs
+    /// parses the URL.
+    Single(redis::ConnectionInfo),
     Cluster(Box<ClusterClient>),
 }
 
 /// A connection to one Redis or to a cluster: cheap to clone, multiplexed.
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(resp::Connection),
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+/// Why a call got no usable answer.
+#[derive(Debug)]
+enum CallError {
+    /// Redis does not have the script: load it and call again.
+    NoScript,
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            CallError::NoScript => f.write_str("NOSCRIPT: the script is not loaded"),
+            CallError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl Conn {
+    /// One command and its answer, as `T`.
+    async fn query<T: FromRedisValue>(&self, args: &[Arg<'_>]) -> Result<T, CallError> {
+        let value = match self {
+            Conn::Single(c) => c
+                .call(args)
+                .await
+                .map_err(|e| if e.is_no_script() { CallError::NoScript } else { CallError::Failed(e.to_string()) })?,
+            Conn::Cluster(c) => {
+                let bytes = args
+                    .iter()
+                    .map(|a| match a {
+                        Arg::Str(s) => s.len(),
+                        Arg::Int(_) => 20,
+                    })
+                    .sum();
+                let mut cmd = Cmd::with_capacity(args.len(), bytes);
+                for arg in args {
+                    match arg {
+                        Arg::Str(s) => cmd.arg(*s),
+                        Arg::Int(n) => cmd.arg(*n),
+                    };
+                }
+                cmd.query_async::<Value>(&mut c.clone()).await.map_err(|e| {
+                    if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+                        CallError::NoScript
+                    } else {
+                        CallError::Failed(e.to_string())
+                    }
+                })?
+            }
+        };
+        T::from_redis_value(value).map_err(|e| CallError::Failed(e.to_string()))
+    }
+
+    /// One call of `script` (`EVALSHA` with `args` after the hash); a Redis
+    /// that does not have it (restarted, flushed) gets it loaded and the
+    /// call made again, as redis-rs's `ScriptInvocation` does.
+    async fn call<T: FromRedisValue>(&self, script: &Lua, args: &[Arg<'_>]) -> Result<T, CallError> {
+        match self.query(args).await {
+            Err(CallError::NoScript) => {
+                self.load(script).await?;
+                self.query(args).await
+            }
+            other => other,
         }
     }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
+    /// `SCRIPT LOAD` (on a cluster, on every master).
+    async fn load(&self, script: &Lua) -> Result<(), CallError> {
+        self.query::<Value>(&[Arg::Str("SCRIPT"), Arg::Str("LOAD"), Arg::Str(script.code)]).await.map(drop)
     }
+}
 
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
+/// A Lua script and its SHA-1, as `EVALSHA` names it.
+struct Lua {
+    code: &'static str,
+    hash: String,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Self {
+        Self { code, hash: redis::Script::new(code).get_hash().to_string() }
     }
 }
 
@@ -250,8 +308,8 @@ pub struct RedisLimits {
     acks_paused_until_ms: std::sync::atomic::AtomicU64,
     /// Replaced when Redis stops answering on it (see [`RedisLimits::reconnect`]).
     conn: arc_swap::ArcSwap<Conn>,
-    admit: Script,
-    finish: Script,
+    admit: Lua,
+    finish: Lua,
     timeout: Duration,
     healthy: AtomicBool,
     /// Failed calls in a row.
@@ -263,7 +321,10 @@ impl RedisLimits {
     /// Creates the connection without waiting for Redis; `connect` then tries.
     pub fn new(target: &RedisTarget, timeout: Duration, metrics: Metrics) -> Result<Self, String> {
         let (source, replica_acks) = match target {
-            RedisTarget::Single(url) => (Source::Single(Client::open(url.as_str()).map_err(|e| e.to_string())?), 0),
+            RedisTarget::Single(url) => {
+                let info = Client::open(url.as_str()).map_err(|e| e.to_string())?.get_connection_info().clone();
+                (Source::Single(info), 0)
+            }
             RedisTarget::Cluster { urls, replica_acks } => {
                 // Redirections and slot refreshes after a failover are
                 // retried by the client, quickly; the request path bounds
@@ -282,8 +343,8 @@ impl RedisLimits {
             replica_acks,
             acks_paused_until_ms: std::sync::atomic::AtomicU64::new(0),
             conn: arc_swap::ArcSwap::from_pointee(conn),
-            admit: Script::new(ADMIT),
-            finish: Script::new(FINISH),
+            admit: Lua::new(ADMIT),
+            finish: Lua::new(FINISH),
             timeout,
             healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -301,12 +362,29 @@ impl RedisLimits {
     }
 
     /// The connection to use now (a cheap clone of a multiplexed handle).
+    /// One Redis's connection that failed is replaced here, as redis-rs's
+    /// connection manager would replace it; the cluster's reconnects by
+    /// itself.
     fn conn(&self) -> Conn {
-        self.conn.load().as_ref().clone()
+        let current = self.conn.load();
+        if let Conn::Single(c) = current.as_ref()
+            && c.is_closed()
+        {
+            match connection(&self.source, self.timeout) {
+                Ok(conn) => {
+                    // Whoever replaced it first wins; every caller then
+                    // uses the one in place.
+                    self.conn.compare_and_swap(&*current, std::sync::Arc::new(conn));
+                    return self.conn.load().as_ref().clone();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot create a new Redis connection"),
+            }
+        }
+        current.as_ref().clone()
     }
 
-    /// A new connection in place of the current one. The manager reconnects
-    /// by itself when the connection breaks, but not when it stays open and
+    /// A new connection in place of the current one. A connection that
+    /// breaks is replaced by [`RedisLimits::conn`], but not one that stays open and
     /// silent (a black hole, a half-open connection after a network fault):
     /// then commands queue behind replies that will never come. A failed
     /// PING replaces it, so that the next PING tries a fresh one.
@@ -319,9 +397,8 @@ impl RedisLimits {
 
     /// One PING, with a longer timeout than the request path's.
     pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        let mut conn = self.conn();
-        let cmd = redis::cmd("PING");
-        match tokio::time::timeout(timeout, cmd.query_async::<String>(&mut conn)).await {
+        let conn = self.conn();
+        match tokio::time::timeout(timeout, conn.query::<String>(&[Arg::Str("PING")])).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("timed out".into()),
@@ -359,9 +436,9 @@ impl RedisLimits {
     /// Redis do not pay for a missing script (two more round trips) on the
     /// request path. Best effort: a missing script is loaded on demand.
     async fn load_scripts(&self) {
-        let mut conn = self.conn();
+        let conn = self.conn();
         for script in [&self.admit, &self.finish] {
-            let _ = tokio::time::timeout(Duration::from_secs(2), script.load_async(&mut conn)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.load(script)).await;
         }
     }
 
@@ -381,31 +458,39 @@ impl RedisLimits {
         } else {
             (&keys.key_rate, &keys.key_spend, &keys.key_tokens)
         };
-        let mut cmd = evalsha(
-            &self.admit,
-            &[&keys.rate, &keys.spend, &keys.requests, &keys.tokens, &keys.reservation, kr, ks, kt],
-            16,
-        );
         let (kinterval, kburst) = plan.key.and_then(|k| k.rate).unwrap_or((0, 0));
-        cmd.arg(interval)
-            .arg(burst)
-            .arg(plan.budget.map(|(l, _)| l).unwrap_or(-1))
-            .arg(held.cost)
-            .arg(plan.quota_requests.unwrap_or(-1))
-            .arg(plan.quota_tokens.unwrap_or(-1))
-            .arg(held.tokens)
-            .arg(ttl(plan.budget.map(|(_, p)| p)))
-            .arg(ttl(Some(plan.quota_period)))
-            .arg(RESERVATION_TTL_SECS)
-            .arg(kinterval)
-            .arg(kburst)
-            .arg(plan.key.and_then(|k| k.budget).unwrap_or(-1))
-            .arg(if held.key { held.key_cost } else { -1 })
-            .arg(ttl(plan.key.map(|k| k.period)))
-            .arg(held.key_tokens);
-        let mut conn = self.conn();
+        let args = [
+            Arg::Str("EVALSHA"),
+            Arg::Str(&self.admit.hash),
+            Arg::Int(8),
+            Arg::Str(&keys.rate),
+            Arg::Str(&keys.spend),
+            Arg::Str(&keys.requests),
+            Arg::Str(&keys.tokens),
+            Arg::Str(&keys.reservation),
+            Arg::Str(kr),
+            Arg::Str(ks),
+            Arg::Str(kt),
+            Arg::uint(interval),
+            Arg::Int(i64::from(burst)),
+            Arg::Int(plan.budget.map(|(l, _)| l).unwrap_or(-1)),
+            Arg::Int(held.cost),
+            Arg::Int(plan.quota_requests.unwrap_or(-1)),
+            Arg::Int(plan.quota_tokens.unwrap_or(-1)),
+            Arg::Int(held.tokens),
+            Arg::uint(ttl(plan.budget.map(|(_, p)| p))),
+            Arg::uint(ttl(Some(plan.quota_period))),
+            Arg::uint(RESERVATION_TTL_SECS),
+            Arg::uint(kinterval),
+            Arg::Int(i64::from(kburst)),
+            Arg::Int(plan.key.and_then(|k| k.budget).unwrap_or(-1)),
+            Arg::Int(if held.key { held.key_cost } else { -1 }),
+            Arg::uint(ttl(plan.key.map(|k| k.period))),
+            Arg::Int(held.key_tokens),
+        ];
+        let conn = self.conn();
         let started = Instant::now();
-        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, call(&mut conn, &self.admit, &cmd)).await {
+        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, conn.call(&self.admit, &args)).await {
             Ok(Ok(r)) => {
                 self.metrics.redis_admit_seconds.observe(started.elapsed().as_secs_f64());
                 self.answered();
@@ -485,13 +570,25 @@ impl RedisLimits {
     pub async fn finish(&self, keys: &Keys, actual: Option<(i64, i64)>) -> Result<(), String> {
         let (ks, kt) =
             if keys.key_spend.is_empty() { (&keys.spend, &keys.spend) } else { (&keys.key_spend, &keys.key_tokens) };
-        let mut cmd = evalsha(&self.finish, &[&keys.spend, &keys.requests, &keys.tokens, &keys.reservation, ks, kt], 3);
         let (cost, tokens) = actual.unwrap_or((0, 0));
-        cmd.arg(if actual.is_none() { 1 } else { 0 }).arg(cost).arg(tokens);
-        let mut conn = self.conn();
+        let args = [
+            Arg::Str("EVALSHA"),
+            Arg::Str(&self.finish.hash),
+            Arg::Int(6),
+            Arg::Str(&keys.spend),
+            Arg::Str(&keys.requests),
+            Arg::Str(&keys.tokens),
+            Arg::Str(&keys.reservation),
+            Arg::Str(ks),
+            Arg::Str(kt),
+            Arg::Int(i64::from(actual.is_none())),
+            Arg::Int(cost),
+            Arg::Int(tokens),
+        ];
+        let conn = self.conn();
         // Off the request path: allow more time than an admission.
         let bound = self.timeout.max(Duration::from_millis(500));
-        match tokio::time::timeout(bound, call::<i64>(&mut conn, &self.finish, &cmd)).await {
+        match tokio::time::timeout(bound, conn.call::<i64>(&self.finish, &args)).await {
             Ok(Ok(_)) => {
                 self.answered();
                 Ok(())
@@ -515,18 +612,16 @@ impl RedisLimits {
 
     /// The counters at `keys`, 0 where absent; always `keys.len()` values.
     async fn mget(&self, keys: &[&str]) -> Result<Vec<i64>, String> {
-        let mut conn = self.conn();
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(keys);
-        let values: Vec<Option<i64>> =
-            match tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn)).await {
-                Ok(Ok(v)) => {
-                    self.answered();
-                    v
-                }
-                Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
-                Err(_) => return Err(self.failed("usage", "timed out")),
-            };
+        let conn = self.conn();
+        let args: Vec<Arg<'_>> = std::iter::once(Arg::Str("MGET")).chain(keys.iter().map(|k| Arg::Str(k))).collect();
+        let values: Vec<Option<i64>> = match tokio::time::timeout(Duration::from_millis(500), conn.query(&args)).await {
+            Ok(Ok(v)) => {
+                self.answered();
+                v
+            }
+            Ok(Err(e)) => return Err(self.failed("usage", &e.to_string())),
+            Err(_) => return Err(self.failed("usage", "timed out")),
+        };
         Ok((0..keys.len()).map(|i| values.get(i).copied().flatten().unwrap_or(0)).collect())
     }
 
@@ -557,47 +652,11 @@ impl RedisLimits {
     }
 }
 
-/// `EVALSHA` of `script` with `keys`, `numbers` integer arguments to
-/// follow, all written into the one command buffer. (A `ScriptInvocation`
-/// holds each key and argument in a vector of its own and copies them into
-/// the command: about 4,500 instructions a call more, by callgrind.) The
-/// command's two vectors are sized at once: grown argument by argument they
-/// were reallocated about ten times a call (~3,800 instructions an
-/// admission and settlement, by callgrind).
-fn evalsha(script: &Script, keys: &[&String], numbers: usize) -> Cmd {
-    const NAME: &str = "EVALSHA";
-    // The hash is 40 hex digits; an integer at most 20 characters.
-    let bytes = NAME.len() + 40 + 20 + keys.iter().map(|k| k.len()).sum::<usize>() + 20 * numbers;
-    let mut cmd = Cmd::with_capacity(3 + keys.len() + numbers, bytes);
-    cmd.arg(NAME).arg(script.get_hash()).arg(keys.len()).arg(keys);
-    cmd
-}
-
-/// One call of `script` as [`evalsha`] wrote it; a Redis that does not have
-/// the script (restarted, flushed) gets it loaded and the call made again,
-/// as `ScriptInvocation::invoke_async` does.
-async fn call<T: FromRedisValue>(conn: &mut Conn, script: &Script, cmd: &Cmd) -> redis::RedisResult<T> {
-    match cmd.query_async(conn).await {
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            cmd.query_async(conn).await
-        }
-        other => other,
-    }
-}
-
 /// A lazy connection: it connects on first use. `timeout` is the request
 /// path's bound (`REDIS_TIMEOUT_MS`).
 fn connection(source: &Source, timeout: Duration) -> Result<Conn, String> {
     match source {
-        Source::Single(client) => {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_millis(500)))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_millis(500));
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map(Conn::Single).map_err(|e| e.to_string())
-        }
+        Source::Single(info) => resp::Connection::lazy(info, Duration::from_millis(500)).map(Conn::Single),
         Source::Cluster(client) => {
             // The client's own response timeout stays above every bound the
             // router sets (a WAIT is answered by the server at `timeout`):
