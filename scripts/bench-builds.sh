@@ -5,7 +5,8 @@
 # MODE=all with Redis, Kafka, etcd and audit), then
 #   - max throughput: `oha -n 40000 -c 64`, with the router's context
 #     switches and CPU time per request over that run (from /proc: every
-#     thread's voluntary and involuntary switches, utime + stime);
+#     thread's voluntary and involuntary switches, utime + stime), and with
+#     MODE=all redis-server's CPU time per request too;
 #   - c=1: `oha -z 3s -c 1`, p50 and p99;
 #   - p99 at 2,000 requests/s: `oha -z 4s -q 2000 --latency-correction`;
 #   - VmHWM after `oha -z 4s -c 1000`.
@@ -26,8 +27,10 @@ n=40000
 MODE=${MODE:-minimal}
 [ "$MODE" = minimal ] || start_services
 echo "MODE=$MODE"
-echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | Redis CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
+echo "|---|---|---|---|---|---|---|---|---|"
+# redis-server's CPU ticks so far (0 without services).
+redis_ticks() { if [ -n "${REDIS_PID:-}" ]; then cpu_ticks "$REDIS_PID"; else echo 0; fi; }
 for round in $(seq 1 "$rounds"); do
   # Every other round runs the builds in reverse order: on this shared
   # machine the build run first in a round tended to be ahead (8 of 9
@@ -42,17 +45,22 @@ for round in $(seq 1 "$rounds"); do
     start_mock
     start_router "$MODE"
     oha_run "$ROUTER_URL" -n 2000 -c 64 >/dev/null # warm up
-    s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID")
+    s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID") r0=$(redis_ticks)
     read -r _ _ _ rps bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 64)"
-    s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID")
+    s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID") r1=$(redis_ticks)
     read -r p50 p99 _ _ bad1 <<<"$(oha_run "$ROUTER_URL" -z 3s -c 1)"
     read -r _ r99 _ _ bad3 <<<"$(oha_run "$ROUTER_URL" -z 4s -q 2000 --latency-correction)"
     read -r _ _ _ _ bad2 <<<"$(oha_run "$ROUTER_URL" -z 4s -c 1000)"
     hwm=$(rss_mb "$ROUTER_PID" VmHWM)
     stop_router
+    # The next build's mock takes the same port: wait until this one is gone.
     kill "${pids[-2]}" 2>/dev/null || true
+    wait "${pids[-2]}" 2>/dev/null || true
     [ "$bad$bad1$bad2$bad3" = 0000 ] || { echo "$dir: non-2xx answers ($bad, $bad1, $bad2, $bad3)" >&2; exit 1; }
     hz=$(getconf CLK_TCK)
-    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(python3 -c "print(f'{($t1 - $t0) * 1e6 / $hz / $n:.0f}')") | $p50 / $p99 | $r99 | $hwm |"
+    per_request() { python3 -c "print(f'{($2 - $1) * 1e6 / $hz / $n:.0f}')"; }
+    redis_us=-
+    [ "$MODE" = minimal ] || redis_us=$(per_request "$r0" "$r1")
+    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $redis_us | $p50 / $p99 | $r99 | $hwm |"
   done
 done

@@ -72,6 +72,7 @@ start_services() {
   REDIS_PORT=$(free_port) ETCD_PORT=$(free_port) ETCD_PEER=$(free_port) KAFKA_PORT=$(free_port)
   taskset -c $LOAD_CORE redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     >"$TMP/redis.log" 2>&1 & pids+=($!)
+  REDIS_PID=$!
   taskset -c $LOAD_CORE etcd --name bench --data-dir "$TMP/etcd" --listen-client-urls http://127.0.0.1:$ETCD_PORT \
     --advertise-client-urls http://127.0.0.1:$ETCD_PORT --listen-peer-urls http://127.0.0.1:$ETCD_PEER \
     --initial-advertise-peer-urls http://127.0.0.1:$ETCD_PEER --initial-cluster bench=http://127.0.0.1:$ETCD_PEER \

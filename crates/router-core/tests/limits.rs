@@ -490,6 +490,123 @@ async fn settlements_that_cannot_land_before_shutdown_are_counted_as_dropped() {
 }
 
 #[tokio::test]
+async fn settlements_queued_together_land_in_one_redis_call() {
+    let f = fixture(Store::Redis, None, FailureMode::Local).await;
+    let port = f.redis.as_ref().unwrap().port;
+    let mut held = Vec::new();
+    for i in 0..30 {
+        held.push(admit(&f.limits, &format!("s{i}"), budget(100.0), None).await.unwrap().reservation.unwrap());
+    }
+    assert_eq!(calls(port, "evalsha"), 30);
+    // Every other one served (one token in), the rest released.
+    for (i, r) in held.into_iter().enumerate() {
+        let served = Some(Usage { prompt_tokens: 1, total_tokens: 1, ..Default::default() });
+        f.limits.finish(r, (i % 2 == 0).then_some(served));
+    }
+    settle(&f, 30).await;
+    assert_eq!(calls(port, "evalsha"), 31, "the 30 settlements in one call");
+    let v = f.limits.usage("org-a", Some(budget(100.0))).await.unwrap();
+    // The default request cost (0.25) for each of the 15 served; nothing
+    // for the released ones.
+    assert_eq!(v["budget"]["spent"], 3.75, "{v}");
+}
+
+#[tokio::test]
+async fn a_batch_of_settlements_that_fails_is_settled_one_by_one_once_redis_answers() {
+    let f = fixture(Store::Redis, None, FailureMode::Local).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(admit(&f.limits, &format!("p{i}"), budget(100.0), None).await.unwrap().reservation.unwrap());
+    }
+    f.redis.as_ref().unwrap().pause(true);
+    for r in held {
+        f.limits.finish(r, None);
+    }
+    let cancel = CancellationToken::new();
+    let settler = tokio::spawn(f.limits.clone().run_settler(cancel.clone()));
+    let tried = || async { counter(&f.metrics.settlements, &["retried"]) > 0 };
+    assert!(eventually(Duration::from_secs(10), tried).await, "no settlement was retried within 10 s");
+    assert!(errors(&f.metrics, "settle") >= 2, "the batch's call and a single one failed");
+    f.redis.as_ref().unwrap().pause(false);
+    let applied = || async { counter(&f.metrics.settlements, &["applied"]) == 5 };
+    assert!(eventually(Duration::from_secs(15), applied).await, "not all applied once Redis answered");
+    cancel.cancel();
+    settler.await.unwrap();
+    let v = f.limits.usage("org-a", Some(budget(100.0))).await.unwrap();
+    assert_eq!(v["budget"]["spent"], 0.0, "every reservation released: {v}");
+}
+
+/// The Redis on `port`'s answer to `args`, trimmed.
+fn ask(port: u16, args: &[&str]) -> String {
+    test_support::redis::RedisCluster::cli(port, args).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn every_key_an_admission_writes_expires_when_it_should() {
+    let server = RedisServer::start();
+    let target = RedisTarget::Single(server.url());
+    let redis = RedisLimits::new(&target, Duration::from_millis(500), Metrics::new()).unwrap();
+    redis.connect().await.unwrap();
+    let ttl = |key: &str| ask(server.port, &["TTL", key]).parse::<i64>().unwrap();
+    let day = 86_400;
+    // Everything at once: rate, a daily budget, a request and token quota
+    // for all time, and a managed key with a rate limit and no budget (its
+    // counters are incremented, not read).
+    let plan = Plan {
+        rate: Some((1_000, 10)),
+        budget: Some((1_000_000, Period::Daily)),
+        quota_requests: Some(100),
+        quota_tokens: Some(10_000),
+        quota_period: Period::Total,
+        cost_micros: 10,
+        tokens: 5,
+        key: Some(KeyPlan { rate: Some((1_000, 10)), budget: None, period: Period::Monthly }),
+    };
+    for id in ["e1", "e2"] {
+        let now = SystemTime::now();
+        let keys = Keys::new("test:", "org-e", id, &plan, now, Some("key_e"));
+        assert!(matches!(redis.admit(&keys, &plan, now).await, Ok(Decision::Allowed { .. })));
+        // The daily budget's counter: until a day after today ends.
+        assert!((day..=2 * day).contains(&ttl(&keys.spend)), "spend {}", ttl(&keys.spend));
+        // Quotas for all time never expire.
+        assert_eq!((ttl(&keys.requests), ttl(&keys.tokens)), (-1, -1));
+        assert!((3_500..=3_600).contains(&ttl(&keys.reservation)), "reservation {}", ttl(&keys.reservation));
+        // The key's monthly counters, written by increment: created with
+        // their expiry, and keeping it.
+        for k in [&keys.key_spend, &keys.key_tokens] {
+            assert!((day..=32 * day).contains(&ttl(k)), "{k} {}", ttl(k));
+        }
+        for k in [&keys.rate, &keys.key_rate] {
+            assert!(ask(server.port, &["PTTL", k]).parse::<i64>().unwrap() > 0, "{k}");
+        }
+    }
+    let keys = Keys::new("test:", "org-e", "e3", &plan, SystemTime::now(), Some("key_e"));
+    assert_eq!(ask(server.port, &["GET", &keys.requests]), "2");
+    assert_eq!(ask(server.port, &["GET", &keys.key_tokens]), "10");
+}
+
+#[tokio::test]
+async fn a_reservation_held_as_a_hash_by_an_earlier_version_is_settled_as_one() {
+    let server = RedisServer::start();
+    let target = RedisTarget::Single(server.url());
+    let redis = RedisLimits::new(&target, Duration::from_millis(500), Metrics::new()).unwrap();
+    redis.connect().await.unwrap();
+    let (_, keys) = budget_plan("old");
+    // What the version before wrote: 3 held against the budget and one
+    // request against the quota.
+    let p = server.port;
+    ask(p, &["SET", &keys.spend, "3"]);
+    ask(p, &["SET", &keys.requests, "1"]);
+    ask(p, &["HSET", &keys.reservation, "b", "1", "c", "3", "r", "1", "tq", "0", "t", "0"]);
+    redis.finish(&keys, Some((2, 0))).await.unwrap();
+    assert_eq!(ask(p, &["GET", &keys.spend]), "2", "settled at the actual cost");
+    assert_eq!(ask(p, &["EXISTS", &keys.reservation]), "0");
+    // Settled once: a repeat changes nothing.
+    redis.finish(&keys, Some((2, 0))).await.unwrap();
+    assert_eq!((ask(p, &["GET", &keys.spend]), ask(p, &["GET", &keys.requests])), ("2".into(), "1".into()));
+}
+
+#[tokio::test]
 async fn redis_going_away_applies_the_failure_mode() {
     let one_a_second = OrgLimits { rate_limit: rate(1.0, 1), ..Default::default() };
     // closed: refused, and counted.

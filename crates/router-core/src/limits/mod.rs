@@ -788,8 +788,9 @@ impl Limits {
     }
 
     /// The settler: applies what is queued, up to [`SETTLE_AT_ONCE`]
-    /// settlements concurrently (pipelined on the one Redis connection),
-    /// retrying each with backoff until it lands. One at a time it kept up
+    /// settlements at once (on one Redis in one script call; otherwise
+    /// concurrently, pipelined on the one connection), retrying each with
+    /// backoff until it lands. One at a time it kept up
     /// with about one round trip's worth a second: under sustained load the
     /// queue grew by thousands a second (138 MB at 1,000 connections) and
     /// budgets stayed reserved rather than settled for as long. Settlements
@@ -813,6 +814,7 @@ impl Limits {
             if received == 0 {
                 return;
             }
+            self.apply_together(&mut batch).await;
             let applying = batch.drain(..).map(|s| self.settle_until_applied(s, &cancel)).collect();
             carried.extend(crate::util::join_all(applying).await.into_iter().flatten());
             if cancel.is_cancelled() {
@@ -830,6 +832,26 @@ impl Limits {
             self.metrics.settlements.with_label_values(&["dropped"]).inc_by(lost);
             tracing::error!(count = lost, "settlements could not be applied before shutdown");
         }
+    }
+
+    /// On one Redis, applies the Redis settlements of `batch` in one call
+    /// (one script run for all of them, not one each), and takes them out
+    /// of `batch` if it landed. If it did not, they stay, to be settled one
+    /// by one with retries; settling one twice is harmless (a reservation
+    /// is applied once).
+    async fn apply_together(&self, batch: &mut Vec<Settlement>) {
+        let Some(redis) = self.redis.as_ref().filter(|r| !r.is_cluster()) else { return };
+        let together: Vec<_> = batch
+            .iter()
+            .filter(|s| s.reservation.store == Store::Redis)
+            .map(|s| (&s.reservation.keys, s.actual))
+            .collect();
+        if together.len() < 2 || redis.finish_many(&together).await.is_err() {
+            return;
+        }
+        let n = together.len() as u64;
+        batch.retain(|s| s.reservation.store != Store::Redis);
+        self.metrics.settlements.with_label_values(&["applied"]).inc_by(n);
     }
 
     /// Applies one settlement, retrying with backoff; gives it back if
