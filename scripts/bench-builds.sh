@@ -6,7 +6,8 @@
 #   - max throughput: `oha -n 40000 -c 64`, with the router's context
 #     switches and CPU time per request over that run (from /proc: every
 #     thread's voluntary and involuntary switches, utime + stime), and with
-#     MODE=all redis-server's CPU time per request too;
+#     MODE=all redis-server's and the Kafka broker's (tansu) CPU time per
+#     request too;
 #   - c=1: `oha -z 3s -c 1`, p50 and p99;
 #   - p99 at 2,000 requests/s: `oha -z 4s -q 2000 --latency-correction`;
 #   - VmHWM after `oha -z 4s -c 1000`.
@@ -27,10 +28,10 @@ n=40000
 MODE=${MODE:-minimal}
 [ "$MODE" = minimal ] || start_services
 echo "MODE=$MODE"
-echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | Redis CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
+echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | Redis, Kafka broker CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
 echo "|---|---|---|---|---|---|---|---|---|"
-# redis-server's CPU ticks so far (0 without services).
-redis_ticks() { if [ -n "${REDIS_PID:-}" ]; then cpu_ticks "$REDIS_PID"; else echo 0; fi; }
+# A service's CPU ticks so far (0 without services).
+ticks_of() { if [ -n "${1:-}" ]; then cpu_ticks "$1"; else echo 0; fi; }
 for round in $(seq 1 "$rounds"); do
   # Every other round runs the builds in reverse order: on this shared
   # machine the build run first in a round tended to be ahead (8 of 9
@@ -45,9 +46,9 @@ for round in $(seq 1 "$rounds"); do
     start_mock
     start_router "$MODE"
     oha_run "$ROUTER_URL" -n 2000 -c 64 >/dev/null # warm up
-    s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID") r0=$(redis_ticks)
+    s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID") r0=$(ticks_of "${REDIS_PID:-}") k0=$(ticks_of "${TANSU_PID:-}")
     read -r _ _ _ rps bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 64)"
-    s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID") r1=$(redis_ticks)
+    s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID") r1=$(ticks_of "${REDIS_PID:-}") k1=$(ticks_of "${TANSU_PID:-}")
     read -r p50 p99 _ _ bad1 <<<"$(oha_run "$ROUTER_URL" -z 3s -c 1)"
     read -r _ r99 _ _ bad3 <<<"$(oha_run "$ROUTER_URL" -z 4s -q 2000 --latency-correction)"
     read -r _ _ _ _ bad2 <<<"$(oha_run "$ROUTER_URL" -z 4s -c 1000)"
@@ -59,8 +60,8 @@ for round in $(seq 1 "$rounds"); do
     [ "$bad$bad1$bad2$bad3" = 0000 ] || { echo "$dir: non-2xx answers ($bad, $bad1, $bad2, $bad3)" >&2; exit 1; }
     hz=$(getconf CLK_TCK)
     per_request() { python3 -c "print(f'{($2 - $1) * 1e6 / $hz / $n:.0f}')"; }
-    redis_us=-
-    [ "$MODE" = minimal ] || redis_us=$(per_request "$r0" "$r1")
-    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $redis_us | $p50 / $p99 | $r99 | $hwm |"
+    services=-
+    [ "$MODE" = minimal ] || services="$(per_request "$r0" "$r1"), $(per_request "$k0" "$k1")"
+    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $services | $p50 / $p99 | $r99 | $hwm |"
   done
 done

@@ -81,6 +81,7 @@ start_services() {
   (cd "$TMP/tansu" && exec taskset -c $LOAD_CORE "$TANSU" broker --listener-url tcp://127.0.0.1:$KAFKA_PORT \
     --advertised-listener-url tcp://127.0.0.1:$KAFKA_PORT --storage-engine sqlite://tansu.db) >"$TMP/tansu.log" 2>&1 &
   pids+=($!)
+  TANSU_PID=$!
   wait_port "$REDIS_PORT"; wait_port "$ETCD_PORT"; wait_port "$KAFKA_PORT"
   (cd "$TMP/tansu" && "$TANSU" topic create api-router.usage --partitions 1 --broker tcp://127.0.0.1:$KAFKA_PORT) \
     >/dev/null

@@ -380,6 +380,13 @@ fn usage_settings(var: &impl Fn(&str) -> Option<String>) -> Result<UsageSettings
         max_records: positive_u64("USAGE_BUFFER_MAX_RECORDS", var("USAGE_BUFFER_MAX_RECORDS"), 1_000_000)?,
         full_policy,
         fsync,
+        linger: match var("KAFKA_LINGER_MS") {
+            None => router_core::usage::publisher::DEFAULT_LINGER,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(ms @ 0..=1000) => Duration::from_millis(ms),
+                _ => return Err(ConfigError::new("KAFKA_LINGER_MS", &v, "a whole number of milliseconds, 0 to 1000")),
+            },
+        },
     })
 }
 
@@ -748,6 +755,32 @@ mod tests {
         let e = settings(&[("AUDIT_COMMIT_INTERVAL_MS", "0")]).unwrap_err();
         assert_eq!(e.setting, "AUDIT_COMMIT_INTERVAL_MS");
         assert!(settings(&[("AUDIT_COMMIT_INTERVAL_MS", "10ms")]).is_err());
+    }
+
+    #[test]
+    fn kafka_linger_is_5_ms_unless_set_between_0_and_1000() {
+        assert_eq!(settings(&[]).unwrap().core.usage.linger, Duration::from_millis(5));
+        assert_eq!(settings(&[("KAFKA_LINGER_MS", "0")]).unwrap().core.usage.linger, Duration::ZERO);
+        assert_eq!(settings(&[("KAFKA_LINGER_MS", "1000")]).unwrap().core.usage.linger, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_kafka_linger_that_is_not_a_number_is_refused() {
+        let e = settings(&[("KAFKA_LINGER_MS", "soon")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting KAFKA_LINGER_MS=\"soon\": expected a whole number of milliseconds, 0 to 1000"
+        );
+    }
+
+    #[test]
+    fn a_negative_kafka_linger_is_refused() {
+        assert_eq!(settings(&[("KAFKA_LINGER_MS", "-5")]).unwrap_err().setting, "KAFKA_LINGER_MS");
+    }
+
+    #[test]
+    fn a_kafka_linger_over_a_second_is_refused() {
+        assert_eq!(settings(&[("KAFKA_LINGER_MS", "1001")]).unwrap_err().setting, "KAFKA_LINGER_MS");
     }
 
     #[test]

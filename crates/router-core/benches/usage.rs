@@ -19,6 +19,7 @@ fn settings(brokers: Option<String>) -> UsageSettings {
         max_records: 10_000_000,
         full_policy: FullPolicy::Reject,
         fsync: Fsync::Interval(Duration::from_millis(200)),
+        linger: router_core::usage::publisher::DEFAULT_LINGER,
     }
 }
 
@@ -141,7 +142,10 @@ async fn publish_rates(tansu: &str) {
     // Drain after an outage: 100,000 records waiting, then the publisher starts.
     let n = 100_000u64;
     fill(&sink, n).await;
-    let publisher = Arc::new(Publisher::new(&bootstrap, "bench.usage", "bench").unwrap_or_else(|e| panic!("{e}")));
+    let publisher = Arc::new(
+        Publisher::new(&bootstrap, "bench.usage", "bench", router_core::usage::publisher::DEFAULT_LINGER)
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
     let _ = publisher.check().await;
     let cancel = CancellationToken::new();
     let t0 = Instant::now();

@@ -339,7 +339,8 @@ fn start_usage(settings: &CoreSettings, metrics: &Metrics) -> Result<(UsageSink,
     };
     let (sink, shared) = UsageSink::open(&settings.data_dir.join("usage-buffer"), us.clone(), metrics.clone())
         .map_err(StartupError::Usage)?;
-    let publisher = Publisher::new(brokers, &us.topic, &settings.instance_id).map_err(StartupError::Usage)?;
+    let publisher =
+        Publisher::new(brokers, &us.topic, &settings.instance_id, us.linger).map_err(StartupError::Usage)?;
     if let Some(writer) = sink.writer() {
         publisher.watch_writer(writer);
     }

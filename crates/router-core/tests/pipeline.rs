@@ -109,6 +109,7 @@ async fn setup(kind: &str, weights: &[(&'static str, u32)], org: Option<OrgLimit
             max_records: 1000,
             full_policy: FullPolicy::Reject,
             fsync: Fsync::Never,
+            linger: router_core::usage::publisher::DEFAULT_LINGER,
         },
         transport: Default::default(),
         initial_state: state,

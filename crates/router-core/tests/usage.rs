@@ -14,13 +14,20 @@ use std::time::{Duration, SystemTime};
 
 use router_core::metrics::Metrics;
 use router_core::readiness::Healthy;
-use router_core::usage::publisher::Publisher;
+use router_core::usage::publisher::{DEFAULT_LINGER, Publisher};
 use router_core::usage::*;
 use test_support::{Broker, TOPIC, consume, distinct_keys, eventually};
 use tokio_util::sync::CancellationToken;
 
 fn settings(max_records: u64, full_policy: FullPolicy) -> UsageSettings {
-    UsageSettings { brokers: Some("unused".into()), topic: TOPIC.into(), max_records, full_policy, fsync: Fsync::Never }
+    UsageSettings {
+        brokers: Some("unused".into()),
+        topic: TOPIC.into(),
+        max_records,
+        full_policy,
+        fsync: Fsync::Never,
+        linger: DEFAULT_LINGER,
+    }
 }
 
 fn record(id: &str) -> UsageRecord {
@@ -64,7 +71,7 @@ fn start(broker: &Broker, max_records: u64, policy: FullPolicy) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Metrics::new();
     let (sink, shared) = UsageSink::open(dir.path(), settings(max_records, policy), metrics.clone()).unwrap();
-    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
+    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test", DEFAULT_LINGER).unwrap());
     let cancel = CancellationToken::new();
     let tasks = vec![
         tokio::spawn(publisher.clone().run_health(cancel.clone())),
@@ -220,12 +227,13 @@ async fn a_damaged_record_in_the_buffer_is_counted_and_the_intact_one_kept_when_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_the_broker_does_not_have_is_unhealthy() {
     let broker = tokio::task::spawn_blocking(Broker::start).await.unwrap();
-    let publisher = Arc::new(Publisher::new(&broker.bootstrap(), "no-such-topic", "router-core-test").unwrap());
+    let publisher =
+        Arc::new(Publisher::new(&broker.bootstrap(), "no-such-topic", "router-core-test", DEFAULT_LINGER).unwrap());
     let e = publisher.check().await.unwrap_err();
     assert!(e.contains("no-such-topic"), "{e}");
     // The readiness component reads the same verdict.
     assert!(!publisher.is_healthy() && !Healthy::is_healthy(&*publisher));
-    let good = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test").unwrap());
+    let good = Arc::new(Publisher::new(&broker.bootstrap(), TOPIC, "router-core-test", DEFAULT_LINGER).unwrap());
     assert_eq!(good.check().await, Ok(()));
     assert!(good.is_healthy() && Healthy::is_healthy(&*good));
 }

@@ -149,6 +149,8 @@ pub struct UsageSettings {
     pub max_records: u64,
     pub full_policy: FullPolicy,
     pub fsync: Fsync,
+    /// How long the producer waits to fill a batch (`KAFKA_LINGER_MS`).
+    pub linger: std::time::Duration,
 }
 
 /// Shared between the request path, the writer thread and the publisher.
