@@ -467,13 +467,20 @@ async fn with_a_budget_service_only_budgets_and_quotas_are_asked_of_it() {
     assert_eq!(admit(&f.limits, "s2", budget(1.0), None).await.err(), Some(LimitError::BudgetServiceUnavailable));
 }
 
+/// The reservations of requests `{prefix}0` to `{prefix}{n - 1}` under a
+/// budget of `amount`.
+async fn hold(f: &Fixture, prefix: &str, n: usize, amount: f64) -> Vec<Reservation> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        held.push(admit(&f.limits, &format!("{prefix}{i}"), budget(amount), None).await.unwrap().reservation.unwrap());
+    }
+    held
+}
+
 #[tokio::test]
 async fn settlements_that_cannot_land_before_shutdown_are_counted_as_dropped() {
     let mut f = fixture(Store::Redis, None, FailureMode::Local).await;
-    let mut held = Vec::new();
-    for id in ["d1", "d2", "d3"] {
-        held.push(admit(&f.limits, id, budget(10.0), None).await.unwrap().reservation.unwrap());
-    }
+    let held = hold(&f, "d", 3, 10.0).await;
     f.redis.as_mut().unwrap().kill();
     for r in held {
         f.limits.finish(r, None);
@@ -493,10 +500,7 @@ async fn settlements_that_cannot_land_before_shutdown_are_counted_as_dropped() {
 async fn settlements_queued_together_land_in_one_redis_call() {
     let f = fixture(Store::Redis, None, FailureMode::Local).await;
     let port = f.redis.as_ref().unwrap().port;
-    let mut held = Vec::new();
-    for i in 0..30 {
-        held.push(admit(&f.limits, &format!("s{i}"), budget(100.0), None).await.unwrap().reservation.unwrap());
-    }
+    let held = hold(&f, "s", 30, 100.0).await;
     assert_eq!(calls(port, "evalsha"), 30);
     // Every other one served (one token in), the rest released.
     for (i, r) in held.into_iter().enumerate() {
@@ -514,10 +518,7 @@ async fn settlements_queued_together_land_in_one_redis_call() {
 #[tokio::test]
 async fn a_batch_of_settlements_that_fails_is_settled_one_by_one_once_redis_answers() {
     let f = fixture(Store::Redis, None, FailureMode::Local).await;
-    let mut held = Vec::new();
-    for i in 0..5 {
-        held.push(admit(&f.limits, &format!("p{i}"), budget(100.0), None).await.unwrap().reservation.unwrap());
-    }
+    let held = hold(&f, "p", 5, 100.0).await;
     f.redis.as_ref().unwrap().pause(true);
     for r in held {
         f.limits.finish(r, None);
