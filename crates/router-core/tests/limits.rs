@@ -799,6 +799,22 @@ async fn a_wrong_password_fails_every_call_without_saying_the_password() {
 }
 
 #[tokio::test]
+async fn a_redis_that_never_answers_auth_is_given_up_on_and_connected_again() {
+    let server = RedisServer::start();
+    test_support::redis::RedisCluster::cli(server.port, &["CONFIG", "SET", "requirepass", "pw"]).unwrap();
+    let proxy = test_support::proxy::Proxy::start(server.port).await;
+    proxy.set_fault(test_support::proxy::Fault::BlackHole);
+    let url = format!("redis://:pw@127.0.0.1:{}", proxy.port);
+    let redis = RedisLimits::new(&RedisTarget::Single(url), Duration::from_millis(200), Metrics::new()).unwrap();
+    // Connected, AUTH sent, no answer: the connection gives up (after its
+    // 500 ms connect bound) rather than hold the ping for good.
+    let e = redis.ping(Duration::from_secs(3)).await.unwrap_err();
+    assert!(e.contains("AUTH"), "{e}");
+    proxy.set_fault(test_support::proxy::Fault::None);
+    redis.connect().await.unwrap();
+}
+
+#[tokio::test]
 async fn redis_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("redis.sock");

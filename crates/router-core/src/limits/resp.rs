@@ -163,8 +163,8 @@ async fn drive(addr: Addr, hello: Hello, connect_timeout: Duration, mut rx: mpsc
     let error = match tokio::time::timeout(connect_timeout, connect(&addr)).await {
         Err(_) => RespError::Io(format!("no connection within {connect_timeout:?}")),
         Ok(Err(e)) => RespError::Io(e.to_string()),
-        Ok(Ok(Stream::Tcp(s))) => serve(s, hello, &mut rx, &mut waiting).await,
-        Ok(Ok(Stream::Unix(s))) => serve(s, hello, &mut rx, &mut waiting).await,
+        Ok(Ok(Stream::Tcp(s))) => serve(s, hello, connect_timeout, &mut rx, &mut waiting).await,
+        Ok(Ok(Stream::Unix(s))) => serve(s, hello, connect_timeout, &mut rx, &mut waiting).await,
     };
     rx.close();
     while let Ok(request) = rx.try_recv() {
@@ -191,26 +191,30 @@ async fn connect(addr: &Addr) -> std::io::Result<Stream> {
     })
 }
 
-/// Serves one open connection; returns why it ended.
+/// Serves one open connection; returns why it ended. The hello's answers
+/// are waited for as long as the connection was (a Redis that accepts and
+/// then says nothing does not hold the connection's queue).
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     hello: Hello,
+    hello_timeout: Duration,
     rx: &mut mpsc::UnboundedReceiver<Request>,
     waiting: &mut VecDeque<oneshot::Sender<Answer>>,
 ) -> RespError {
     let mut read = Vec::with_capacity(512);
     if hello.answers > 0 {
-        if let Err(e) = stream.write_all(&hello.bytes).await {
-            return RespError::Io(e.to_string());
-        }
-        let mut answered = 0;
-        while answered < hello.answers {
-            match next_answer(&mut stream, &mut read).await {
-                Ok(Ok(_)) => answered += 1,
+        let greet = async {
+            stream.write_all(&hello.bytes).await.map_err(|e| RespError::Io(e.to_string()))?;
+            for _ in 0..hello.answers {
                 // AUTH or SELECT refused: no command would work.
-                Ok(Err(e)) => return e,
-                Err(e) => return e,
+                next_answer(&mut stream, &mut read).await??;
             }
+            Ok(())
+        };
+        match tokio::time::timeout(hello_timeout, greet).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e,
+            Err(_) => return RespError::Io(format!("no answer to AUTH or SELECT within {hello_timeout:?}")),
         }
     }
     let mut write = Vec::with_capacity(512);
