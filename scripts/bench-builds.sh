@@ -32,6 +32,9 @@ echo "| round | build | max rps (c=64) | context switches / request | CPU µs / 
 echo "|---|---|---|---|---|---|---|---|---|"
 # A service's CPU ticks so far (0 without services).
 ticks_of() { if [ -n "${1:-}" ]; then cpu_ticks "$1"; else echo 0; fi; }
+hz=$(getconf CLK_TCK)
+# CPU µs per request of the measured run, from two tick readings.
+per_request() { python3 -c "print(f'{($2 - $1) * 1e6 / $hz / $n:.0f}')"; }
 for round in $(seq 1 "$rounds"); do
   # Every other round runs the builds in reverse order: on this shared
   # machine the build run first in a round tended to be ahead (8 of 9
@@ -58,8 +61,6 @@ for round in $(seq 1 "$rounds"); do
     kill "${pids[-2]}" 2>/dev/null || true
     wait "${pids[-2]}" 2>/dev/null || true
     [ "$bad$bad1$bad2$bad3" = 0000 ] || { echo "$dir: non-2xx answers ($bad, $bad1, $bad2, $bad3)" >&2; exit 1; }
-    hz=$(getconf CLK_TCK)
-    per_request() { python3 -c "print(f'{($2 - $1) * 1e6 / $hz / $n:.0f}')"; }
     services=-
     [ "$MODE" = minimal ] || services="$(per_request "$r0" "$r1"), $(per_request "$k0" "$k1")"
     echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $services | $p50 / $p99 | $r99 | $hwm |"

@@ -283,14 +283,7 @@ impl Conn {
                 .await
                 .map_err(|e| if e.is_no_script() { CallError::NoScript } else { CallError::Failed(e.to_string()) })?,
             Conn::Cluster(c) => {
-                let bytes = args
-                    .iter()
-                    .map(|a| match a {
-                        Arg::Str(s) => s.len(),
-                        Arg::Int(_) => 20,
-                    })
-                    .sum();
-                let mut cmd = Cmd::with_capacity(args.len(), bytes);
+                let mut cmd = Cmd::with_capacity(args.len(), resp::encoded_len(args));
                 for arg in args {
                     match arg {
                         Arg::Str(s) => cmd.arg(*s),

@@ -274,7 +274,8 @@ async fn next_answer<S: AsyncRead + Unpin>(stream: &mut S, read: &mut Vec<u8>) -
     }
 }
 
-fn encoded_len(args: &[Arg<'_>]) -> usize {
+/// Enough bytes for `args` encoded (an estimate from above).
+pub fn encoded_len(args: &[Arg<'_>]) -> usize {
     // `$<len>\r\n<value>\r\n`, with room for the length's digits.
     16 + args
         .iter()
