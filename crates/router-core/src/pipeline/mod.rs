@@ -236,7 +236,7 @@ pub async fn process(core: &Arc<Core>, request: InferenceRequest) -> Processed {
         }
     }
     let rate = admission.rate;
-    let finish = Finish {
+    let mut finish = Finish {
         core: core.clone(),
         request,
         served_model,
@@ -292,7 +292,7 @@ impl Finish {
     /// Steps 5 and 6 for a complete answer (or an error). A translated
     /// answer is read (for usage) in the backend's shape and returned in the
     /// door's.
-    async fn full(mut self, result: Result<Full, RequestError>) -> Outcome {
+    async fn full(&mut self, result: Result<Full, RequestError>) -> Outcome {
         let (status, backend_id, error, usage, success) = match &result {
             Ok((answer, backend, kind, translation)) => {
                 let success = answer.status.is_success();
