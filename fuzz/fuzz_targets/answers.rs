@@ -1,12 +1,14 @@
 //! A backend's answer body (whole, or streamed in pieces) through every
-//! kind's usage reading and every translation: never a panic.
+//! kind's usage reading and every translation: never a panic; and the quick
+//! reading of `usage` never disagrees with serde's.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use router_providers::translate::Translation;
-use router_providers::{KINDS, Kind, Operation};
+use router_providers::{KINDS, Kind, Operation, Usage};
 
 fuzz_target!(|data: &[u8]| {
+    assert!(Usage::quick_agrees(data), "the quick usage reading and serde disagree");
     let Some((&step, body)) = data.split_first() else { return };
     for kind in KINDS.iter().filter_map(|p| Kind::by_name(p.name())) {
         for op in Operation::ALL {

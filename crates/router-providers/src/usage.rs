@@ -9,6 +9,8 @@
 //! prompt count is the sum. Whatever the door and the kind, the same tokens
 //! count the same.
 
+mod scan;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -93,12 +95,25 @@ impl Usage {
     /// The `usage` object of an OpenAI-shaped (or native) answer or stream
     /// event, if it has one.
     pub fn from_json_field(body: &[u8]) -> Option<Usage> {
+        scan::usage_field(body).unwrap_or_else(|| Self::from_json_field_serde(body))
+    }
+
+    /// [`Usage::from_json_field`] through serde_json alone: what the walk
+    /// ([`scan`]) must agree with, and what reads what it leaves.
+    fn from_json_field_serde(body: &[u8]) -> Option<Usage> {
         #[derive(Deserialize)]
         struct With {
             #[serde(default)]
             usage: Option<OpenAiUsage>,
         }
         serde_json::from_slice::<With>(body).ok()?.usage.map(Usage::from)
+    }
+
+    /// Whether the walk that reads `usage` without serde agrees with serde
+    /// on `body` (it may leave it to serde). For the fuzz target.
+    #[doc(hidden)]
+    pub fn quick_agrees(body: &[u8]) -> bool {
+        scan::agrees(body)
     }
 
     /// The `usage` object of an OpenAI-shaped value (an answer or a chunk).
