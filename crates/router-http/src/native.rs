@@ -13,7 +13,7 @@ use bytes::Bytes;
 use router_core::InferenceRequest;
 use router_core::auth::{self, Principal};
 use router_core::request::{REQUEST_ID_RULES, new_request_id, valid_request_id};
-use router_providers::Operation;
+use router_providers::{Operation, json_walk};
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -87,30 +87,22 @@ pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
 
 /// `{"request_id", "model", "payload"}`: a valid `request_id` (or a new one)
 /// and a `model`; the rest is the backend's to judge, once it is known to be
-/// JSON no deeper than [`MAX_JSON_DEPTH`].
+/// JSON no deeper than [`MAX_JSON_DEPTH`]. The two fields are read by the
+/// walk ([`walked`]) when it is sure, by serde otherwise.
 pub fn parse(body: Bytes, principal: Principal) -> Result<InferenceRequest, ApiError> {
-    if nests_deeper_than(&body, MAX_JSON_DEPTH) {
-        return Err(ApiError::InvalidJson(format!("nested deeper than {MAX_JSON_DEPTH} levels")));
-    }
-    let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
-        _ => ApiError::InvalidJson(e.to_string()),
-    })?;
-    let model = match parsed.model.as_deref() {
-        Some(m) if !m.is_empty() && m.len() <= 256 => Arc::from(m),
-        Some(_) => {
-            return Err(ApiError::InvalidRequest("`model` must be 1-256 characters".into()));
-        }
-        None => return Err(ApiError::InvalidRequest("missing field `model`".into())),
-    };
-    let request_id = match parsed.request_id.as_deref() {
-        None => new_request_id(),
-        Some(id) if valid_request_id(id) => Arc::from(id),
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(format!("invalid `request_id`: use {REQUEST_ID_RULES}")));
+    let (request_id, model) = match walked(&body) {
+        Some(fields) => checked(fields)?,
+        None => {
+            if nests_deeper_than(&body, MAX_JSON_DEPTH) {
+                return Err(ApiError::InvalidJson(format!("nested deeper than {MAX_JSON_DEPTH} levels")));
+            }
+            let parsed: NativeBody<'_> = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid request: {e}")),
+                _ => ApiError::InvalidJson(e.to_string()),
+            })?;
+            checked((parsed.request_id.as_deref(), parsed.model.as_deref()))?
         }
     };
-    drop(parsed);
     Ok(InferenceRequest {
         request_id,
         organization_id: principal.organization_id,
@@ -122,6 +114,50 @@ pub fn parse(body: Bytes, principal: Principal) -> Result<InferenceRequest, ApiE
         headers: Default::default(),
         key: principal.key,
     })
+}
+
+/// `request_id` and `model` as serde reads them into [`NativeBody`], when
+/// [`json_walk`] is sure of its verdict (plain ASCII strings or `null`, in
+/// well-formed JSON no deeper than its limit, which is under
+/// [`MAX_JSON_DEPTH`]); `None`: serde decides. Through serde, a request's
+/// body cost ~2,700 instructions (`docs/benchmarks.md`).
+fn walked(body: &[u8]) -> Option<(Option<&str>, Option<&str>)> {
+    let (mut request_id, mut model) = (None, None);
+    json_walk::object(body, [b"request_id", b"model"], |i, w| {
+        let text = w.text()?;
+        if i == 0 {
+            request_id = text;
+        } else {
+            model = text;
+        }
+        Some(())
+    })?;
+    Some((request_id, model))
+}
+
+/// The fields' rules: a `model` of 1 to 256 characters, a valid
+/// `request_id` or a new one.
+fn checked((request_id, model): (Option<&str>, Option<&str>)) -> Result<(Arc<str>, Arc<str>), ApiError> {
+    let model = match model {
+        Some(m) if !m.is_empty() && m.len() <= 256 => Arc::from(m),
+        Some(_) => return Err(ApiError::InvalidRequest("`model` must be 1-256 characters".into())),
+        None => return Err(ApiError::InvalidRequest("missing field `model`".into())),
+    };
+    let request_id = match request_id {
+        None => new_request_id(),
+        Some(id) if valid_request_id(id) => Arc::from(id),
+        Some(_) => return Err(ApiError::InvalidRequest(format!("invalid `request_id`: use {REQUEST_ID_RULES}"))),
+    };
+    Ok((request_id, model))
+}
+
+/// Whether the walk and serde agree on `body`: the walk is either not
+/// sure, or reads what serde reads. For the fuzz target and the tests.
+#[doc(hidden)]
+pub fn walk_agrees(body: &[u8]) -> bool {
+    let Some(fields) = walked(body) else { return true };
+    serde_json::from_slice::<NativeBody<'_>>(body)
+        .is_ok_and(|p| fields == (p.request_id.as_deref(), p.model.as_deref()))
 }
 
 #[cfg(test)]
@@ -143,5 +179,40 @@ mod tests {
         assert!(matches!(parse(Bytes::from(deep), Principal::organization("o")), Err(ApiError::InvalidJson(_))));
         let fine = format!(r#"{{"model":"m","payload":{}"[[[[\"]"{}}}"#, "[".repeat(100), "]".repeat(100));
         assert!(parse(Bytes::from(fine), Principal::organization("o")).is_ok(), "brackets in strings do not count");
+    }
+
+    #[test]
+    fn the_walk_reads_the_two_fields_as_serde_does() {
+        let walked = |b: &str| {
+            assert!(walk_agrees(b.as_bytes()), "the walk and serde disagree on {b}");
+            walked(b.as_bytes()).map(|(r, m)| (r.map(str::to_string), m.map(str::to_string)))
+        };
+        let some = |r: Option<&str>, m: Option<&str>| Some((r.map(str::to_string), m.map(str::to_string)));
+        assert_eq!(
+            walked(r#"{"request_id":"r-1","model":"m","payload":{"input":"a\nb","n":[1,2.5,null]}}"#),
+            some(Some("r-1"), Some("m"))
+        );
+        assert_eq!(walked(r#"{"payload":{},"model":null}"#), some(None, None));
+        assert_eq!(walked("{}"), some(None, None));
+        // Left to serde: escapes or non-ASCII in a field, another type, a
+        // duplicate, a top-level array, malformed JSON.
+        for body in [
+            r#"{"model":"m\u0031"}"#,
+            r#"{"model":"modèle"}"#,
+            r#"{"model":1}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"["r","m"]"#,
+            r#"{"model":"m""#,
+            r#"{"model":"m"} {}"#,
+        ] {
+            assert_eq!(walked(body), None, "{body}");
+        }
+        // What serde then answers is what it answered before.
+        let p = |b: &'static str| parse(Bytes::from_static(b.as_bytes()), Principal::organization("o"));
+        assert_eq!(&*p(r#"{"model":"m\u0031"}"#).unwrap().model, "m1");
+        assert!(matches!(p(r#"{"model":1}"#), Err(ApiError::InvalidRequest(_))));
+        assert!(
+            matches!(p(r#"{"model":"a","model":"b"}"#), Err(ApiError::InvalidRequest(m)) if m.contains("duplicate"))
+        );
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! [`transport`] is the HTTP client: HTTP/1.1 and HTTP/2 (by ALPN), plain and
 //! TLS (rustls), one connection pool per TLS configuration, and the
-//! classification of every failure of one attempt.
+//! classification of every failure of one attempt. [`json_walk`] reads the
+//! few fields the router needs of a body it passes on, without serde where
+//! it is sure to read what serde would.
 //!
 //! This crate knows nothing of the router's core (limits, usage, audit,
 //! routing) or of its doors; the core depends on it.
@@ -20,6 +22,7 @@
 pub mod anthropic;
 pub mod azure;
 pub mod credential;
+pub mod json_walk;
 pub mod native;
 pub mod openai;
 pub mod operation;
