@@ -80,25 +80,39 @@ impl<'a> Walk<'a> {
     /// from it gives up. (Duplicates are the caller's to find.)
     pub(crate) fn fields(&mut self, mut field: impl FnMut(&'a [u8], &mut Self) -> Option<()>) -> Option<()> {
         self.expect(b'{')?;
+        self.items(b'}', |w| {
+            let key = w.key()?;
+            w.colon()?;
+            field(key, w)
+        })
+    }
+
+    /// The items of an object or an array, after its opening byte: each
+    /// read by `item`, separated by commas, up to `close`.
+    fn items(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.ws();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.i += 1;
             return Some(());
         }
         loop {
             self.ws();
-            let key = self.key()?;
-            self.ws();
-            self.expect(b':')?;
-            self.ws();
-            field(key, self)?;
+            item(self)?;
             self.ws();
             match self.next()? {
                 b',' => {}
-                b'}' => return Some(()),
+                c if c == close => return Some(()),
                 _ => return None,
             }
         }
+    }
+
+    /// The colon after a key, with the whitespace around it.
+    fn colon(&mut self) -> Option<()> {
+        self.ws();
+        self.expect(b':')?;
+        self.ws();
+        Some(())
     }
 
     pub(crate) fn peek(&self) -> Option<u8> {
@@ -250,43 +264,15 @@ impl<'a> Walk<'a> {
             b'"' => self.string(),
             b'{' => {
                 self.i += 1;
-                self.ws();
-                if self.peek()? == b'}' {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.string()?;
-                    self.ws();
-                    self.expect(b':')?;
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.next()? {
-                        b',' => {}
-                        b'}' => return Some(()),
-                        _ => return None,
-                    }
-                }
+                self.items(b'}', |w| {
+                    w.string()?;
+                    w.colon()?;
+                    w.value(depth + 1)
+                })
             }
             b'[' => {
                 self.i += 1;
-                self.ws();
-                if self.peek()? == b']' {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.next()? {
-                        b',' => {}
-                        b']' => return Some(()),
-                        _ => return None,
-                    }
-                }
+                self.items(b']', |w| w.value(depth + 1))
             }
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
