@@ -8,7 +8,7 @@
 #     thread's voluntary and involuntary switches, utime + stime), and with
 #     MODE=all redis-server's and the Kafka broker's (tansu) CPU time per
 #     request too;
-#   - c=1: `oha -z 3s -c 1`, p50 and p99;
+#   - c=1: `oha -z 3s -c 1`, p50, p99 and p99.9;
 #   - p99 at 2,000 requests/s: `oha -z 4s -q 2000 --latency-correction`;
 #   - VmHWM after `oha -z 4s -c 1000`.
 # Every answer must be 2xx. Throughput and latency move between runs here;
@@ -28,7 +28,7 @@ n=40000
 MODE=${MODE:-minimal}
 [ "$MODE" = minimal ] || start_services
 echo "MODE=$MODE"
-echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | Redis, Kafka broker CPU µs / request | c=1 p50 / p99 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
+echo "| round | build | max rps (c=64) | context switches / request | CPU µs / request | Redis, Kafka broker CPU µs / request | c=1 p50 / p99 / p99.9 ms | p99 at 2,000 rps ms | VmHWM after 1,000 connections MB |"
 echo "|---|---|---|---|---|---|---|---|---|"
 # A service's CPU ticks so far (0 without services).
 ticks_of() { if [ -n "${1:-}" ]; then cpu_ticks "$1"; else echo 0; fi; }
@@ -52,7 +52,7 @@ for round in $(seq 1 "$rounds"); do
     s0=$(switches "$ROUTER_PID") t0=$(cpu_ticks "$ROUTER_PID") r0=$(ticks_of "${REDIS_PID:-}") k0=$(ticks_of "${TANSU_PID:-}")
     read -r _ _ _ rps bad <<<"$(oha_run "$ROUTER_URL" -n $n -c 64)"
     s1=$(switches "$ROUTER_PID") t1=$(cpu_ticks "$ROUTER_PID") r1=$(ticks_of "${REDIS_PID:-}") k1=$(ticks_of "${TANSU_PID:-}")
-    read -r p50 p99 _ _ bad1 <<<"$(oha_run "$ROUTER_URL" -z 3s -c 1)"
+    read -r p50 p99 p999 _ bad1 <<<"$(oha_run "$ROUTER_URL" -z 3s -c 1)"
     read -r _ r99 _ _ bad3 <<<"$(oha_run "$ROUTER_URL" -z 4s -q 2000 --latency-correction)"
     read -r _ _ _ _ bad2 <<<"$(oha_run "$ROUTER_URL" -z 4s -c 1000)"
     hwm=$(rss_mb "$ROUTER_PID" VmHWM)
@@ -63,6 +63,6 @@ for round in $(seq 1 "$rounds"); do
     [ "$bad$bad1$bad2$bad3" = 0000 ] || { echo "$dir: non-2xx answers ($bad, $bad1, $bad2, $bad3)" >&2; exit 1; }
     services=-
     [ "$MODE" = minimal ] || services="$(per_request "$r0" "$r1"), $(per_request "$k0" "$k1")"
-    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $services | $p50 / $p99 | $r99 | $hwm |"
+    echo "| $round | $dir | $rps | $(python3 -c "print(f'{($s1 - $s0) / $n:.2f}')") | $(per_request "$t0" "$t1") | $services | $p50 / $p99 / $p999 | $r99 | $hwm |"
   done
 done

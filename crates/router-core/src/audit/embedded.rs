@@ -4,9 +4,13 @@
 //!
 //! One commit thread gathers journaled records for a commit window
 //! (`AUDIT_COMMIT_INTERVAL_MS`, or `MAX_BATCH` records) into a single append
-//! (one write and one sync per segment), and only then are they
-//! acknowledged in the journal. It runs at a lower CPU priority (nice 10)
-//! while it keeps up: where the router shares a core, the sync yields to the
+//! (one write per segment), and only then are they acknowledged in the
+//! journal. Once a second, and at a flush, it syncs the log and then writes
+//! the journal's watermark down, so that the records the watermark passes
+//! are on disk (a sync per batch, every 10 ms, had put a millisecond of
+//! kernel work in the way of the request path on a shared core: see
+//! `docs/benchmarks.md`). It runs at a lower CPU priority (nice 10)
+//! while it keeps up: where the router shares a core, its work yields to the
 //! request path instead of delaying it. When it takes a full batch at once,
 //! it runs at normal priority, so a saturated router cannot starve it. A
 //! lookup, and shutdown, send a flush marker through the same channel:
@@ -92,7 +96,7 @@ impl Embedded {
         }
         let (tx, rx) = queue(CHANNEL_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
-        let commit = Commit { metrics, window, wal, healthy: healthy.clone() };
+        let commit = Commit { metrics, window, wal, healthy: healthy.clone(), sync_failed: false };
         let commit_log = log.clone();
         let committer = std::thread::Builder::new()
             .name("audit-commit".into())
@@ -320,6 +324,8 @@ fn migrate_redb(dir: &Path, log: &mut Log) -> Result<(), AuditError> {
             copied += batch.len();
         }
     }
+    // On disk before the old store is renamed away.
+    log.sync().map_err(storage)?;
     std::fs::rename(&path, dir.join("audit.redb.migrated")).map_err(storage)?;
     tracing::info!(records = copied, "audit records copied from audit.redb into the audit log");
     Ok(())
@@ -354,6 +360,8 @@ fn replay(log: &Mutex<Log>, wal: &Mutex<Wal>) -> Result<u64, AuditError> {
         }
         replayed += batch.len() as u64;
     }
+    // The log on disk before the journal's watermark says it is.
+    lock(log).sync().map_err(storage)?;
     wal.persist_cursor().map_err(storage)?;
     Ok(replayed)
 }
@@ -382,7 +390,7 @@ impl Drop for PanicGuard {
 /// answers the flushes. It sleeps through the window instead of waking for
 /// every batch the journal hands on (a flush wakes it). Ends when every
 /// sender is gone.
-fn committer(log: Arc<Mutex<Log>>, rx: Inbox, c: Commit) {
+fn committer(log: Arc<Mutex<Log>>, rx: Inbox, mut c: Commit) {
     let _guard = PanicGuard(c.healthy.clone());
     let mut nice = 0;
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
@@ -422,12 +430,13 @@ fn committer(log: Arc<Mutex<Log>>, rx: Inbox, c: Commit) {
             }
         }
         if !batch.is_empty() {
-            let persist = !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY;
-            c.commit(&log, &batch, persist);
-            if persist {
-                cursor_written = Instant::now();
-            }
+            c.commit(&log, &batch);
             batch.clear();
+        }
+        // A flush, or a second since: the log synced, the watermark written.
+        if !acks.is_empty() || cursor_written.elapsed() >= CURSOR_EVERY {
+            c.persist(&log);
+            cursor_written = Instant::now();
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
@@ -443,19 +452,25 @@ struct Commit {
     metrics: Metrics,
     window: Duration,
     wal: Arc<Mutex<Wal>>,
-    /// False after a commit failed, until one succeeds.
+    /// False after a commit failed, until one succeeds; for good after the
+    /// log could not be synced.
     healthy: Arc<AtomicBool>,
+    /// An `fdatasync` of the log failed. After one, the kernel may have
+    /// dropped the pages it could not write and report the next sync clean,
+    /// so the journal's watermark is not written again in this process: the
+    /// records stay in the journal and are written again at the next start.
+    sync_failed: bool,
 }
 
 impl Commit {
     /// Writes `batch` to the log; on success acknowledges it in the journal
-    /// (and, with `persist`, writes the journal's watermark down). On
-    /// failure the records stay in the journal: committed after a restart.
-    fn commit(&self, log: &Mutex<Log>, batch: &[Journaled], persist: bool) {
+    /// (its watermark is written down by [`Commit::persist`]). On failure
+    /// the records stay in the journal: committed after a restart.
+    fn commit(&self, log: &Mutex<Log>, batch: &[Journaled]) {
         let n = batch.len() as u64;
         match write_batch(log, batch) {
             Ok(()) => {
-                self.healthy.store(true, Ordering::Relaxed);
+                self.healthy.store(!self.sync_failed, Ordering::Relaxed);
                 self.metrics.audit_records.with_label_values(&["written"]).inc_by(n);
                 {
                     let mut w = self.wal.lock().unwrap_or_else(|p| p.into_inner());
@@ -464,16 +479,33 @@ impl Commit {
                     }
                     self.metrics.audit_pending.set(w.pending() as i64);
                 }
-                // Outside the journal's lock: the request path appends to it.
-                if persist && let Err(e) = crate::wal::persist_cursor(&self.wal) {
-                    tracing::warn!(error = %e, "cannot write the audit journal's watermark");
-                }
             }
             Err(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 self.metrics.audit_records.with_label_values(&["error"]).inc_by(n);
                 tracing::error!(error = %e, records = n, "audit commit failed; the records stay in the journal");
             }
+        }
+    }
+
+    /// Syncs the log, then writes the journal's watermark (outside the
+    /// journal's lock: the request path appends to it), so that the records
+    /// it passes are on disk first. Each costs nothing when nothing changed.
+    fn persist(&mut self, log: &Mutex<Log>) {
+        if self.sync_failed {
+            return;
+        }
+        if let Err(e) = lock(log).sync() {
+            self.sync_failed = true;
+            self.healthy.store(false, Ordering::Relaxed);
+            tracing::error!(
+                error = %e,
+                "cannot sync the audit log; its records stay in the journal until a restart writes them again"
+            );
+            return;
+        }
+        if let Err(e) = crate::wal::persist_cursor(&self.wal) {
+            tracing::warn!(error = %e, "cannot write the audit journal's watermark");
         }
     }
 }

@@ -2,9 +2,13 @@
 //! with a sorted index written once per segment.
 //!
 //! A record costs an append (a frame copied into the batch's buffer) and an
-//! entry in memory; a batch costs one `pwrite` and one `fdatasync` per
-//! segment it touched. Nothing is rewritten in place, so there is no
-//! per-record page copy as in a B-tree.
+//! entry in memory; a batch costs one `pwrite` per segment it touched. The
+//! segments written are made durable by [`Log::sync`] (one `fdatasync`
+//! each), which the commit thread calls before the journal's watermark is
+//! written past their records (once a second, at a flush, at shutdown):
+//! until then the journal still holds them, and a restart writes them
+//! again. Nothing is rewritten in place, so there is no per-record page
+//! copy as in a B-tree.
 //!
 //! # Files (`DATA_DIR/audit/log/`)
 //!
@@ -76,6 +80,8 @@ struct Open {
     len: u64,
     /// `(hash(request_id), offset)`, in the order written.
     entries: Vec<(u64, u64)>,
+    /// Written to since its last `fdatasync`.
+    unsynced: bool,
 }
 
 /// An append's frames and pairs for one open segment (`at` in `Log::open`).
@@ -346,13 +352,13 @@ impl Log {
                 file.set_len(len)?;
                 opened.cut_bytes += size - len;
             }
-            log.open.push(Open { bucket, n, file, len, entries });
+            log.open.push(Open { bucket, n, file, len, entries, unsynced: false });
         }
         opened.segments = log.open.len() + log.sealed.len();
         Ok((log, opened))
     }
 
-    /// Appends `records` and syncs every segment written to. Segments whose
+    /// Appends `records` (durable at the next [`Log::sync`]). Segments whose
     /// hour ended over an hour before `now_ms`, or that are full, are sealed
     /// first. On `Err` nothing is visible to lookups (bytes a failed write
     /// left are overwritten by the next one, or cut off at the next open).
@@ -387,12 +393,23 @@ impl Log {
         for p in &pending {
             let seg = &self.open[p.at];
             seg.file.write_all_at(&p.frames, seg.len)?;
-            seg.file.sync_data()?;
         }
         for p in pending {
             let seg = &mut self.open[p.at];
             seg.len += p.frames.len() as u64;
             seg.entries.extend(p.pairs);
+            seg.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs every open segment written to since its last sync (sealed
+    /// ones were synced when sealed). After `Ok`, every record appended so
+    /// far survives a crash of the machine.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        for seg in self.open.iter_mut().filter(|s| s.unsynced) {
+            seg.file.sync_data()?;
+            seg.unsynced = false;
         }
         Ok(())
     }
@@ -405,7 +422,7 @@ impl Log {
             OpenOptions::new().read(true).write(true).create_new(true).open(self.dir.join(name(bucket, n, "log")))?;
         // The new name must survive a crash as the records in it do.
         File::open(&self.dir)?.sync_all()?;
-        self.open.push(Open { bucket, n, file, len: 0, entries: Vec::new() });
+        self.open.push(Open { bucket, n, file, len: 0, entries: Vec::new(), unsynced: false });
         Ok(self.open.len() - 1)
     }
 

@@ -533,6 +533,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flush_after_the_records_were_committed_leaves_nothing_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let store = AuditStore::open(dir.path(), metrics.clone(), Duration::from_millis(10)).unwrap();
+        for i in 0..5 {
+            store.record(&record(&format!("f{i}"), "org-a", SystemTime::now())).await.unwrap();
+        }
+        // Committed by the window, before the flush: the flush's own batch
+        // is empty, and it must still sync the log and write the watermark.
+        let committed = || async { metrics.audit_records.with_label_values(&["written"]).get() == 5 };
+        assert!(test_support::eventually(Duration::from_secs(10), committed).await, "the window committed them");
+        store.flush().await;
+        let (wal, _) = Wal::open(&dir.path().join("journal")).unwrap();
+        assert_eq!(wal.pending(), 0, "a restart now would write these records into the log a second time");
+    }
+
+    #[tokio::test]
     async fn the_retention_task_prunes_until_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path(), Metrics::new(), Duration::from_millis(10)).unwrap();
