@@ -327,6 +327,9 @@ async fn watch<C>(
 
 /// The most read from a client at once.
 const SCRATCH_BYTES: usize = 16 * 1024;
+/// The checked-bytes buffer is kept between reads up to this size (a
+/// request's head and a small body); a larger one is freed once read.
+const KEPT_READY_BYTES: usize = 4 * 1024;
 
 /// The client's byte stream as hyper reads it: request framing checked
 /// ([`Framing`]), the header timer and the last activity noted.
@@ -419,8 +422,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
                 this.ready_at += n;
                 if this.ready_at == this.ready.len() {
-                    this.ready.clear();
                     this.ready_at = 0;
+                    if this.ready.capacity() > KEPT_READY_BYTES {
+                        // A large body's chunks went through: not held
+                        // for the rest of the connection's life.
+                        this.ready = Vec::new();
+                    } else {
+                        this.ready.clear();
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -465,5 +474,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// Sends `request` from the client's end and reads it through `g`.
+    async fn pass(g: &mut Guarded<DuplexStream>, client: &mut DuplexStream, request: &[u8]) {
+        client.write_all(request).await.unwrap();
+        let mut got = vec![0u8; request.len()];
+        g.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request);
+    }
+
+    #[tokio::test]
+    async fn a_large_body_read_through_is_not_held_by_the_connection() {
+        let (mut client, server) = tokio::io::duplex(256 * 1024);
+        let state = Arc::new(ConnState { head_started_ms: AtomicU64::new(1), last_io_ms: AtomicU64::new(0) });
+        let mut g = Guarded::new(server, state, 16 * 1024, Metrics::new());
+        let small = b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+        pass(&mut g, &mut client, small).await;
+        assert!(g.ready.capacity() > 0, "a small request's buffer is kept for the next one");
+        let mut big = b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n".to_vec();
+        big.resize(big.len() + 60_000, b'x');
+        pass(&mut g, &mut client, &big).await;
+        assert!(
+            g.ready.capacity() <= KEPT_READY_BYTES,
+            "{} bytes held after a 60 KB body was read",
+            g.ready.capacity()
+        );
+        pass(&mut g, &mut client, small).await;
     }
 }
